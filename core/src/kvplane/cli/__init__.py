@@ -1,0 +1,1 @@
+"""The ``kvplane`` command line (entry point :func:`kvplane.cli.main.main`)."""

@@ -1,0 +1,168 @@
+"""The asynchronous engine the server uses: the loop runs on its own thread.
+
+Requests and aborts are queued to the engine thread; it steps while there is work and
+hands each output to the request's asyncio queue with ``call_soon_threadsafe``, so a step
+never waits for a client and a client never blocks a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from kvplane.config import EngineConfig
+from kvplane.engine.llm_engine import LLMEngine, PromptType
+from kvplane.engine.outputs import RequestOutput
+from kvplane.sampling.params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _AddCommand:
+    request_id: str
+    prompt: PromptType
+    params: SamplingParams
+    priority: int
+    sink: Any  # (loop, asyncio.Queue)
+
+
+@dataclass(frozen=True, slots=True)
+class _AbortCommand:
+    request_id: str
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped on an error; no request can be served."""
+
+
+class AsyncLLM:
+    """``async for output in llm.generate(prompt, params, request_id)``; ``await abort``."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_AddCommand | _AbortCommand | None] = (
+            queue.SimpleQueue()
+        )
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="kvplane-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> AsyncLLM:
+        return cls(LLMEngine(config))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs until the request finishes.
+
+        The prompt is validated here (ValueError before anything is queued). Leaving the
+        iteration early (client gone, task cancelled) aborts the request.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"engine stopped: {self._error!r}")
+        _, prompt_token_ids = self.engine.tokenize_prompt(prompt)
+        self.engine._validate_prompt(prompt_token_ids)
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        self._commands.put(
+            _AddCommand(request_id, {"prompt_token_ids": prompt_token_ids,
+                                     "prompt": prompt if isinstance(prompt, str) else None},
+                        params, priority, (loop, outputs))
+        )
+        finished = False
+        try:
+            while True:
+                item = await outputs.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed at the engine's next step boundary."""
+        self._commands.put(_AbortCommand(request_id))
+
+    def shutdown(self) -> None:
+        self._commands.put(None)
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                if not self._drain_commands(block):
+                    return
+                for output in self.engine.step():
+                    self._deliver(output.request_id, output)
+        except BaseException as error:  # noqa: BLE001 - reported to every waiting request
+            logger.exception("engine thread failed")
+            self._error = error
+            for request_id in list(self._sinks):
+                self._deliver(request_id, EngineDeadError(f"engine stopped: {error!r}"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands (waiting for one if ``block``); False means shut down."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while True:
+            if command is None:
+                return False
+            self._apply(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _apply(self, command: _AddCommand | _AbortCommand) -> None:
+        if isinstance(command, _AbortCommand):
+            if self._sinks.pop(command.request_id, None) is not None:
+                self.engine.abort_request(command.request_id)
+            return
+        self._sinks[command.request_id] = command.sink
+        try:
+            self.engine.add_request(
+                command.request_id, command.prompt, command.params, priority=command.priority
+            )
+        except Exception as error:  # noqa: BLE001 - goes back to the caller only
+            self._deliver(command.request_id, error)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        sink = self._sinks.get(request_id)
+        if sink is None:
+            return
+        loop, outputs = sink
+        if isinstance(item, BaseException) or item.finished:
+            self._sinks.pop(request_id, None)
+        try:
+            loop.call_soon_threadsafe(outputs.put_nowait, item)
+        except RuntimeError:  # the client's loop is closed: nobody is listening
+            self.engine.abort_request(request_id)

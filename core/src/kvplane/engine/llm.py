@@ -1,0 +1,110 @@
+"""The offline API: ``LLM(...).generate(...)`` and ``.chat(...)``, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kvplane.config import EngineConfig
+from kvplane.engine.llm_engine import LLMEngine, PromptType
+from kvplane.engine.outputs import RequestOutput
+from kvplane.sampling.params import SamplingParams
+
+#: A chat: a list of ``{"role": ..., "content": ...}`` messages.
+Conversation = Sequence[Mapping[str, Any]]
+
+
+class LLM:
+    """Batch generation over a list of prompts.
+
+    ``LLM(model=None)`` serves the embedded default model (SmolLM2-135M-Instruct). Every
+    :class:`~kvplane.config.EngineConfig` option is a keyword argument.
+    """
+
+    def __init__(self, model: str | None = None, **engine_options: Any) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_options))
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the order of ``prompts``."""
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _broadcast(sampling_params, len(prompt_list), "sampling_params")
+        priorities = list(priority) if priority is not None else [0] * len(prompt_list)
+        if len(priorities) != len(prompt_list):
+            raise ValueError("priority must have one entry per prompt")
+        request_ids = []
+        try:
+            for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
+                request_id = str(next(self._request_counter))
+                self.engine.add_request(request_id, prompt, params, priority=prio)
+                request_ids.append(request_id)
+            return self._run_to_completion(request_ids)
+        except BaseException:
+            self.engine.abort_request(request_ids)
+            raise
+
+    def chat(
+        self,
+        messages: Conversation | Sequence[Conversation],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to each conversation, then :meth:`generate`."""
+        is_single = bool(messages) and isinstance(messages[0], Mapping)
+        conversations = [messages] if is_single else list(messages)  # type: ignore[list-item]
+        prompts: list[PromptType] = []
+        for conversation in conversations:
+            token_ids = self.engine.tokenizer.apply_chat_template(
+                list(conversation),
+                tools=list(tools) if tools else None,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                **dict(chat_template_kwargs or {}),
+            )
+            if isinstance(token_ids, Mapping):  # transformers 5 returns a BatchEncoding
+                token_ids = token_ids["input_ids"]
+            prompts.append({"prompt_token_ids": list(token_ids)})
+        return self.generate(prompts, sampling_params)
+
+    def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
+        pending = set(request_ids)
+        finished: dict[str, RequestOutput] = {}
+        while pending:
+            for output in self.engine.step():
+                if output.finished and output.request_id in pending:
+                    finished[output.request_id] = output
+                    pending.discard(output.request_id)
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
+    if isinstance(prompts, str | Mapping):
+        return [prompts]
+    prompt_list = list(prompts)
+    if prompt_list and isinstance(prompt_list[0], int):
+        return [prompt_list]  # a single prompt given as token ids
+    return prompt_list
+
+
+def _broadcast(
+    params: SamplingParams | Sequence[SamplingParams] | None, count: int, name: str
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams() for _ in range(count)]
+    if isinstance(params, SamplingParams):
+        return [params] * count
+    params_list = list(params)
+    if len(params_list) != count:
+        raise ValueError(f"{name} has {len(params_list)} entries for {count} prompts")
+    return params_list

@@ -1,0 +1,225 @@
+"""The engine loop: schedule, execute, sample, detokenize, repeat.
+
+Single-threaded and synchronous; :class:`kvplane.engine.async_llm.AsyncLLM` runs it on a
+thread of its own for the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kvplane.config import EngineConfig
+from kvplane.engine.model_runner import ModelRunner
+from kvplane.engine.output_processor import OutputProcessor
+from kvplane.engine.outputs import RequestOutput
+from kvplane.kv_cache.block_manager import BlockManager
+from kvplane.models.config import load_tokenizer, resolve_model_config
+from kvplane.models.layers.context import BuildContext
+from kvplane.models.loader import build_model
+from kvplane.plugins.selection import select_platform
+from kvplane.sampling.params import SamplingParams
+from kvplane.sampling.sampler import Sampler, SequenceSamplingState, make_generator
+from kvplane.scheduler.config import SchedulerConfig
+from kvplane.scheduler.request import Request
+from kvplane.scheduler.scheduler import Scheduler, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+#: A prompt: text, token ids, or a dict with "prompt" or "prompt_token_ids".
+PromptType = str | Sequence[int] | Mapping[str, Any]
+
+
+class LLMEngine:
+    """Owns the platform, model, KV cache, scheduler and output processing.
+
+    Not thread-safe: one thread calls :meth:`add_request`, :meth:`abort_request` and
+    :meth:`step`.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.platform = select_platform(config.device)
+        self.model_config = resolve_model_config(config, self.platform)
+        self.tokenizer = load_tokenizer(self.model_config.source, config.tokenizer)
+        self.device = self.platform.device(0)
+        torch.manual_seed(config.seed)
+        ctx = BuildContext(
+            platform=self.platform,
+            dtype=self.model_config.dtype,
+            device=self.device,
+            block_size=config.block_size,
+            quantization=config.quantization,
+        )
+        model = build_model(
+            self.model_config.hf_config, ctx, self.model_config.source, config.load_format
+        )
+        vocab_size = self.model_config.hf_config.vocab_size
+        self.runner = ModelRunner(
+            model,
+            self.platform,
+            self.device,
+            config.block_size,
+            Sampler(self.platform.ops, vocab_size),
+            config.seed,
+        )
+        num_blocks = self._num_kv_blocks()
+        self.runner.initialize_kv_cache(num_blocks)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            num_blocks * self.runner.bytes_per_block() / 2**20,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.model_config.max_model_len,
+                enable_prefix_caching=config.enable_prefix_caching,
+                block_size=config.block_size,
+            ),
+            BlockManager(num_blocks, config.block_size, config.enable_prefix_caching),
+        )
+        self.output_processor = OutputProcessor(
+            self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len
+        )
+        self._sampling_states: dict[str, SequenceSamplingState] = {}
+
+    # -- KV-cache sizing -----------------------------------------------------------------
+
+    def _num_kv_blocks(self) -> int:
+        config = self.config
+        kv_bytes = config.kv_cache_memory_bytes or self.platform.info.default_kv_cache_bytes
+        if kv_bytes is None:
+            num_tokens = min(config.max_num_batched_tokens, self.model_config.max_model_len)
+            total, available = self.runner.profile_activation_bytes(num_tokens)
+            kv_bytes = int(available - total * (1.0 - config.gpu_memory_utilization))
+        num_blocks = kv_bytes // self.runner.bytes_per_block()
+        needed = math.ceil(self.model_config.max_model_len / config.block_size)
+        if num_blocks < needed:
+            raise ValueError(
+                f"the KV cache ({max(kv_bytes, 0) / 2**20:.1f} MiB, {max(num_blocks, 0)} "
+                f"blocks) cannot hold one sequence of max_model_len "
+                f"{self.model_config.max_model_len} ({needed} blocks); raise "
+                "gpu_memory_utilization / kv_cache_memory_bytes or lower max_model_len"
+            )
+        return int(num_blocks)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Return ``(prompt text or None, prompt token ids)`` for any accepted form."""
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
+            if "prompt" in prompt:
+                return self.tokenize_prompt(str(prompt["prompt"]))
+            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        return None, [int(t) for t in prompt]
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> None:
+        """Queue a request. Raises ``ValueError`` for a prompt that cannot be served."""
+        params = params or SamplingParams()
+        text, prompt_token_ids = self.tokenize_prompt(prompt)
+        self._validate_prompt(prompt_token_ids)
+        params.check_token_ids(self.model_config.hf_config.vocab_size)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        sequences = [
+            Request(
+                request_id=self._sequence_id(request_id, index),
+                prompt_token_ids=list(prompt_token_ids),
+                sampling_params=params,
+                arrival_time=arrival_time,
+                priority=priority,
+                parent_id=None if index == 0 else request_id,
+            )
+            for index in range(params.n)
+        ]
+        for index, sequence in enumerate(sequences):
+            seed = None if params.seed is None else params.seed + index
+            self._sampling_states[sequence.request_id] = SequenceSamplingState(
+                params=params,
+                prompt_token_ids=sequence.prompt_token_ids,
+                output_token_ids=sequence.output_token_ids,
+                eos_token_ids=self.model_config.eos_token_ids,
+                generator=None if seed is None else make_generator(seed, self.device),
+            )
+        self.output_processor.add_request(request_id, text, sequences, params)
+        self.scheduler.add_request(sequences[0], children=sequences[1:])
+
+    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        max_len = self.model_config.max_model_len
+        if len(prompt_token_ids) >= max_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens, but the context is "
+                f"{max_len} tokens and at least one must be generated"
+            )
+        vocab_size = self.model_config.hf_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+
+    @staticmethod
+    def _sequence_id(request_id: str, index: int) -> str:
+        return request_id if index == 0 else f"{request_id}#{index}"
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        """Abort requests (all their sequences); their blocks are freed at once."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            for sequence_id in self.output_processor.sequence_ids(request_id):
+                self.scheduler.abort_request(sequence_id)
+                self._sampling_states.pop(sequence_id, None)
+            self.output_processor.abort_request(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def stats(self) -> SchedulerStats:
+        return self.scheduler.stats()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step; return the outputs of the requests that progressed."""
+        output = self.scheduler.schedule()
+        if output.is_empty:
+            return []
+        prompt_logprobs_ids = frozenset(
+            s.request.request_id
+            for s in output.scheduled
+            if s.request.sampling_params.prompt_logprobs is not None
+        )
+        result = self.runner.execute(output, self._sampling_states, prompt_logprobs_ids)
+        self.scheduler.update_from_output(output, result.sampled_token_ids)
+        for request_id, (first_position, entries) in result.prompt_logprobs.items():
+            self.output_processor.add_prompt_logprobs(request_id, first_position, entries)
+        for request_id, token_id in result.sampled_token_ids.items():
+            request = self.scheduler.get_request(request_id)
+            if request is None:
+                continue
+            status = self.output_processor.process_token(
+                request, token_id, result.logprobs.get(request_id)
+            )
+            if status is not None:
+                self.scheduler.finish_request(request_id, status)
+                self._sampling_states.pop(request_id, None)
+        return self.output_processor.collect_outputs(self.scheduler.stats())

@@ -1,0 +1,110 @@
+"""Streaming named tensors out of checkpoints, one tensor in host memory at a time."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvplane.models.source import ModelSource
+
+
+def iterate_weights(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(Hugging Face tensor name, tensor)`` pairs from ``source``."""
+    if source.is_gguf:
+        assert source.gguf_file is not None
+        yield from iterate_gguf(source.directory / source.gguf_file, hf_config)
+    else:
+        yield from iterate_safetensors(source.directory)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint's shard files: from the index when there is one, else every file."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{directory} has no *.safetensors files")
+    return files
+
+
+def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for path in safetensors_files(directory):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, handle.get_tensor(name)
+
+
+# GGUF names (llama.cpp) to Hugging Face names, per decoder block and global.
+_GGUF_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+# Tensors llama.cpp stores that the model derives from its config instead.
+_GGUF_SKIPPED = {"rope_freqs.weight"}
+_BLOCK_PATTERN = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """Map a llama.cpp tensor name to its Hugging Face name (None: skip the tensor)."""
+    if name in _GGUF_SKIPPED:
+        return None
+    if name in _GGUF_GLOBAL_NAMES:
+        return _GGUF_GLOBAL_NAMES[name]
+    match = _BLOCK_PATTERN.fullmatch(name)
+    if match is None or match.group(2) not in _GGUF_BLOCK_NAMES:
+        raise ValueError(f"GGUF tensor {name!r} has no known Hugging Face name")
+    layer, kind, param = match.groups()
+    return f"model.layers.{layer}.{_GGUF_BLOCK_NAMES[kind]}.{param}"
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's reordering of Q/K rows (interleaved rotary pairs -> halves)."""
+    rows = weight.shape[0]
+    head_rows = rows // num_heads
+    return (
+        weight.reshape(num_heads, head_rows // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantize a GGUF file tensor by tensor to float32, under Hugging Face names."""
+    from gguf import GGUFReader, dequantize
+
+    reader = GGUFReader(str(path))
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    for tensor in reader.tensors:
+        hf_name = gguf_to_hf_name(tensor.name)
+        if hf_name is None:
+            continue
+        array = dequantize(tensor.data, tensor.tensor_type)
+        if ".q_proj." in hf_name:
+            array = unpermute_rotary_rows(array, num_heads)
+        elif ".k_proj." in hf_name:
+            array = unpermute_rotary_rows(array, num_kv_heads)
+        # Copy: unquantized tensors are read-only views of the memory-mapped file.
+        yield hf_name, torch.from_numpy(np.array(array, dtype=np.float32, copy=True))

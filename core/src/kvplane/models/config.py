@@ -1,0 +1,90 @@
+"""Model-level settings derived from the checkpoint and the engine options."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvplane.config import DTYPES, EngineConfig
+from kvplane.models.registry import architecture_of
+from kvplane.models.source import ModelSource, read_generation_eos_ids, resolve_model
+from kvplane.plugins.platform import Platform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """What the engine needs to know about the model before building it."""
+
+    source: ModelSource
+    hf_config: Any
+    architecture: str
+    dtype: torch.dtype
+    max_model_len: int
+    eos_token_ids: frozenset[int]
+
+
+def load_hf_config(source: ModelSource) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(source.directory), **source.hf_kwargs())
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
+    """The tokenizer (with chat template) from ``tokenizer`` or the model source.
+
+    Cached per process: building one from a GGUF vocabulary takes seconds, and engines
+    only read it.
+    """
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    return AutoTokenizer.from_pretrained(str(source.directory), **source.hf_kwargs())
+
+
+def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.dtype:
+    """``auto`` takes the checkpoint's dtype if the platform supports it, else float32."""
+    if requested != "auto":
+        dtype = DTYPES[requested]
+        if not platform.supports_dtype(dtype):
+            raise ValueError(
+                f"platform {platform.name!r} does not support {requested}; supported: "
+                f"{platform.info.supported_dtypes}"
+            )
+        return dtype
+    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = DTYPES.get(config_dtype)
+    if isinstance(config_dtype, torch.dtype) and platform.supports_dtype(config_dtype):
+        return config_dtype
+    return torch.float32
+
+
+def resolve_model_config(config: EngineConfig, platform: Platform) -> ModelConfig:
+    source = resolve_model(config.model)
+    hf_config = load_hf_config(source)
+    derived_len = int(getattr(hf_config, "max_position_embeddings", 2048))
+    max_model_len = config.max_model_len or derived_len
+    if max_model_len > derived_len:
+        raise ValueError(
+            f"max_model_len {max_model_len} exceeds the model's context {derived_len}"
+        )
+    eos_ids = read_generation_eos_ids(source)
+    config_eos = getattr(hf_config, "eos_token_id", None)
+    if not eos_ids and config_eos is not None:
+        eos_ids = {config_eos} if isinstance(config_eos, int) else set(config_eos)
+    return ModelConfig(
+        source=source,
+        hf_config=hf_config,
+        architecture=architecture_of(hf_config),
+        dtype=resolve_dtype(config.dtype, hf_config, platform),
+        max_model_len=max_model_len,
+        eos_token_ids=frozenset(eos_ids),
+    )

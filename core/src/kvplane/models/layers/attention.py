@@ -1,0 +1,54 @@
+"""The attention layer: asks the platform for a backend once, then calls its impl."""
+
+from __future__ import annotations
+
+import torch
+
+from kvplane.attention.metadata import AttentionMetadata
+from kvplane.models.layers.context import BuildContext
+from kvplane.plugins.types import AttentionSpec
+
+
+class Attention(torch.nn.Module):
+    """Paged attention over this layer's KV cache.
+
+    ``kv_cache`` is bound by the model runner after the cache is allocated
+    (``[2, num_blocks, block_size, num_kv_heads, head_size]``); until then the layer
+    cannot run.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_size: int,
+        scale: float,
+        ctx: BuildContext,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = AttentionSpec(
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            dtype=ctx.dtype,
+            block_size=ctx.block_size,
+            scale=scale,
+            sliding_window=sliding_window,
+            logit_softcap=logit_softcap,
+        )
+        self.backend_name = ctx.platform.attention_backend(self.spec).name
+        self.impl = ctx.platform.attention_backend(self.spec).make_impl(self.spec)
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+        if self.kv_cache is None:
+            raise RuntimeError("attention layer used before its KV cache was bound")
+        return self.impl.forward(query, key, value, self.kv_cache, metadata)

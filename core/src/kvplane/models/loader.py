@@ -1,0 +1,62 @@
+"""Building a model on the selected platform and filling its weights."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from kvplane.models.checkpoint import iterate_weights
+from kvplane.models.layers.context import BuildContext
+from kvplane.models.layers.linear import Linear
+from kvplane.models.registry import architecture_of, model_class
+from kvplane.models.source import ModelSource
+from kvplane.models.weights import check_all_loaded
+
+logger = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def build_model(
+    hf_config: Any, ctx: BuildContext, source: ModelSource | None, load_format: str = "auto"
+) -> torch.nn.Module:
+    """Construct the model for ``hf_config`` on ``ctx.device`` and load its weights
+    (``load_format="dummy"``: random weights, needing only the config)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    architecture = architecture_of(hf_config)
+    started = time.perf_counter()
+    with torch.device(ctx.device):
+        model = model_class(architecture)(hf_config, ctx)
+    if load_format == "dummy":
+        _fill_random(model)
+    else:
+        if source is None:
+            raise ValueError("load_format='auto' needs a model source")
+        loaded = model.load_weights(iterate_weights(source, hf_config))  # type: ignore[operator]
+        check_all_loaded(model, loaded)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.process_weights_after_loading()
+    model.eval()
+    num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    logger.info(
+        "loaded %s (%.1f MiB of weights, %s) in %.1f s",
+        architecture,
+        num_bytes / 2**20,
+        ctx.dtype,
+        time.perf_counter() - started,
+    )
+    return model
+
+
+def _fill_random(model: torch.nn.Module) -> None:
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    for name, param in model.named_parameters():
+        values = torch.randn(param.shape, generator=generator) * 0.02
+        if name.endswith("norm.weight") or ".norm." in name:
+            values = values + 1.0
+        param.data.copy_(values)

@@ -1,0 +1,88 @@
+"""Copying named checkpoint tensors into a kvplane model, with clear errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from kvplane.models.layers.linear import Linear
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not fit the model: tensors missing, unexpected or misshapen."""
+
+
+def load_named_weights(
+    model: torch.nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    stacked_params: Sequence[tuple[str, str, int]],
+    ignored_suffixes: Sequence[str] = (),
+) -> set[str]:
+    """Copy ``(checkpoint name, tensor)`` pairs into ``model``; return the model
+    parameter names (with shard suffixes for stacked layers) that were filled.
+
+    Raises :class:`WeightLoadError` naming the tensors that match no parameter.
+    """
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in weights:
+        if name.endswith(tuple(ignored_suffixes)):
+            continue
+        target = _resolve_stacked(name, stacked_params)
+        module_name, _, param_kind = target[0].rpartition(".")
+        module = modules.get(module_name)
+        if isinstance(module, Linear):
+            module.load_shard(param_kind, tensor, target[1])
+            loaded.add(f"{target[0]}#{target[1]}")
+        elif target[0] in params:
+            param = params[target[0]]
+            if param.shape != tensor.shape:
+                raise WeightLoadError(
+                    f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
+                    f"model {tuple(param.shape)}"
+                )
+            param.data.copy_(tensor)
+            loaded.add(target[0])
+        else:
+            unexpected.append(name)
+    if unexpected:
+        raise WeightLoadError(f"checkpoint tensors match no model parameter: {unexpected}")
+    return loaded
+
+
+def expected_weight_names(model: torch.nn.Module) -> set[str]:
+    """Names :func:`load_named_weights` must fill for ``model`` to be complete."""
+    expected: set[str] = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, Linear):
+            for shard in range(len(module.output_sizes)):
+                expected.add(f"{module_name}.weight#{shard}")
+                if module.bias is not None:
+                    expected.add(f"{module_name}.bias#{shard}")
+    linear_prefixes = tuple(
+        f"{name}." for name, module in model.named_modules() if isinstance(module, Linear)
+    )
+    for name, _ in model.named_parameters():
+        if not name.startswith(linear_prefixes):
+            expected.add(name)
+    return expected
+
+
+def check_all_loaded(model: torch.nn.Module, loaded: set[str]) -> None:
+    """Raise :class:`WeightLoadError` naming every parameter the checkpoint lacked."""
+    missing = sorted(expected_weight_names(model) - loaded)
+    if missing:
+        shown = [name.replace("#", " shard ") for name in missing[:20]]
+        more = f" (and {len(missing) - 20} more)" if len(missing) > 20 else ""
+        raise WeightLoadError(f"checkpoint lacks tensors for: {shown}{more}")
+
+
+def _resolve_stacked(name: str, stacked_params: Sequence[tuple[str, str, int]]) -> tuple[str, int]:
+    for ours, theirs, shard in stacked_params:
+        marker = f".{theirs}."
+        if marker in name:
+            return name.replace(marker, f".{ours}."), shard
+    return name, 0

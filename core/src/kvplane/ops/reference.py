@@ -1,0 +1,147 @@
+"""Plain-torch reference implementations of every op platforms may override.
+
+These define the semantics: a platform's op must return what these return (within
+floating-point tolerance) for every input the conformance kit draws. They favour clarity
+over speed, compute in float32 and return the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+) -> torch.Tensor:  # [num_tokens, hidden_size]
+    """``x / sqrt(mean(x**2) + eps) * weight``; never mutates its inputs."""
+    x_f32 = x.float()
+    variance = x_f32.pow(2).mean(dim=-1, keepdim=True)
+    normed = x_f32 * torch.rsqrt(variance + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    residual: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(rms_norm(x + residual), x + residual)``.
+
+    Implementations may write their results into ``x`` and ``residual``; callers must
+    not reuse those inputs afterwards.
+    """
+    summed = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm(summed, weight, eps), summed
+
+
+def rotary_embedding(
+    positions: torch.Tensor,  # [num_tokens] int64
+    query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    cos_sin_cache: torch.Tensor,  # [max_position, rotary_dim] = cat(cos, sin) halves
+    is_neox_style: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first ``rotary_dim`` channels of each head by its position's angles.
+
+    Neox style rotates the two halves of the rotary channels against each other (Llama,
+    Qwen, ...); GPT-J style rotates interleaved pairs. Channels past ``rotary_dim`` pass
+    through. Returns new tensors.
+    """
+    cos_sin = cos_sin_cache.index_select(0, positions).float()  # [num_tokens, rotary_dim]
+    cos, sin = cos_sin.chunk(2, dim=-1)  # each [num_tokens, rotary_dim // 2]
+    return (
+        _rotate(query, cos, sin, is_neox_style),
+        _rotate(key, cos, sin, is_neox_style),
+    )
+
+
+def _rotate(
+    x: torch.Tensor,  # [num_tokens, num_heads, head_size]
+    cos: torch.Tensor,  # [num_tokens, rotary_dim // 2]
+    sin: torch.Tensor,  # [num_tokens, rotary_dim // 2]
+    is_neox_style: bool,
+) -> torch.Tensor:
+    rotary_dim = cos.shape[-1] * 2
+    x_rot = x[..., :rotary_dim].float()
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    if is_neox_style:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+    else:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    out1 = x1 * cos - x2 * sin
+    out2 = x2 * cos + x1 * sin
+    if is_neox_style:
+        rotated = torch.cat((out1, out2), dim=-1)
+    else:
+        rotated = torch.stack((out1, out2), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), x[..., rotary_dim:]), dim=-1)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [T, 2*I] -> [T, I]
+    """``silu(x[..., :I]) * x[..., I:]`` (SwiGLU)."""
+    gate, up = x.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * up.float()).to(x.dtype)
+
+
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``gelu(x[..., :I]) * x[..., I:]`` (GeGLU); ``approximate`` is "none" or "tanh"."""
+    gate, up = x.chunk(2, dim=-1)
+    return (F.gelu(gate.float(), approximate=approximate) * up.float()).to(x.dtype)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; slot = block * block_size + offset
+) -> None:
+    """Write each token's key and value at its slot, in place. Slots < 0 are skipped."""
+    num_kv_heads, head_size = kv_cache.shape[-2:]
+    flat_cache = kv_cache.view(2, -1, num_kv_heads, head_size)  # [2, num_slots, ...]
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    flat_cache[0].index_copy_(0, slots, key[valid].to(kv_cache.dtype))
+    flat_cache[1].index_copy_(0, slots, value[valid].to(kv_cache.dtype))
+
+
+def top_k_top_p_sample(
+    probs: torch.Tensor,  # [num_seqs, vocab_size] float32, rows sum to 1
+    top_k: torch.Tensor | None,  # [num_seqs] int64; <= 0 or >= vocab_size: no limit
+    top_p: torch.Tensor | None,  # [num_seqs] float32; 1.0: no limit
+    min_p: torch.Tensor | None,  # [num_seqs] float32; 0.0: no limit
+    exponential_noise: torch.Tensor,  # [num_seqs, vocab_size] float32, Exp(1) samples
+) -> torch.Tensor:  # [num_seqs] int64
+    """Sample one token per row from ``probs`` restricted by top-k, top-p and min-p.
+
+    Top-k keeps the ``k`` most probable tokens (ties at the k-th probability kept);
+    top-p keeps the smallest set of most probable tokens whose mass reaches ``p``;
+    min-p keeps tokens with probability at least ``min_p * max(probs)``. The draw is
+    ``argmax(kept_probs / noise)`` (an exponential race, equivalent to sampling from the
+    renormalised kept distribution), so the caller's noise alone fixes the outcome: equal
+    noise rows give equal tokens whatever else is in the batch.
+    """
+    kept = probs.clone()
+    vocab_size = probs.shape[-1]
+    if top_k is not None or top_p is not None:
+        sorted_probs, _ = probs.sort(dim=-1, descending=True)  # [num_seqs, vocab_size]
+        if top_k is not None:
+            k = torch.where((top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
+            kth = sorted_probs.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
+            kept = kept.masked_fill(kept < kth, 0.0)
+        if top_p is not None:
+            # Mass strictly before each sorted position; keep a token while that mass < p.
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            keep_sorted = mass_before < top_p.unsqueeze(1)
+            keep_sorted[:, 0] = True
+            num_kept = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
+            threshold = sorted_probs.gather(1, num_kept - 1)
+            kept = kept.masked_fill(probs < threshold, 0.0)
+    if min_p is not None:
+        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        kept = kept.masked_fill(probs < floor, 0.0)
+    return (kept / exponential_noise).argmax(dim=-1)

@@ -1,0 +1,197 @@
+"""A selected platform with its hooks resolved: what the engine holds at run time."""
+
+from __future__ import annotations
+
+import logging
+from types import ModuleType
+from typing import Any
+
+import pluggy
+import torch
+
+from kvplane.attention.backend import AttentionBackend
+from kvplane.distributed.communicator import Communicator
+from kvplane.engine.graph_runner import GraphRunner
+from kvplane.ops import OP_NAMES, Ops
+from kvplane.plugins import hookspec, reference
+from kvplane.plugins.hookspec import PROJECT_NAME
+from kvplane.plugins.types import (
+    AttentionSpec,
+    BlockCopyRequest,
+    DeviceQuery,
+    GraphCaptureRequest,
+    GroupInfo,
+    KVCacheSpec,
+    LayerQuantSpec,
+    MemoryInfo,
+    MemoryProfile,
+    MemoryProfileRequest,
+    OpsQuery,
+    PlatformInfo,
+    ProbeResult,
+)
+from kvplane.quantization.base import QuantMethod
+
+logger = logging.getLogger(__name__)
+
+#: Hooks a platform must implement itself (the reference has none for them).
+REQUIRED_HOOKS = ("kvplane_platform_probe", "kvplane_platform_info", "kvplane_device_memory")
+
+
+def make_plugin_manager(name: str, module: ModuleType) -> pluggy.PluginManager:
+    """A plugin manager holding the hook specs, the reference plugin and ``module``."""
+    manager = pluggy.PluginManager(PROJECT_NAME)
+    manager.add_hookspecs(hookspec)
+    manager.register(reference, name=reference.REFERENCE_PLUGIN_NAME)
+    manager.register(module, name=name)
+    return manager
+
+
+def probe(manager: pluggy.PluginManager) -> ProbeResult:
+    """Call the probe hook; a platform without one is unavailable."""
+    result = manager.hook.kvplane_platform_probe()
+    if result is None:
+        return ProbeResult(False, 0, "the plugin implements no kvplane_platform_probe")
+    return result
+
+
+class Platform:
+    """The selected platform: identity plus every hook resolved into plain objects.
+
+    Built once per process at start-up. Its methods call hooks, so they belong to
+    start-up too; the per-step path uses what they returned (``ops``, attention impls,
+    quant methods, the graph runner).
+    """
+
+    def __init__(self, name: str, version: str, manager: pluggy.PluginManager) -> None:
+        self.name = name
+        self.version = version
+        self._manager = manager
+        missing = [hook for hook in REQUIRED_HOOKS if not self._implements(hook)]
+        if missing:
+            raise ValueError(f"platform {name!r} does not implement required hooks {missing}")
+        self.info: PlatformInfo = manager.hook.kvplane_platform_info()
+        self._log_reference_fallbacks()
+        self.ops = self._resolve_ops()
+        self._attention_backends: dict[AttentionSpec, AttentionBackend] = {}
+
+    # -- identity -----------------------------------------------------------------------
+
+    def device(self, index: int = 0) -> torch.device:
+        """The torch device of local device ``index``."""
+        return torch.device(self.info.device_type, index)
+
+    def has_capability(self, flag: str) -> bool:
+        return flag in self.info.capabilities
+
+    def supports_dtype(self, dtype: torch.dtype) -> bool:
+        return str(dtype).removeprefix("torch.") in self.info.supported_dtypes
+
+    def device_memory(self, index: int = 0) -> MemoryInfo:
+        return self._manager.hook.kvplane_device_memory(query=DeviceQuery(index))
+
+    # -- model construction --------------------------------------------------------------
+
+    def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
+        """The highest-priority backend that can serve ``spec`` (cached per spec)."""
+        if spec in self._attention_backends:
+            return self._attention_backends[spec]
+        candidates = [
+            backend
+            for backends in self._manager.hook.kvplane_attention_backends(spec=spec)
+            for backend in backends
+        ]
+        reasons: list[str] = []
+        for backend in sorted(candidates, key=lambda b: b.priority, reverse=True):
+            reason = backend.cannot_serve(spec)
+            if reason is None:
+                logger.info("attention backend %r selected for %s", backend.name, spec)
+                self._attention_backends[spec] = backend
+                return backend
+            logger.info("attention backend %r cannot serve: %s", backend.name, reason)
+            reasons.append(f"{backend.name}: {reason}")
+        raise ValueError(f"no attention backend can serve {spec}: {'; '.join(reasons)}")
+
+    def quant_method(self, spec: LayerQuantSpec) -> QuantMethod:
+        """The highest-priority method named ``spec.method`` that can implement ``spec``."""
+        candidates = [
+            method
+            for methods in self._manager.hook.kvplane_quant_methods(spec=spec)
+            for method in methods
+            if method.name == spec.method
+        ]
+        reasons: list[str] = []
+        for method in sorted(candidates, key=lambda m: m.priority, reverse=True):
+            ok, reason = method.can_implement(spec)
+            if ok:
+                return method
+            reasons.append(f"{method.name}: {reason}")
+        if not candidates:
+            known = sorted(self.quant_method_names(spec))
+            raise ValueError(
+                f"quantization method {spec.method!r} is not offered by platform "
+                f"{self.name!r}; available: {known}"
+            )
+        raise ValueError(f"no {spec.method!r} method can implement {spec}: {reasons}")
+
+    def quant_method_names(self, spec: LayerQuantSpec) -> set[str]:
+        return {
+            method.name
+            for methods in self._manager.hook.kvplane_quant_methods(spec=spec)
+            for method in methods
+        }
+
+    def communicator(self, group: GroupInfo) -> Communicator:
+        return self._manager.hook.kvplane_communicator(group=group)
+
+    # -- KV cache ------------------------------------------------------------------------
+
+    def profile_memory(self, request: MemoryProfileRequest) -> MemoryProfile:
+        return self._manager.hook.kvplane_profile_memory(request=request)
+
+    def allocate_kv_cache(self, spec: KVCacheSpec) -> torch.Tensor:
+        return self._manager.hook.kvplane_allocate_kv_cache(spec=spec)
+
+    def copy_blocks(self, request: BlockCopyRequest) -> None:
+        self._manager.hook.kvplane_copy_blocks(request=request)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def graph_runner(self, request: GraphCaptureRequest) -> GraphRunner:
+        return self._manager.hook.kvplane_graph_runner(request=request)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _implements(self, hook_name: str) -> bool:
+        caller = getattr(self._manager.hook, hook_name)
+        return any(impl.plugin_name == self.name for impl in caller.get_hookimpls())
+
+    def _log_reference_fallbacks(self) -> None:
+        for hook_name in sorted(set(dir(self._manager.hook)) - set(REQUIRED_HOOKS)):
+            if hook_name.startswith("kvplane_") and not self._implements(hook_name):
+                logger.info(
+                    "platform %r does not implement %s; using the torch reference",
+                    self.name,
+                    hook_name,
+                )
+
+    def _resolve_ops(self) -> Ops:
+        query = OpsQuery(device_type=self.info.device_type)
+        table: dict[str, Any] = {}
+        platform_names: set[str] = set()
+        # Hook implementations run platform first, reference last (trylast): first wins.
+        for impl in reversed(self._manager.hook.kvplane_ops.get_hookimpls()):
+            # Pass only the arguments the implementation declares, as pluggy itself does.
+            arguments = {"query": query}
+            result = impl.function(*(arguments[name] for name in impl.argnames)) or {}
+            unknown = set(result) - set(OP_NAMES)
+            if unknown:
+                raise ValueError(f"plugin {impl.plugin_name!r} offers unknown ops {unknown}")
+            for op_name, op in result.items():
+                table.setdefault(op_name, op)
+                if impl.plugin_name != reference.REFERENCE_PLUGIN_NAME:
+                    platform_names.add(op_name)
+        for op_name in OP_NAMES:
+            if op_name not in platform_names:
+                logger.info("platform %r has no op %r; using the reference", self.name, op_name)
+        return Ops(**{op_name: table[op_name] for op_name in OP_NAMES})

@@ -1,0 +1,224 @@
+"""Frozen dataclasses that cross the hook boundary.
+
+Every hook argument and every hook result that is a record lives here. They are frozen so
+a plugin cannot mutate the core's state through them, and they only ever *grow*: a field
+added in a minor API version always has a default, so a plugin written against an older
+minor version keeps working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+# --------------------------------------------------------------------------------------
+# Identity and probing
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Answer of :func:`kvplane_platform_probe`: can this platform run here, and how well.
+
+    ``score`` ranks available platforms when the user names none: the highest wins.
+    ``reason`` says why the platform is unavailable (or, when available, what was found).
+    """
+
+    available: bool
+    score: int = 0
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformInfo:
+    """Identity and static capabilities of a platform.
+
+    ``device_type`` is the torch device type tensors live on (``"cpu"``, ``"cuda"``, a
+    PrivateUse1 name, ...). ``capabilities`` holds semantic flags the core may ask about
+    (see :mod:`kvplane.plugins.capabilities`); the core never asks for a platform's name.
+    """
+
+    name: str
+    device_type: str
+    device_count: int
+    supported_dtypes: tuple[str, ...] = ("float32",)
+    capabilities: frozenset[str] = frozenset()
+    distributed_backend: str = "gloo"
+    description: str = ""
+    #: KV-cache size to use when the user sets neither ``kv_cache_memory_bytes`` nor
+    #: asks for profiling (platforms whose "device memory" is the host's, like CPU).
+    default_kv_cache_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceQuery:
+    """Argument of :func:`kvplane_device_memory`: which device to ask about."""
+
+    device_index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryInfo:
+    """Total and currently free memory of one device, in bytes."""
+
+    total_bytes: int
+    free_bytes: int
+
+
+# --------------------------------------------------------------------------------------
+# Memory profiling and KV cache
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryProfileRequest:
+    """Argument of :func:`kvplane_profile_memory`.
+
+    ``run_forward`` runs one forward pass of the largest batch the engine will schedule;
+    the platform measures what it costs on top of the weights.
+    """
+
+    device: "torch.device"
+    run_forward: Callable[[], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryProfile:
+    """Result of memory profiling, in bytes.
+
+    ``total_bytes`` is the device's capacity, ``used_bytes`` what is in use after the
+    weights were loaded (before the profile run) and ``peak_activation_bytes`` the peak
+    extra memory the profile run needed. The core sizes the KV cache as
+    ``total * gpu_memory_utilization - used - peak_activation``.
+    """
+
+    total_bytes: int
+    used_bytes: int
+    peak_activation_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """Argument of :func:`kvplane_allocate_kv_cache`: the cache of one attention layer.
+
+    The layout every backend reads is ``[2, num_blocks, block_size, num_kv_heads,
+    head_size]`` (index 0 keys, 1 values); a *slot* is ``block * block_size + offset``.
+    """
+
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+    dtype: "torch.dtype"
+    device: "torch.device"
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        return (2, self.num_blocks, self.block_size, self.num_kv_heads, self.head_size)
+
+    @property
+    def bytes_per_block(self) -> int:
+        import torch
+
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.block_size * self.num_kv_heads * self.head_size * element_size
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCopyRequest:
+    """Argument of :func:`kvplane_copy_blocks`: copy whole blocks inside every layer cache.
+
+    ``src_block_ids[i]`` is copied onto ``dst_block_ids[i]`` in each tensor of
+    ``kv_caches`` (used for copy-on-write of shared blocks).
+    """
+
+    kv_caches: "tuple[torch.Tensor, ...]"
+    src_block_ids: tuple[int, ...]
+    dst_block_ids: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------------------
+# Attention
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionSpec:
+    """What one attention layer needs from a backend.
+
+    ``sliding_window`` limits each query to the last ``sliding_window`` keys (itself
+    included); ``logit_softcap`` applies ``cap * tanh(scores / cap)`` before softmax.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    dtype: "torch.dtype"
+    block_size: int
+    scale: float
+    sliding_window: int | None = None
+    logit_softcap: float | None = None
+    kv_cache_dtype: "torch.dtype | None" = None
+
+
+# --------------------------------------------------------------------------------------
+# Quantization
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LayerQuantSpec:
+    """A linear layer to be quantized: ``y = x @ W.T + b`` with ``W: [output_size,
+    input_size]``. ``method`` is the name the user or checkpoint asked for."""
+
+    method: str
+    input_size: int
+    output_size: int
+    params_dtype: "torch.dtype"
+    has_bias: bool = False
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+# --------------------------------------------------------------------------------------
+# Communication
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    """Argument of :func:`kvplane_communicator`: one initialised torch.distributed group."""
+
+    group: Any
+    rank: int
+    world_size: int
+    device: "torch.device"
+
+
+# --------------------------------------------------------------------------------------
+# Ops and graph capture
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OpsQuery:
+    """Argument of :func:`kvplane_ops`: the device the ops will run on."""
+
+    device_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class GraphCaptureRequest:
+    """Argument of :func:`kvplane_graph_runner`.
+
+    ``batch_sizes`` are the buckets the engine wants captured; ``enabled`` is false when
+    the user asked for eager execution (a platform then returns ``None``).
+    """
+
+    device: "torch.device"
+    batch_sizes: tuple[int, ...] = field(default_factory=tuple)
+    enabled: bool = True

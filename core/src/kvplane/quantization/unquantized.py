@@ -1,0 +1,28 @@
+"""The unquantized float linear layer, available on every platform."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from kvplane.quantization.base import QuantMethod
+
+if TYPE_CHECKING:
+    # Annotation only: importing kvplane.plugins here would be circular, since the
+    # plugin package imports this module.
+    from kvplane.plugins.types import LayerQuantSpec
+
+
+class UnquantizedMethod(QuantMethod):
+    """``F.linear`` on the float weights as loaded."""
+
+    name = "none"
+    priority = -1000
+
+    def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
+        return True, ""
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)

@@ -1,0 +1,122 @@
+"""Incremental detokenization: text deltas per generated token, safe for multi-byte text.
+
+Decoding one token at a time is wrong for byte-level BPE and byte-fallback sentencepiece:
+a CJK character or an emoji is often split over several tokens, each of which alone
+decodes to U+FFFD. The usual two-offset window technique fixes it: decode a short window
+``ids[prefix_offset:]`` and the same window without the new tokens
+``ids[prefix_offset:read_offset]``; the difference is the new text. While the window ends
+in an incomplete character (the decode ends with U+FFFD) nothing is emitted and the
+offsets stay, so the bytes are decoded together once the character is complete.
+
+Decoding windows with ``tokenizer.decode`` (rather than converting tokens to strings by
+hand) keeps ``skip_special_tokens`` and the tokenizer's decoder pipeline (byte fallback,
+metaspace, leading-space strip) exactly as in a one-shot decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_REPLACEMENT_CHAR = "\ufffd"
+# Prompt tokens decoded in front of the output when use_prompt_context is set (vLLM's 5).
+_NUM_PROMPT_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns one sequence's output tokens into text, one token at a time.
+
+    Contract: after all tokens were added and :meth:`flush` was called, :attr:`text`
+    equals ``tokenizer.decode(output_ids, skip_special_tokens=...,
+    clean_up_tokenization_spaces=False)`` (clean-up rewrites text across token
+    boundaries, which a stream cannot take back; transformers 5 skips it for BPE anyway).
+    No delta ever ends in an incomplete UTF-8 sequence. One known gap, shared with vLLM:
+    with a byte-fallback tokenizer, bytes that are *invalid* UTF-8 (not merely incomplete)
+    right after a complete character can make the final text differ from a one-shot decode,
+    whose ByteFallback step replaces a whole invalid byte run; byte-level BPE is exact.
+
+    With ``use_prompt_context=True`` the first output tokens are decoded after the last
+    prompt tokens, as vLLM does: a sentencepiece tokenizer then keeps the leading space of
+    the first output word (``" Paris"`` rather than ``"Paris"``), so ``prompt + output``
+    reads right; byte-level BPE gives the same text either way.
+
+    ``spaces_between_special_tokens`` is passed to ``decode``; only tokenizers whose
+    decode honours it (slow tokenizers before transformers 5) change behaviour.
+    One instance per sequence; not thread-safe.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,  # transformers.PreTrainedTokenizerBase
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        *,
+        use_prompt_context: bool = False,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        # Window token ids: optional prompt context, then every output token.
+        self._ids: list[int] = (
+            list(prompt_token_ids[-_NUM_PROMPT_CONTEXT_TOKENS:]) if use_prompt_context else []
+        )
+        self._num_context = len(self._ids)
+        self._prefix_offset = 0
+        self._read_offset = self._num_context  # tokens before this one are in _text
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        """All output text emitted so far (held-back bytes excluded until complete)."""
+        return self._text
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The output tokens added so far (a copy)."""
+        return self._ids[self._num_context :]
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens added but not yet turned into text (an incomplete character)."""
+        return len(self._ids) - self._read_offset
+
+    def add_token(self, token_id: int) -> str:
+        """Append one output token and return the text it completes (maybe ``""``)."""
+        self._ids.append(token_id)
+        return self._advance(final=False)
+
+    def add_tokens(self, token_ids: Sequence[int]) -> str:
+        """Append several tokens (e.g. speculative decoding); return their joint delta."""
+        return "".join(self.add_token(token_id) for token_id in token_ids)
+
+    def flush(self) -> str:
+        """Emit whatever is held back, even an incomplete character (as U+FFFD).
+
+        Called by the engine when the sequence finishes, so that :attr:`text` matches a
+        one-shot decode even if generation stopped in the middle of a character.
+        """
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset :])
+        if len(full_text) <= len(prefix_text):
+            return ""  # e.g. a skipped special token: nothing new yet
+        if not final and full_text.endswith(_REPLACEMENT_CHAR):
+            return ""  # incomplete UTF-8 sequence: wait for the rest of its bytes
+        delta = full_text[len(prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        self._text += delta
+        return delta
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if not token_ids:
+            return ""
+        return self.tokenizer.decode(
+            token_ids,
+            skip_special_tokens=self.skip_special_tokens,
+            clean_up_tokenization_spaces=False,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+        )

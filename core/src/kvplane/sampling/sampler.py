@@ -1,0 +1,355 @@
+"""The sampler: one call per step turns the batch's last-position logits into tokens.
+
+Every row carries its own :class:`SamplingParams`; the work is batched across rows, with
+small index tensors built per step from Python lists. Processing order per row:
+
+1. ``logit_bias``, then ``allowed_token_ids`` (everything else to ``-inf``);
+2. the constraint seam: ``allowed_mask_fn`` masks, then ``logits_processors``;
+3. ``min_tokens``: EOS (unless ``ignore_eos``) and ``stop_token_ids`` to ``-inf`` while
+   fewer than ``min_tokens`` tokens were generated;
+4. repetition, then frequency and presence penalties (see :mod:`.penalties`);
+5. greedy rows (``temperature < 1e-5``) take the argmax; random rows divide by the
+   temperature, softmax to float32 and call ``ops.top_k_top_p_sample`` with Exp(1) noise.
+
+A seeded row draws its noise only from its own generator, a fixed amount per step, so its
+tokens depend on its seed and logits alone, never on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kvplane.ops import Ops
+from kvplane.sampling._transfer import to_device
+from kvplane.sampling.logprobs import (
+    Logprob,
+    SampleLogprobs,
+    compute_prompt_logprobs,
+    gather_logprobs,
+)
+from kvplane.sampling.params import SamplingParams, SamplingType
+from kvplane.sampling.penalties import PenaltyCache, apply_penalties
+
+#: ``(output_token_ids, logits [vocab_size] float32) -> logits [vocab_size]``; may modify
+#: and return its argument. Applied row by row: prefer ``allowed_mask_fn`` when possible.
+LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+
+#: ``(output_token_ids) -> [vocab_size] bool mask of tokens allowed now, or None (no
+#: constraint this step)``. The sampler stacks the masks of all rows and applies them in
+#: one kernel: the seam for grammar-constrained decoding.
+AllowedMaskFn = Callable[[Sequence[int]], torch.Tensor | None]
+
+# The smallest positive float32: keeps ``prob / noise`` finite and never 0 / 0.
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``, for a request's own noise."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(seed)
+    return generator
+
+
+@dataclass(eq=False)
+class SequenceSamplingState:
+    """Sampling state of one sequence, owned by the engine and living across steps.
+
+    ``output_token_ids`` is the engine's live list: the scheduler appends each accepted
+    token; the sampler only reads it (append-only between calls, see
+    :class:`~kvplane.sampling.penalties.PenaltyCache`). ``generator`` is created lazily on
+    the logits' device from ``params.seed`` when left ``None``; the sampler advances it by
+    one ``[vocab_size]`` draw per random step. Compared by identity: the sampler caches
+    per-sequence penalty statistics under it until the object is garbage-collected.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int] = frozenset()
+    generator: torch.Generator | None = None
+    #: Extra per-row logits transforms, applied after ``allowed_mask_fn``.
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    #: Batched token constraint (grammar); see :data:`AllowedMaskFn`.
+    allowed_mask_fn: AllowedMaskFn | None = None
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplerOutput:
+    """One step's result, row ``i`` for ``states[i]``.
+
+    ``logprobs[i]`` is ``None`` unless ``states[i].params.logprobs`` is set; then it holds
+    the top ``logprobs`` tokens plus the sampled one (see :mod:`.logprobs`).
+    """
+
+    sampled_token_ids: list[int]
+    logprobs: list[SampleLogprobs | None]
+
+
+class Sampler:
+    """Samples one token per row; stateless apart from the penalty statistics cache.
+
+    Called by the model runner once per step, on the thread that owns the device. The
+    logits are never modified; their columns past ``vocab_size`` (padding) are ignored.
+    """
+
+    def __init__(self, ops: Ops, vocab_size: int) -> None:
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.ops = ops
+        self.vocab_size = vocab_size
+        self._penalty_cache = PenaltyCache(vocab_size)
+
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [num_seqs, >= vocab_size] float32 or the model dtype
+        states: Sequence[SequenceSamplingState],
+        batch_generator: torch.Generator | None = None,
+    ) -> SamplerOutput:
+        """Sample a token for every row; unseeded rows draw from ``batch_generator``.
+
+        ``batch_generator=None`` uses torch's default generator of the logits' device.
+        """
+        num_seqs = len(states)
+        if logits.dim() != 2 or logits.shape[0] != num_seqs:
+            raise ValueError(
+                f"logits must be [num_seqs={num_seqs}, vocab], got {tuple(logits.shape)}"
+            )
+        if logits.shape[1] < self.vocab_size:
+            raise ValueError(
+                f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}"
+            )
+        if num_seqs == 0:
+            return SamplerOutput([], [])
+        raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
+        work = raw_logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size], mutated
+        self._apply_bias_and_allowed(work, states)
+        self._apply_constraints(work, states)
+        self._apply_min_tokens(work, states)
+        work = self._apply_penalties(work, states)
+        sampled = self._sample(work, states, batch_generator)  # [num_seqs] int64
+        return SamplerOutput(
+            sampled_token_ids=sampled.tolist(),
+            logprobs=self._logprobs(raw_logits, sampled, states),
+        )
+
+    # ----------------------------------------------------------------------------------
+    # Logits processing (in place on the float32 working copy)
+    # ----------------------------------------------------------------------------------
+
+    def _apply_bias_and_allowed(
+        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+    ) -> None:
+        bias_rows: list[int] = []
+        bias_ids: list[int] = []
+        bias_values: list[float] = []
+        allowed_rows: list[int] = []
+        allowed_ids: list[int] = []
+        for row, state in enumerate(states):
+            params = state.params
+            if params.logit_bias:
+                bias_rows.extend([row] * len(params.logit_bias))
+                bias_ids.extend(params.logit_bias.keys())
+                bias_values.extend(params.logit_bias.values())
+            if params.allowed_token_ids is not None:
+                allowed_rows.extend([row] * len(params.allowed_token_ids))
+                allowed_ids.extend(params.allowed_token_ids)
+        device = logits.device
+        if bias_ids:
+            logits.index_put_(
+                (_int64(bias_rows, device), _int64(bias_ids, device)),
+                _float32(bias_values, device),
+                accumulate=True,
+            )
+        if allowed_ids:
+            rows = _int64(allowed_rows, device)
+            disallowed = torch.zeros_like(logits, dtype=torch.bool)  # [num_seqs, vocab]
+            disallowed[rows] = True
+            disallowed[rows, _int64(allowed_ids, device)] = False
+            logits.masked_fill_(disallowed, float("-inf"))
+
+    def _apply_constraints(
+        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+    ) -> None:
+        mask_rows: list[int] = []
+        masks: list[torch.Tensor] = []  # each [vocab_size] bool
+        for row, state in enumerate(states):
+            if state.allowed_mask_fn is not None:
+                mask = state.allowed_mask_fn(state.output_token_ids)
+                if mask is not None:
+                    mask_rows.append(row)
+                    masks.append(mask)
+        if masks:
+            allowed = torch.stack(masks).to(logits.device, torch.bool)  # [n, vocab_size]
+            rows = _int64(mask_rows, logits.device)
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+        for row, state in enumerate(states):
+            for processor in state.logits_processors:
+                logits[row] = processor(state.output_token_ids, logits[row])
+
+    def _apply_min_tokens(
+        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+    ) -> None:
+        rows: list[int] = []
+        token_ids: list[int] = []
+        for row, state in enumerate(states):
+            params = state.params
+            if len(state.output_token_ids) >= params.min_tokens:
+                continue
+            # With ignore_eos, EOS cannot end the sequence, so it need not be blocked.
+            blocked = set(params.stop_token_ids or ())
+            if not params.ignore_eos:
+                blocked |= state.eos_token_ids
+            rows.extend([row] * len(blocked))
+            token_ids.extend(blocked)
+        if token_ids:
+            device = logits.device
+            logits[_int64(rows, device), _int64(token_ids, device)] = float("-inf")
+
+    def _apply_penalties(
+        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+    ) -> torch.Tensor:
+        rows = [row for row, state in enumerate(states) if state.params.has_penalties]
+        if not rows:
+            return logits
+        device = logits.device
+        penalised_states = [states[row] for row in rows]
+        output_counts, prompt_mask = self._penalty_cache.gather(penalised_states, device)
+        params = [state.params for state in penalised_states]
+        index = _int64(rows, device)
+        penalised = apply_penalties(
+            logits.index_select(0, index),
+            output_counts,
+            prompt_mask,
+            _float32([p.repetition_penalty for p in params], device),
+            _float32([p.presence_penalty for p in params], device),
+            _float32([p.frequency_penalty for p in params], device),
+        )
+        logits[index] = penalised
+        return logits
+
+    # ----------------------------------------------------------------------------------
+    # Sampling and logprobs
+    # ----------------------------------------------------------------------------------
+
+    def _sample(
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32, processed
+        states: Sequence[SequenceSamplingState],
+        batch_generator: torch.Generator | None,
+    ) -> torch.Tensor:  # [num_seqs] int64
+        random_rows = [
+            row
+            for row, state in enumerate(states)
+            if state.params.sampling_type != SamplingType.GREEDY
+        ]
+        if not random_rows:
+            return logits.argmax(dim=-1)
+        device = logits.device
+        if len(random_rows) == len(states):
+            return self._sample_random(logits, states, batch_generator)
+        sampled = logits.argmax(dim=-1)  # greedy rows keep theirs
+        index = _int64(random_rows, device)
+        sampled[index] = self._sample_random(
+            logits.index_select(0, index), [states[row] for row in random_rows], batch_generator
+        )
+        return sampled
+
+    def _sample_random(
+        self,
+        logits: torch.Tensor,  # [n, vocab_size] float32
+        states: Sequence[SequenceSamplingState],
+        batch_generator: torch.Generator | None,
+    ) -> torch.Tensor:  # [n] int64
+        device = logits.device
+        params = [state.params for state in states]
+        temperatures = _float32([p.temperature for p in params], device)
+        probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)  # [n, vocab]
+        top_k = (
+            _int64([p.top_k for p in params], device) if any(p.top_k > 0 for p in params) else None
+        )
+        top_p = (
+            _float32([p.top_p for p in params], device)
+            if any(p.top_p < 1.0 for p in params)
+            else None
+        )
+        min_p = (
+            _float32([p.min_p for p in params], device)
+            if any(p.min_p > 0.0 for p in params)
+            else None
+        )
+        noise = self._exponential_noise(states, device, batch_generator)
+        return self.ops.top_k_top_p_sample(probs, top_k, top_p, min_p, noise)
+
+    def _exponential_noise(
+        self,
+        states: Sequence[SequenceSamplingState],
+        device: torch.device,
+        batch_generator: torch.Generator | None,
+    ) -> torch.Tensor:  # [n, vocab_size] float32, Exp(1)
+        noise = torch.empty(len(states), self.vocab_size, dtype=torch.float32, device=device)
+        seeded_rows = [row for row, state in enumerate(states) if state.params.seed is not None]
+        if len(seeded_rows) < len(states):
+            if not seeded_rows:
+                noise.exponential_(generator=batch_generator)
+            else:
+                seeded = set(seeded_rows)
+                unseeded = [row for row in range(len(states)) if row not in seeded]
+                shared = torch.empty(
+                    len(unseeded), self.vocab_size, dtype=torch.float32, device=device
+                )
+                noise[_int64(unseeded, device)] = shared.exponential_(generator=batch_generator)
+        # One generator per seeded row: inherently a loop, one kernel per seeded row.
+        for row in seeded_rows:
+            state = states[row]
+            if state.generator is None:
+                assert state.params.seed is not None
+                state.generator = make_generator(state.params.seed, device)
+            noise[row].exponential_(generator=state.generator)
+        return noise.clamp_(min=_TINY)
+
+    def _logprobs(
+        self,
+        raw_logits: torch.Tensor,  # [num_seqs, vocab_size] unprocessed
+        sampled: torch.Tensor,  # [num_seqs] int64
+        states: Sequence[SequenceSamplingState],
+    ) -> list[SampleLogprobs | None]:
+        results: list[SampleLogprobs | None] = [None] * len(states)
+        rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
+        if not rows:
+            return results
+        index = _int64(rows, raw_logits.device)
+        num_top = [states[row].params.logprobs or 0 for row in rows]
+        entries = gather_logprobs(raw_logits.index_select(0, index), sampled[index], num_top)
+        for row, entry in zip(rows, entries, strict=True):
+            results[row] = entry
+        return results
+
+
+def _int64(values: Sequence[int], device: torch.device) -> torch.Tensor:  # [len(values)]
+    return to_device(values, torch.int64, device)
+
+
+def _float32(values: Sequence[float], device: torch.device) -> torch.Tensor:  # [len(values)]
+    return to_device(values, torch.float32, device)
+
+
+# Logprob, SampleLogprobs and compute_prompt_logprobs live in .logprobs; re-exported here
+# so the sampler's public surface is importable from one module.
+__all__ = [
+    "AllowedMaskFn",
+    "LogitsProcessor",
+    "Logprob",
+    "SampleLogprobs",
+    "Sampler",
+    "SamplerOutput",
+    "SequenceSamplingState",
+    "compute_prompt_logprobs",
+    "make_generator",
+]

@@ -1,0 +1,76 @@
+"""What one scheduling step decided, handed from the scheduler to the model runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvplane.scheduler.request import Request
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledRequest:
+    """Compute tokens ``start_position : start_position + num_new_tokens`` of ``request``.
+
+    Their KV goes to ``block_ids`` (the request's whole block table after allocation:
+    token ``i`` at slot ``block_ids[i // block_size] * block_size + i % block_size``).
+    ``is_sampling``: the step computes the request's last known token, so the engine
+    samples the next one from that position's logits.
+    """
+
+    request: Request
+    num_new_tokens: int
+    start_position: int  # num_computed_tokens before the step
+    block_ids: tuple[int, ...]
+    is_sampling: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ForkedRequest:
+    """A parallel-sampling child forked off ``parent_id`` in this step.
+
+    It shares the parent's blocks and computes nothing this step: the engine samples its
+    first token from the parent's last-token logits (the parent is sampling this step).
+    """
+
+    child: Request
+    parent_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    """One step: run ``scheduled`` after applying ``block_copies`` (in list order).
+
+    ``block_copies`` are copy-on-write ``(src_block, dst_block)`` pairs; a block can be
+    the source of a copy and the destination of a later one, so apply them in order or
+    read every source before writing any destination (as the reference hook does).
+    ``preempted_request_ids`` lost their blocks this step and will recompute later.
+    """
+
+    scheduled: tuple[ScheduledRequest, ...]
+    forked: tuple[ForkedRequest, ...]
+    block_copies: tuple[tuple[int, int], ...]
+    preempted_request_ids: tuple[str, ...]
+    num_batched_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to run (no scheduled tokens and no child to sample)."""
+        return not self.scheduled and not self.forked
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    """A snapshot for metrics; token counts for the prefix cache."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks held by requests
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions_total: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        if self.prefix_cache_queries == 0:
+            return 0.0
+        return self.prefix_cache_hits / self.prefix_cache_queries

@@ -1,0 +1,369 @@
+"""Continuous batching with chunked prefill, prefix caching, preemption and forks.
+
+There is no prefill phase and no decode phase: each step, every request's
+``num_computed_tokens`` catches up with its ``num_tokens`` as far as the token budget
+allows, so long prompts are spread over several steps alongside other requests' decodes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+
+from kvplane.kv_cache.block_manager import BlockManager
+from kvplane.scheduler.config import SchedulerConfig
+from kvplane.scheduler.output import (
+    ForkedRequest,
+    ScheduledRequest,
+    SchedulerOutput,
+    SchedulerStats,
+)
+from kvplane.scheduler.queue import RequestQueue, SortKey
+from kvplane.scheduler.request import Request, RequestStatus
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests the model computes.
+
+    Policy:
+
+    * Running requests are served first, in (priority, arrival) order. When one cannot get
+      blocks, the running request that comes last in that order (largest priority value,
+      then latest arrival; possibly itself) is preempted: its blocks are freed and it
+      waits again, to recompute later. Victims therefore never include a request already
+      scheduled in the same step.
+    * Then waiting requests, in (priority, preempted first, arrival) order, while token
+      budget and seats remain. A request whose blocks cannot be had blocks those behind
+      it (no overtaking, so large requests do not starve); nothing is admitted in a step
+      that preempted.
+    * A parallel-sampling family (parent plus children) takes ``1 + len(children)`` seats
+      from admission on; the children are forked off the parent in its first sampling
+      step.
+
+    Driven by the engine loop only (one thread): ``schedule()``, run the model,
+    ``update_from_output()``, then ``finish_request()`` for requests that hit a stop
+    condition. The engine must finish a request once ``num_tokens`` reaches
+    ``max_model_len``.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        if block_manager.block_size != config.block_size:
+            raise ValueError(
+                f"block manager uses block_size={block_manager.block_size}, the scheduler "
+                f"config block_size={config.block_size}"
+            )
+        if block_manager.enable_prefix_caching != config.enable_prefix_caching:
+            raise ValueError("block manager and scheduler config disagree on prefix caching")
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if config.max_model_len > capacity:
+            # Otherwise one sequence could outgrow the whole cache and never fit again.
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the KV cache capacity of "
+                f"{capacity} tokens ({block_manager.num_blocks} blocks of "
+                f"{block_manager.block_size}); lower max_model_len or give the cache more "
+                "memory"
+            )
+        self.config = config
+        self.block_manager = block_manager
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._running = RequestQueue()
+        self._waiting = RequestQueue()
+        self._children: dict[str, list[Request]] = {}  # parent id -> children not yet forked
+        self._seqs: dict[str, int] = {}  # arrival-order tie-breaker
+        self._next_seq = itertools.count()
+        self.num_preemptions_total = 0
+
+    # ---------------------------------------------------------------- requests in and out
+
+    def add_request(self, request: Request, children: Sequence[Request] = ()) -> None:
+        """Queue a new request; ``children`` are its parallel-sampling siblings (n > 1).
+
+        Children must repeat the parent's prompt (and cache salt); they wait until the
+        parent's first sampling step, in which they are forked (sharing its blocks) and
+        listed in ``SchedulerOutput.forked``. If the parent finishes before that, they
+        are queued as ordinary requests. ``child.parent_id`` is set to the parent's id.
+
+        Raises ValueError for an empty prompt, a sequence longer than ``max_model_len``
+        (which also bounds it to the KV cache capacity), a duplicate request id, a family
+        larger than ``max_num_seqs`` or a request that is not fresh.
+        """
+        self._check_new(request)
+        if not request.prompt_token_ids:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt")
+        if request.num_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r} has {request.num_tokens} tokens, more than "
+                f"max_model_len={self.config.max_model_len}"
+            )
+        if children:
+            self._check_children(request, children)
+        self._enqueue_new(request)
+        if children:
+            for child in children:
+                child.parent_id = request.request_id
+                self._requests[child.request_id] = child
+                self._seqs[child.request_id] = next(self._next_seq)
+            self._children[request.request_id] = list(children)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> bool:
+        """Finish a request in any state and free its blocks at once.
+
+        Unforked children of a finished parent are queued as ordinary requests. Returns
+        False (doing nothing) for an unknown or already finished id.
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish_request needs a FINISHED_* status, got {status}")
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.status is RequestStatus.RUNNING:
+            self._running.remove(request)
+        elif not self._waiting.remove(request):
+            self._drop_unforked_child(request)
+        request.status = status
+        self.block_manager.free(request)
+        del self._seqs[request_id]
+        for child in self._children.pop(request_id, ()):
+            self._waiting.insert(self._waiting_key(child), child)
+        return True
+
+    def abort_request(self, request_id: str) -> bool:
+        """``finish_request(request_id, FINISHED_ABORTED)``."""
+        return self.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+
+    # ---------------------------------------------------------------- the step
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens, allocate their blocks, preempt and fork as needed.
+
+        Mutates request state (status, ``num_computed_tokens`` of admitted and preempted
+        requests) and the block tables; ``num_computed_tokens`` of scheduled requests
+        advances only in :meth:`update_from_output`.
+        """
+        budget = self.config.max_num_batched_tokens
+        step = _Step()
+        for request in self._running.snapshot():
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new == 0:
+                continue  # waiting for a sampled token
+            if not self._allocate_or_preempt(request, num_new, step):
+                break  # preempted itself: it came last, nothing follows
+            budget -= num_new
+            self._schedule(request, num_new, step)
+
+        while budget > 0 and not step.preempted and (request := self._waiting.first()):
+            num_seats = 1 + len(self._children.get(request.request_id, ()))
+            if self._num_seats_taken() + num_seats > self.config.max_num_seqs:
+                break
+            computed_block_ids, num_cached = self.block_manager.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_cached, budget)
+            request.num_computed_tokens = num_cached
+            copies = self.block_manager.allocate_slots(request, num_new, computed_block_ids)
+            if copies is None:
+                request.num_computed_tokens = 0
+                break
+            self._waiting.pop_first()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self._running.insert(self._running_key(request), request)
+            step.copies.extend(copies)
+            budget -= num_new
+            self._schedule(request, num_new, step)
+
+        return SchedulerOutput(
+            scheduled=tuple(step.scheduled),
+            forked=tuple(step.forked),
+            block_copies=tuple(step.copies),
+            preempted_request_ids=tuple(step.preempted),
+            num_batched_tokens=self.config.max_num_batched_tokens - budget,
+        )
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]
+    ) -> None:
+        """Advance the scheduled requests after the model ran ``output``.
+
+        ``sampled_token_ids`` maps request id to the token sampled for it: for scheduled
+        requests with ``is_sampling`` and for forked children. Requests finished since
+        :meth:`schedule` are skipped. Newly full blocks enter the prefix cache. Stop
+        conditions are the engine's job (it calls :meth:`finish_request` afterwards).
+        Raises ValueError, changing nothing, for a stale output or a token for a request
+        that was not sampling.
+        """
+        for scheduled in output.scheduled:
+            request = scheduled.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            if request.num_computed_tokens != scheduled.start_position:
+                raise ValueError(
+                    f"stale scheduler output: request {request.request_id!r} has "
+                    f"{request.num_computed_tokens} computed tokens, the output starts at "
+                    f"{scheduled.start_position}"
+                )
+            if not scheduled.is_sampling and request.request_id in sampled_token_ids:
+                raise ValueError(f"request {request.request_id!r} was not sampling this step")
+        for scheduled in output.scheduled:
+            request = scheduled.request
+            if request.status is not RequestStatus.RUNNING:
+                continue
+            request.num_computed_tokens += scheduled.num_new_tokens
+            self._append_sampled(request, sampled_token_ids)
+        for forked in output.forked:
+            if forked.child.status is RequestStatus.RUNNING:
+                self._append_sampled(forked.child, sampled_token_ids)
+
+    # ---------------------------------------------------------------- queries
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests plus children waiting to be forked."""
+        return len(self._waiting) + sum(len(c) for c in self._children.values())
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self._requests.get(request_id)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=self.num_running,
+            num_waiting=self.num_waiting,
+            kv_cache_usage=self.block_manager.usage,
+            prefix_cache_queries=self.block_manager.prefix_cache_queries,
+            prefix_cache_hits=self.block_manager.prefix_cache_hits,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    # ---------------------------------------------------------------- internals
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, step: _Step) -> bool:
+        """Allocate blocks for a running request, preempting from the back until it fits.
+
+        Returns False if ``request`` itself had to be preempted.
+        """
+        while True:
+            copies = self.block_manager.allocate_slots(request, num_new)
+            if copies is not None:
+                step.copies.extend(copies)
+                return True
+            victim = self._running.last()
+            assert victim is not None  # `request` itself is running
+            self._preempt(victim, step)
+            if victim is request:
+                return False
+
+    def _preempt(self, request: Request, step: _Step) -> None:
+        self._running.remove(request)
+        self.block_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self._waiting.insert(self._waiting_key(request), request)
+        step.preempted.append(request.request_id)
+        # A child forked earlier in this step is un-forked: it will prefill on its own.
+        step.forked = [f for f in step.forked if f.child is not request]
+
+    def _schedule(self, request: Request, num_new: int, step: _Step) -> None:
+        """Record a request whose blocks are allocated; fork its children if it samples."""
+        start = request.num_computed_tokens
+        is_sampling = start + num_new == request.num_tokens
+        block_ids = tuple(self.block_manager.block_ids(request.request_id))
+        step.scheduled.append(ScheduledRequest(request, num_new, start, block_ids, is_sampling))
+        if is_sampling:
+            for child in self._children.pop(request.request_id, ()):
+                self.block_manager.fork(request, child)
+                child.num_computed_tokens = request.num_tokens
+                child.status = RequestStatus.RUNNING
+                self._running.insert(self._running_key(child), child)
+                step.forked.append(ForkedRequest(child, request.request_id))
+
+    def _append_sampled(self, request: Request, sampled_token_ids: Mapping[str, int]) -> None:
+        token_id = sampled_token_ids.get(request.request_id)
+        if token_id is not None:
+            request.append_output_token(token_id)
+        self.block_manager.cache_full_blocks(request)
+
+    def _num_seats_taken(self) -> int:
+        """Running requests plus the seats reserved for their unforked children."""
+        reserved = sum(
+            len(children)
+            for parent_id, children in self._children.items()
+            if self._requests[parent_id].status is RequestStatus.RUNNING
+        )
+        return len(self._running) + reserved
+
+    def _running_key(self, request: Request) -> SortKey:
+        return (request.priority, request.arrival_time, self._seqs[request.request_id])
+
+    def _waiting_key(self, request: Request) -> SortKey:
+        # Preempted requests go to the front of their priority class.
+        rank = 0 if request.status is RequestStatus.PREEMPTED else 1
+        return (request.priority, rank, request.arrival_time, self._seqs[request.request_id])
+
+    def _enqueue_new(self, request: Request) -> None:
+        self._requests[request.request_id] = request
+        self._seqs[request.request_id] = next(self._next_seq)
+        self._waiting.insert(self._waiting_key(request), request)
+
+    def _drop_unforked_child(self, request: Request) -> None:
+        parent_id = request.parent_id
+        siblings = self._children.get(parent_id) if parent_id is not None else None
+        if siblings is None:
+            return
+        siblings[:] = [child for child in siblings if child is not request]
+        if not siblings:
+            del self._children[parent_id]
+
+    def _check_new(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.status is not RequestStatus.WAITING or request.num_computed_tokens != 0:
+            raise ValueError(
+                f"request {request.request_id!r} is not fresh (status={request.status.name}, "
+                f"num_computed_tokens={request.num_computed_tokens})"
+            )
+
+    def _check_children(self, parent: Request, children: Sequence[Request]) -> None:
+        if 1 + len(children) > self.config.max_num_seqs:
+            raise ValueError(
+                f"request {parent.request_id!r} asks for {1 + len(children)} sequences, "
+                f"more than max_num_seqs={self.config.max_num_seqs}"
+            )
+        if parent.output_token_ids:
+            raise ValueError(f"request {parent.request_id!r} with children has outputs already")
+        ids = {parent.request_id}
+        for child in children:
+            self._check_new(child)
+            if child.request_id in ids:
+                raise ValueError(f"request id {child.request_id!r} is repeated")
+            ids.add(child.request_id)
+            if child.all_token_ids != parent.prompt_token_ids:
+                raise ValueError(f"child {child.request_id!r} must repeat its parent's prompt")
+            if child.cache_salt != parent.cache_salt:
+                raise ValueError(f"child {child.request_id!r} must share its parent's cache_salt")
+            if child.parent_id not in (None, parent.request_id):
+                raise ValueError(f"child {child.request_id!r} names another parent")
+
+
+class _Step:
+    """What one :meth:`Scheduler.schedule` call has decided so far."""
+
+    __slots__ = ("copies", "forked", "preempted", "scheduled")
+
+    def __init__(self) -> None:
+        self.scheduled: list[ScheduledRequest] = []
+        self.forked: list[ForkedRequest] = []
+        self.copies: list[tuple[int, int]] = []
+        self.preempted: list[str] = []

@@ -1,0 +1,3 @@
+"""The kvplane-core version."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""The CUDA platform's hook implementations (entry point ``kvplane.platforms: cuda``).
+
+Thin delegates to :mod:`kvplane_cuda.memory`, :mod:`kvplane_cuda.ops`,
+:mod:`kvplane_cuda.attention` and :mod:`kvplane_cuda.communication`. Importing this
+module needs torch only: no GPU, no Triton (the kernels are imported lazily, once they
+exist), so discovery works on every machine and the probe explains what is missing.
+
+Not implemented yet, so the core's reference is used (and logged): quantization methods
+beyond ``"none"`` and graph capture (CUDA graphs come with the graph runner, and only
+then will ``capabilities.GRAPH_CAPTURE`` be declared).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from kvplane.attention.backend import AttentionBackend
+from kvplane.distributed.communicator import Communicator
+from kvplane.plugins import capabilities, hookimpl
+from kvplane.plugins.types import (
+    AttentionSpec,
+    BlockCopyRequest,
+    DeviceQuery,
+    GroupInfo,
+    KVCacheSpec,
+    MemoryInfo,
+    MemoryProfile,
+    MemoryProfileRequest,
+    OpsQuery,
+    PlatformInfo,
+    ProbeResult,
+)
+
+from kvplane_cuda import memory
+from kvplane_cuda.attention import CudaAttentionBackend
+from kvplane_cuda.communication import NcclCommunicator
+from kvplane_cuda.ops import cuda_ops
+
+KVPLANE_PLUGIN_API = "1.0"
+
+
+@hookimpl
+def kvplane_platform_probe() -> ProbeResult:
+    return memory.probe_cuda()
+
+
+@hookimpl
+def kvplane_platform_info() -> PlatformInfo:
+    available = torch.cuda.is_available()
+    dtypes = ("float32", "float16")
+    if available and torch.cuda.is_bf16_supported():
+        dtypes = ("float32", "bfloat16", "float16")
+    return PlatformInfo(
+        name="cuda",
+        device_type="cuda",
+        device_count=torch.cuda.device_count() if available else 0,
+        supported_dtypes=dtypes,
+        capabilities=frozenset(
+            {capabilities.ASYNC_EXECUTION, capabilities.PINNED_MEMORY, capabilities.MULTI_DEVICE}
+        ),
+        distributed_backend="nccl",
+        description=memory.describe_devices() if available else "no CUDA device",
+    )
+
+
+@hookimpl
+def kvplane_device_memory(query: DeviceQuery) -> MemoryInfo:
+    return memory.device_memory(query.device_index)
+
+
+@hookimpl
+def kvplane_ops(query: OpsQuery) -> Mapping[str, Callable[..., Any]]:
+    return cuda_ops() if query.device_type == "cuda" else {}
+
+
+@hookimpl
+def kvplane_attention_backends(spec: AttentionSpec) -> Sequence[AttentionBackend]:
+    return [CudaAttentionBackend()]
+
+
+@hookimpl
+def kvplane_communicator(group: GroupInfo) -> Communicator:
+    return NcclCommunicator(group)
+
+
+@hookimpl
+def kvplane_profile_memory(request: MemoryProfileRequest) -> MemoryProfile:
+    return memory.profile_memory(request)
+
+
+@hookimpl
+def kvplane_allocate_kv_cache(spec: KVCacheSpec) -> torch.Tensor:
+    return memory.allocate_kv_cache(spec)
+
+
+@hookimpl
+def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
+    return memory.copy_blocks(request)

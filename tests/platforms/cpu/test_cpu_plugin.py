@@ -1,0 +1,105 @@
+"""The CPU plugin's hooks: identity, selection, memory, KV cache, the resolved objects."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from kvplane.engine.graph_runner import EagerGraphRunner
+from kvplane.plugins import PLUGIN_API_VERSION, capabilities, hookspec, select_platform
+from kvplane.plugins.reference import kvplane_copy_blocks as reference_copy_blocks
+from kvplane.plugins.types import (
+    BlockCopyRequest,
+    DeviceQuery,
+    GraphCaptureRequest,
+    GroupInfo,
+    KVCacheSpec,
+    MemoryProfileRequest,
+)
+from kvplane_cpu import memory, ops, plugin
+from kvplane_cpu.communication import GlooCommunicator
+
+
+def test_declares_the_api_and_implements_every_hook() -> None:
+    assert plugin.KVPLANE_PLUGIN_API == PLUGIN_API_VERSION
+    specs = {name for name, _ in inspect.getmembers(hookspec, inspect.isfunction)}
+    specs = {name for name in specs if name.startswith("kvplane_")}
+    assert specs <= set(dir(plugin))
+
+
+def test_probe_is_available_with_what_it_found() -> None:
+    result = plugin.kvplane_platform_probe()
+    assert result.available and result.score == plugin.PROBE_SCORE
+    assert "CPU cores" in result.reason and "GiB RAM" in result.reason
+
+
+def test_selected_platform_resolves_to_this_plugin() -> None:
+    platform = select_platform("cpu")
+    assert platform.info.name == "cpu" and platform.info.device_type == "cpu"
+    assert platform.info.distributed_backend == "gloo"
+    assert platform.has_capability(capabilities.MULTI_DEVICE)
+    assert platform.supports_dtype(torch.bfloat16)
+    assert platform.device(0) == torch.device("cpu", 0)
+    for name, op in ops.cpu_ops().items():
+        assert getattr(platform.ops, name) is op
+    assert isinstance(
+        platform.graph_runner(GraphCaptureRequest(torch.device("cpu"))), EagerGraphRunner
+    )
+    group = GroupInfo(None, 0, 1, torch.device("cpu"))
+    assert isinstance(platform.communicator(group), GlooCommunicator)
+
+
+def test_device_memory() -> None:
+    info = plugin.kvplane_device_memory(query=DeviceQuery(0))
+    assert info.total_bytes >= info.free_bytes > 0
+    with pytest.raises(ValueError, match="one device"):
+        memory.device_memory(1)
+
+
+def test_default_kv_cache_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(memory.KV_CACHE_GIB_ENV, raising=False)
+    default = plugin.kvplane_platform_info().default_kv_cache_bytes
+    assert default is not None and 0 < default <= 4 * 2**30
+    monkeypatch.setenv(memory.KV_CACHE_GIB_ENV, "0.5")
+    assert plugin.kvplane_platform_info().default_kv_cache_bytes == 2**29
+    monkeypatch.setenv(memory.KV_CACHE_GIB_ENV, "lots")
+    with pytest.raises(ValueError, match="GiB"):
+        memory.default_kv_cache_bytes()
+
+
+def test_allocate_kv_cache() -> None:
+    spec = KVCacheSpec(5, 16, 2, 8, torch.bfloat16, torch.device("cpu"))
+    cache = plugin.kvplane_allocate_kv_cache(spec=spec)
+    assert cache.shape == spec.shape and cache.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="cpu"):
+        memory.allocate_kv_cache(KVCacheSpec(5, 16, 2, 8, torch.float32, torch.device("meta")))
+
+
+def test_copy_blocks_matches_the_reference(generator: torch.Generator) -> None:
+    caches = tuple(torch.randn(2, 6, 4, 2, 8, generator=generator) for _ in range(2))
+    expected = tuple(cache.clone() for cache in caches)
+    # A chain (0 -> 1 -> 2): every source is read before any destination is written.
+    src, dst = (0, 1, 4), (1, 2, 5)
+    assert plugin.kvplane_copy_blocks(request=BlockCopyRequest(caches, src, dst))
+    reference_copy_blocks(request=BlockCopyRequest(expected, src, dst))
+    for actual, want in zip(caches, expected, strict=True):
+        assert torch.equal(actual, want)
+    with pytest.raises(ValueError, match="destinations"):
+        memory.copy_blocks(BlockCopyRequest(caches, (0, 1), (2,)))
+
+
+def test_profile_memory_sees_the_peak_of_a_freed_allocation() -> None:
+    size = 64 * 2**20
+
+    def run_forward() -> None:
+        scratch = torch.ones(size // 4)  # touched, so resident
+        del scratch  # freed again before the profile ends
+
+    profile = plugin.kvplane_profile_memory(
+        request=MemoryProfileRequest(torch.device("cpu"), run_forward)
+    )
+    assert profile.total_bytes > profile.used_bytes > 0
+    if memory._peak_rss() is None:
+        pytest.skip("this OS reports no RSS high-water mark")
+    assert profile.peak_activation_bytes >= size * 3 // 4
