@@ -19,8 +19,16 @@ import torch
 
 def make_prompts(tokenizer: object, num_prompts: int, seed: int) -> list[list[int]]:
     """Varied natural-language prompts of different lengths, as token ids."""
-    topics = ["the ocean", "a city at night", "prime numbers", "a bakery", "volcanoes",
-              "the history of printing", "a chess game", "rain forests"]
+    topics = [
+        "the ocean",
+        "a city at night",
+        "prime numbers",
+        "a bakery",
+        "volcanoes",
+        "the history of printing",
+        "a chess game",
+        "rain forests",
+    ]
     rng = random.Random(seed)
     prompts = []
     for index in range(num_prompts):
@@ -41,8 +49,11 @@ def run_kvplane(prompts: list[list[int]], output_len: int) -> dict[str, float]:
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     elapsed = time.perf_counter() - started
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return {"elapsed_time": elapsed, "output_tokens": num_output,
-            "output_tokens_per_second": num_output / elapsed}
+    return {
+        "elapsed_time": elapsed,
+        "output_tokens": num_output,
+        "output_tokens_per_second": num_output / elapsed,
+    }
 
 
 def run_transformers(prompts: list[list[int]], output_len: int) -> dict[str, float]:
@@ -58,16 +69,20 @@ def run_transformers(prompts: list[list[int]], output_len: int) -> dict[str, flo
     max_len = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (max_len - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (max_len - len(p)) + [1] * len(p) for p in prompts])
-    kwargs = dict(max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                  pad_token_id=pad_id)
+    kwargs = dict(
+        max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=pad_id
+    )
     with torch.inference_mode():
         model.generate(input_ids[:1], attention_mask=attention_mask[:1], **kwargs)  # warm-up
         started = time.perf_counter()
         generated = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
         elapsed = time.perf_counter() - started
     num_output = (generated.shape[1] - max_len) * len(prompts)
-    return {"elapsed_time": elapsed, "output_tokens": num_output,
-            "output_tokens_per_second": num_output / elapsed}
+    return {
+        "elapsed_time": elapsed,
+        "output_tokens": num_output,
+        "output_tokens_per_second": num_output / elapsed,
+    }
 
 
 def main() -> None:
@@ -85,16 +100,24 @@ def main() -> None:
     prompts = make_prompts(tokenizer, args.num_prompts, args.seed)
     kvplane_result = run_kvplane(prompts, args.output_len)
     transformers_result = run_transformers(prompts, args.output_len)
-    ratio = (kvplane_result["output_tokens_per_second"]
-             / transformers_result["output_tokens_per_second"])
-    result = {"num_prompts": args.num_prompts, "output_len": args.output_len,
-              "torch_threads": torch.get_num_threads(), "kvplane": kvplane_result,
-              "transformers": transformers_result, "ratio": ratio}
+    ratio = (
+        kvplane_result["output_tokens_per_second"] / transformers_result["output_tokens_per_second"]
+    )
+    result = {
+        "num_prompts": args.num_prompts,
+        "output_len": args.output_len,
+        "torch_threads": torch.get_num_threads(),
+        "kvplane": kvplane_result,
+        "transformers": transformers_result,
+        "ratio": ratio,
+    }
     print(f"{'engine':<14}{'elapsed s':>12}{'output tok':>12}{'out tok/s':>12}")
     for name in ("kvplane", "transformers"):
         row = result[name]
-        print(f"{name:<14}{row['elapsed_time']:>12.2f}{row['output_tokens']:>12.0f}"
-              f"{row['output_tokens_per_second']:>12.1f}")
+        print(
+            f"{name:<14}{row['elapsed_time']:>12.2f}{row['output_tokens']:>12.0f}"
+            f"{row['output_tokens_per_second']:>12.1f}"
+        )
     print(f"ratio kvplane / transformers: {ratio:.2f}x")
     if args.output_json:
         with open(args.output_json, "w") as handle:

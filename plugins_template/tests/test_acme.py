@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins import PlatformSelectionError, discovery, register_platform, select_platform

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.plugins.types import AttentionSpec
 

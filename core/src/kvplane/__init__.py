@@ -30,7 +30,16 @@ _LAZY = {
     "SamplingParams": "kvplane.sampling.params",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "LLM",
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineConfig",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

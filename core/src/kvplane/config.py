@@ -20,6 +20,8 @@ DTYPES: dict[str, torch.dtype] = {
 class EngineConfig:
     """Options of one engine. Validated on construction (``ValueError`` on bad values).
 
+    ``skip_tokenizer_init`` loads no tokenizer: prompts must be token ids and requests
+    must set ``detokenize=False`` (for models shipped without tokenizer files).
     ``kv_cache_memory_bytes``, when set, sizes the KV cache directly (the natural setting
     on CPU); otherwise it is ``gpu_memory_utilization`` of the device's memory minus the
     weights and the profiled activation peak.
@@ -40,6 +42,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     seed: int = 0
     enforce_eager: bool = False
+    skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -17,6 +17,7 @@ support: kvplane logs the reason and uses the next candidate (here the core's re
 from __future__ import annotations
 
 import torch
+
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.plugins.types import AttentionSpec

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from kvplane.distributed.torch_communicator import TorchDistributedCommunicator
 
 # Renamed in torch 2.13; torch 2.11 only has the old name.

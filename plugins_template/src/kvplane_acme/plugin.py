@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import psutil
+
 from kvplane.attention.backend import AttentionBackend
 from kvplane.plugins import hookimpl
 from kvplane.plugins.types import (
@@ -26,7 +27,6 @@ from kvplane.plugins.types import (
     PlatformInfo,
     ProbeResult,
 )
-
 from kvplane_acme.attention import AcmeAttentionBackend
 from kvplane_acme.ops import acme_ops
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
+
 from kvplane.plugins import discovery, hookimpl, register_platform
 from kvplane.plugins.selection import DEVICE_ENV
 from kvplane.plugins.types import MemoryInfo, PlatformInfo, ProbeResult

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from importlib_metadata import entry_points
+
 from kvplane.cli.main import main
 from kvplane.plugins import ENTRY_POINT_GROUP
 from kvplane.plugins.types import ProbeResult

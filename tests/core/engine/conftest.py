@@ -74,7 +74,7 @@ def hf_greedy(hf_smollm: torch.nn.Module) -> Callable[[list[int], int], list[int
                     min_new_tokens=num_tokens,
                     do_sample=False,
                 )
-            cache[key] = output[0, len(prompt_token_ids):].tolist()
+            cache[key] = output[0, len(prompt_token_ids) :].tolist()
         return cache[key]
 
     return generate

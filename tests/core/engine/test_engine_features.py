@@ -30,8 +30,10 @@ def test_parallel_sampling_shares_the_prompt(smollm_llm: LLM) -> None:
     output = smollm_llm.generate(PROMPTS[1], params)[0]
     assert [c.index for c in output.outputs] == [0, 1, 2, 3]
     token_lists = [tuple(c.token_ids) for c in output.outputs]
-    assert all(len(tokens) == 16 or c.finish_reason == "stop"
-               for tokens, c in zip(token_lists, output.outputs, strict=True))
+    assert all(
+        len(tokens) == 16 or c.finish_reason == "stop"
+        for tokens, c in zip(token_lists, output.outputs, strict=True)
+    )
     assert len(set(token_lists)) > 1  # independent samples
     assert_no_block_leak(smollm_llm)
 
@@ -39,8 +41,9 @@ def test_parallel_sampling_shares_the_prompt(smollm_llm: LLM) -> None:
 def test_greedy_parallel_samples_are_identical(smollm_llm: LLM) -> None:
     params = SamplingParams(n=3, temperature=0.0, max_tokens=12, min_tokens=12)
     output = smollm_llm.generate(PROMPTS[2], params)[0]
-    single = smollm_llm.generate(PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=12,
-                                                              min_tokens=12))[0]
+    single = smollm_llm.generate(
+        PROMPTS[2], SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12)
+    )[0]
     for completion in output.outputs:
         assert completion.token_ids == single.outputs[0].token_ids
 
@@ -61,19 +64,23 @@ def test_logprobs_match_the_model_distribution(smollm_llm: LLM, hf_smollm) -> No
         assert token_id in entry and entry[token_id].rank == 1  # greedy picks the top
         assert len(entry) == 3  # the sampled token is also the top-1
         for candidate, logprob in entry.items():
-            assert math.isclose(logprob.logprob, reference[position, candidate].item(),
-                                abs_tol=1e-3)
+            assert math.isclose(
+                logprob.logprob, reference[position, candidate].item(), abs_tol=1e-3
+            )
     assert output.prompt_logprobs is not None
     assert output.prompt_logprobs[0] is None
     assert len(output.prompt_logprobs) == len(prompt_ids)
     for position in range(1, len(prompt_ids)):
         entry = output.prompt_logprobs[position]
         assert entry is not None and prompt_ids[position] in entry
-        assert math.isclose(entry[prompt_ids[position]].logprob,
-                            reference[position - 1, prompt_ids[position]].item(),
-                            abs_tol=1e-3)
-    cumulative = sum(e[t].logprob for e, t in
-                     zip(completion.logprobs, completion.token_ids, strict=True))
+        assert math.isclose(
+            entry[prompt_ids[position]].logprob,
+            reference[position - 1, prompt_ids[position]].item(),
+            abs_tol=1e-3,
+        )
+    cumulative = sum(
+        e[t].logprob for e, t in zip(completion.logprobs, completion.token_ids, strict=True)
+    )
     assert math.isclose(completion.cumulative_logprob, cumulative, rel_tol=1e-6)
 
 

@@ -39,9 +39,7 @@ def generated_tokens(llm: LLM, prompts: list[str]) -> list[list[int]]:
 
 
 def test_batch_matches_transformers(smollm_llm: LLM, hf_greedy: HFGreedy) -> None:
-    assert generated_tokens(smollm_llm, PROMPTS) == expected_tokens(
-        smollm_llm, hf_greedy, PROMPTS
-    )
+    assert generated_tokens(smollm_llm, PROMPTS) == expected_tokens(smollm_llm, hf_greedy, PROMPTS)
     assert_no_block_leak(smollm_llm)
 
 
@@ -78,14 +76,14 @@ def test_prefix_caching_hits_and_matches(smollm_llm: LLM, hf_greedy: HFGreedy) -
         "You are a careful assistant. Answer in one short sentence, plainly, without "
         "lists or markdown, and never repeat the question. Think about the reader. "
     ) * 2
-    prompts = [shared + question for question in
-               ("What is rain?", "Why is the sky blue?", "What do bees make?")]
+    prompts = [
+        shared + question
+        for question in ("What is rain?", "Why is the sky blue?", "What do bees make?")
+    ]
     # Warm the cache with the first prompt, then run all three together.
     generated_tokens(smollm_llm, prompts[:1])
     hits_before = smollm_llm.engine.stats().prefix_cache_hits
-    assert generated_tokens(smollm_llm, prompts) == expected_tokens(
-        smollm_llm, hf_greedy, prompts
-    )
+    assert generated_tokens(smollm_llm, prompts) == expected_tokens(smollm_llm, hf_greedy, prompts)
     assert smollm_llm.engine.stats().prefix_cache_hits > hits_before
     outputs = smollm_llm.generate(prompts[1:2], GREEDY)
     assert outputs[0].num_cached_tokens >= 64

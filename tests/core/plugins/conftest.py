@@ -12,6 +12,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from kvplane.plugins import discovery, hookimpl
 from kvplane.plugins.selection import DEVICE_ENV
 from kvplane.plugins.types import MemoryInfo, PlatformInfo, ProbeResult

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from importlib_metadata import EntryPoint, entry_points
+
 from kvplane.plugins import (
     ENTRY_POINT_GROUP,
     PluginAPIError,

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.engine.graph_runner import EagerGraphRunner

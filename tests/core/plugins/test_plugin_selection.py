@@ -6,6 +6,7 @@ import types
 from collections.abc import Callable
 
 import pytest
+
 from kvplane.plugins import (
     Platform,
     PlatformSelectionError,

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kvplane.ops import Ops, reference_ops
 from kvplane.sampling import Sampler, SamplingParams, SequenceSamplingState
 

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kvplane.sampling import IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from kvplane.sampling import IncrementalDetokenizer
 
 REPLACEMENT = "\ufffd"
 CORPUS = [

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from kvplane.ops import Ops
 from kvplane.sampling import Sampler, SequenceSamplingState
 from kvplane.sampling.penalties import PenaltyCache

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvplane.ops import Ops
 from kvplane.sampling import (
     Logprob,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from kvplane.sampling import SamplingParams, StopChecker, StopResult, check_stop, text_to_emit
 from kvplane.sampling.stop import NOT_FINISHED, partial_stop_len
 

@@ -6,11 +6,11 @@ import dataclasses
 
 import pytest
 import torch
+
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins.types import AttentionSpec
 from kvplane_cpu import attention
 from kvplane_cpu.attention import CpuAttentionBackend
-
 from tests.platforms.paged_batches import PagedBatch, make_paged_batch, make_spec, random_lengths
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}

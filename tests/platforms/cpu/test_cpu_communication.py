@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from kvplane.plugins.types import GroupInfo
 from kvplane_cpu.communication import GlooCommunicator
 

@@ -6,6 +6,7 @@ import inspect
 
 import pytest
 import torch
+
 from kvplane.engine.graph_runner import EagerGraphRunner
 from kvplane.plugins import PLUGIN_API_VERSION, capabilities, hookspec, select_platform
 from kvplane.plugins.reference import kvplane_copy_blocks as reference_copy_blocks

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kvplane.plugins.types import LayerQuantSpec
 from kvplane_cpu.quantization import (
     MAX_INT_MM_INPUT_SIZE,

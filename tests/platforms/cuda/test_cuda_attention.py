@@ -10,11 +10,11 @@ import dataclasses
 
 import pytest
 import torch
+
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins.types import AttentionSpec
 from kvplane_cuda import attention
 from kvplane_cuda.attention import CudaAttentionBackend
-
 from tests.platforms.paged_batches import (
     PagedBatch,
     batch_to,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kvplane.ops import OP_NAMES
 from kvplane.ops import reference as ref
 from kvplane_cuda import ops

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+
 from kvplane.plugins import (
     PLUGIN_API_VERSION,
     PlatformSelectionError,

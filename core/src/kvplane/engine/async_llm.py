@@ -46,9 +46,7 @@ class AsyncLLM:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[_AddCommand | _AbortCommand | None] = (
-            queue.SimpleQueue()
-        )
+        self._commands: queue.SimpleQueue[_AddCommand | _AbortCommand | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="kvplane-engine", daemon=True)
@@ -85,9 +83,16 @@ class AsyncLLM:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._commands.put(
-            _AddCommand(request_id, {"prompt_token_ids": prompt_token_ids,
-                                     "prompt": prompt if isinstance(prompt, str) else None},
-                        params, priority, (loop, outputs))
+            _AddCommand(
+                request_id,
+                {
+                    "prompt_token_ids": prompt_token_ids,
+                    "prompt": prompt if isinstance(prompt, str) else None,
+                },
+                params,
+                priority,
+                (loop, outputs),
+            )
         )
         finished = False
         try:
@@ -121,7 +126,7 @@ class AsyncLLM:
                     return
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)
-        except BaseException as error:  # noqa: BLE001 - reported to every waiting request
+        except BaseException as error:
             logger.exception("engine thread failed")
             self._error = error
             for request_id in list(self._sinks):
@@ -152,7 +157,7 @@ class AsyncLLM:
             self.engine.add_request(
                 command.request_id, command.prompt, command.params, priority=command.priority
             )
-        except Exception as error:  # noqa: BLE001 - goes back to the caller only
+        except Exception as error:
             self._deliver(command.request_id, error)
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:

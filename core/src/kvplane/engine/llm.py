@@ -26,6 +26,14 @@ class LLM:
         self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, **engine_options))
         self._request_counter = itertools.count()
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An LLM for a ready-made :class:`EngineConfig`."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        llm._request_counter = itertools.count()
+        return llm
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

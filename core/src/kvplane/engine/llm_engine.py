@@ -46,7 +46,11 @@ class LLMEngine:
         self.config = config
         self.platform = select_platform(config.device)
         self.model_config = resolve_model_config(config, self.platform)
-        self.tokenizer = load_tokenizer(self.model_config.source, config.tokenizer)
+        self.tokenizer = (
+            None
+            if config.skip_tokenizer_init
+            else load_tokenizer(self.model_config.source, config.tokenizer)
+        )
         self.device = self.platform.device(0)
         torch.manual_seed(config.seed)
         ctx = BuildContext(
@@ -117,6 +121,8 @@ class LLMEngine:
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return ``(prompt text or None, prompt token ids)`` for any accepted form."""
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
@@ -139,6 +145,8 @@ class LLMEngine:
         text, prompt_token_ids = self.tokenize_prompt(prompt)
         self._validate_prompt(prompt_token_ids)
         params.check_token_ids(self.model_config.hf_config.vocab_size)
+        if self.tokenizer is None and params.detokenize:
+            raise ValueError("detokenize=True needs a tokenizer (skip_tokenizer_init is set)")
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
             Request(

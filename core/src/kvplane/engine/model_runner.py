@@ -17,8 +17,8 @@ from kvplane.models.layers.attention import Attention
 from kvplane.plugins.platform import Platform
 from kvplane.plugins.types import BlockCopyRequest, KVCacheSpec, MemoryProfileRequest
 from kvplane.sampling.sampler import (
-    Sampler,
     SampleLogprobs,
+    Sampler,
     SequenceSamplingState,
     compute_prompt_logprobs,
 )
@@ -81,8 +81,7 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         """Allocate every layer's cache through the platform and bind it to its layer."""
         caches = []
-        for layer, spec in zip(self.attention_layers, self.kv_cache_specs(num_blocks),
-                               strict=True):
+        for layer, spec in zip(self.attention_layers, self.kv_cache_specs(num_blocks), strict=True):
             cache = self.platform.allocate_kv_cache(spec)
             if tuple(cache.shape) != spec.shape:
                 raise RuntimeError(
@@ -108,11 +107,13 @@ class ModelRunner:
 
             metadata = AttentionMetadata(
                 slot_mapping=positions.clone(),
-                query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32,
-                                             device=self.device),
+                query_start_loc=torch.tensor(
+                    [0, num_tokens], dtype=torch.int32, device=self.device
+                ),
                 seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-                block_tables=torch.arange(num_blocks, dtype=torch.int32,
-                                          device=self.device).unsqueeze(0),
+                block_tables=torch.arange(
+                    num_blocks, dtype=torch.int32, device=self.device
+                ).unsqueeze(0),
                 max_query_len=num_tokens,
                 max_seq_len=num_tokens,
                 query_start_loc_cpu=(0, num_tokens),

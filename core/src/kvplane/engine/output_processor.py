@@ -65,7 +65,10 @@ class OutputProcessor:
         self._sequences: dict[str, tuple[_RequestState, _SequenceOutput]] = {}
 
     def add_request(
-        self, request_id: str, prompt: str | None, sequences: Sequence[Request],
+        self,
+        request_id: str,
+        prompt: str | None,
+        sequences: Sequence[Request],
         params: SamplingParams,
     ) -> None:
         if request_id in self._requests:
@@ -207,6 +210,8 @@ class OutputProcessor:
         )
 
     def _decode_logprob_tokens(self, entry: SampleLogprobs) -> None:
+        if self.tokenizer is None:
+            return
         for token_id, logprob in entry.items():
             if logprob.decoded_token is None:
                 logprob.decoded_token = self.tokenizer.decode([token_id])

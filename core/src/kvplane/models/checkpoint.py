@@ -40,7 +40,7 @@ def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
     for path in safetensors_files(directory):
         with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+            for name in handle.keys():
                 yield name, handle.get_tensor(name)
 
 

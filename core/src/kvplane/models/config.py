@@ -73,9 +73,7 @@ def resolve_model_config(config: EngineConfig, platform: Platform) -> ModelConfi
     derived_len = int(getattr(hf_config, "max_position_embeddings", 2048))
     max_model_len = config.max_model_len or derived_len
     if max_model_len > derived_len:
-        raise ValueError(
-            f"max_model_len {max_model_len} exceeds the model's context {derived_len}"
-        )
+        raise ValueError(f"max_model_len {max_model_len} exceeds the model's context {derived_len}")
     eos_ids = read_generation_eos_ids(source)
     config_eos = getattr(hf_config, "eos_token_id", None)
     if not eos_ids and config_eos is not None:

@@ -23,9 +23,7 @@ class LlamaAttention(torch.nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
-        self.head_size = getattr(config, "head_dim", None) or (
-            config.hidden_size // self.num_heads
-        )
+        self.head_size = getattr(config, "head_dim", None) or (config.hidden_size // self.num_heads)
         bias = bool(getattr(config, "attention_bias", False))
         self.qkv_proj = Linear(
             config.hidden_size,

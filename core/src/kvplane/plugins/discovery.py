@@ -72,9 +72,21 @@ def discover_platforms() -> list[DiscoveredPlatform]:
     found: dict[str, DiscoveredPlatform] = {}
     if os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "True"):
         for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-            found[entry_point.name] = _load_entry_point(entry_point)
+            platform = _load_entry_point(entry_point)
+            if platform.name in found:
+                platform = _duplicate(found[platform.name], platform)
+            found[platform.name] = platform
     found.update(_registered)
     return sorted(found.values(), key=lambda platform: platform.name)
+
+
+def _duplicate(first: DiscoveredPlatform, second: DiscoveredPlatform) -> DiscoveredPlatform:
+    message = (
+        f"platform name {first.name!r} is registered by both {first.distribution} and "
+        f"{second.distribution}; uninstall one"
+    )
+    logger.error("%s", message)
+    return DiscoveredPlatform(first.name, first.distribution, first.version, None, message)
 
 
 def _load_entry_point(entry_point: object) -> DiscoveredPlatform:
@@ -85,7 +97,7 @@ def _load_entry_point(entry_point: object) -> DiscoveredPlatform:
     try:
         module = entry_point.load()  # type: ignore[attr-defined]
         check_api_version(name, module)
-    except Exception as error:  # noqa: BLE001 - reported, not swallowed
+    except Exception as error:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()
         logger.error("platform plugin %r failed to load: %s", name, message)
         logger.debug("%s", traceback.format_exc())

@@ -44,6 +44,8 @@ def make_plugin_manager(name: str, module: ModuleType) -> pluggy.PluginManager:
     manager.add_hookspecs(hookspec)
     manager.register(reference, name=reference.REFERENCE_PLUGIN_NAME)
     manager.register(module, name=name)
+    # A misspelled hook name would otherwise be ignored silently.
+    manager.check_pending()
     return manager
 
 

@@ -74,14 +74,12 @@ def _requested_name(device: str | None) -> str | None:
 
 
 def _probe_one(platform: DiscoveredPlatform) -> PlatformStatus:
-    status = PlatformStatus(
-        platform.name, platform.distribution, platform.version, False, "", 0
-    )
+    status = PlatformStatus(platform.name, platform.distribution, platform.version, False, "", 0)
     if platform.module is None:
         return replace(status, reason=f"failed to load: {platform.error}", error=platform.error)
     try:
         result = probe(make_plugin_manager(platform.name, platform.module))
-    except Exception as error:  # noqa: BLE001 - reported with its traceback
+    except Exception as error:
         message = "".join(traceback.format_exception_only(type(error), error)).strip()
         logger.error("platform %r probe failed: %s", platform.name, message)
         return replace(status, reason=f"probe failed: {message}", error=traceback.format_exc())

@@ -46,6 +46,7 @@ class QuantMethod(ABC):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Convert loaded float weights to this method's format (default: keep them)."""
+        return None
 
     @abstractmethod
     def apply(

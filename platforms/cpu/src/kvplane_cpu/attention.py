@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.plugins.types import AttentionSpec
-
 from kvplane_cpu.ops import reshape_and_cache
 
 #: Upper bound, in float32 elements, of one decode chunk's gathered keys plus values.
@@ -138,7 +138,7 @@ def _plan_decode_chunks(
     window = spec.sliding_window
     lengths = {i: metadata.seq_lens_cpu[i] for i in seq_ids}
     # Only the last ``window`` keys of a decode query are visible.
-    visible = dict(lengths)
+    visible = {i: n if window is None else min(n, window) for i, n in lengths.items()}
     elements_per_position = 2 * spec.num_kv_heads * spec.head_size
     chunks: list[DecodeChunk] = []
     group: list[int] = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
 from kvplane.distributed.communicator import Communicator
 from kvplane.plugins.types import GroupInfo
 

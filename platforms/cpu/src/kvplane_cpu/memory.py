@@ -8,6 +8,7 @@ from pathlib import Path
 
 import psutil
 import torch
+
 from kvplane.plugins.types import (
     BlockCopyRequest,
     KVCacheSpec,

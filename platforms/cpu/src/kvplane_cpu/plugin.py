@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
 from kvplane.attention.backend import AttentionBackend
 from kvplane.distributed.communicator import Communicator
 from kvplane.engine.graph_runner import EagerGraphRunner, GraphRunner
@@ -32,7 +33,6 @@ from kvplane.plugins.types import (
     ProbeResult,
 )
 from kvplane.quantization.base import QuantMethod
-
 from kvplane_cpu import memory
 from kvplane_cpu.attention import CpuAttentionBackend
 from kvplane_cpu.communication import GlooCommunicator

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from kvplane.plugins.types import LayerQuantSpec
 from kvplane.quantization.base import QuantMethod
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.plugins.types import AttentionSpec
-
 from kvplane_cuda.ops import reshape_and_cache
 
 #: Upper bound, in elements, of one decode chunk's gathered keys plus values.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import torch
+
 from kvplane.plugins.types import (
     BlockCopyRequest,
     KVCacheSpec,

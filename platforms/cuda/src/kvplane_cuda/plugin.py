@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
 from kvplane.attention.backend import AttentionBackend
 from kvplane.distributed.communicator import Communicator
 from kvplane.plugins import capabilities, hookimpl
@@ -32,7 +33,6 @@ from kvplane.plugins.types import (
     PlatformInfo,
     ProbeResult,
 )
-
 from kvplane_cuda import memory
 from kvplane_cuda.attention import CudaAttentionBackend
 from kvplane_cuda.communication import NcclCommunicator

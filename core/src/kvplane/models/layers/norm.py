@@ -12,8 +12,9 @@ class RMSNorm(torch.nn.Module):
 
     def __init__(self, hidden_size: int, eps: float, ctx: BuildContext) -> None:
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=ctx.dtype),
-                                         requires_grad=False)
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=ctx.dtype), requires_grad=False
+        )
         self.eps = eps
         self._rms_norm = ctx.platform.ops.rms_norm
         self._fused_add_rms_norm = ctx.platform.ops.fused_add_rms_norm

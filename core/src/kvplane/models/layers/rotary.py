@@ -40,8 +40,7 @@ def inverse_frequencies(
     if rope_type == "yarn":
         return _yarn_frequencies(rotary_dim, base, params, max_position_embeddings)
     raise ValueError(
-        f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, "
-        "llama3, yarn"
+        f"unsupported rope_type {rope_type!r}; supported: default, linear, dynamic, llama3, yarn"
     )
 
 
@@ -129,6 +128,4 @@ class RotaryEmbedding(torch.nn.Module):
         query: torch.Tensor,  # [num_tokens, num_heads, head_size]
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._rotary_embedding(
-            positions, query, key, self.cos_sin_cache, self.is_neox_style
-        )
+        return self._rotary_embedding(positions, query, key, self.cos_sin_cache, self.is_neox_style)

@@ -1,0 +1,79 @@
+"""Every :class:`~kvplane.config.EngineConfig` option as a command-line flag.
+
+Shared by ``generate``, ``serve`` and ``bench`` so a new engine option appears in all of
+them at once. Flags are derived from the dataclass fields: ``max_num_seqs`` becomes
+``--max-num-seqs``; booleans become ``--flag`` / ``--no-flag``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, get_type_hints
+
+from kvplane.config import EngineConfig
+
+#: Help text per option (the field name is the key).
+_HELP = {
+    "model": "local HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    "device": "platform name (see `kvplane platforms`; default: best available)",
+    "dtype": "auto, float32, bfloat16 or float16",
+    "quantization": "quantization method for linear layers, e.g. int8 (default: none)",
+    "load_format": "auto (read weights) or dummy (random weights, config only)",
+    "tokenizer": "tokenizer directory, if not the model's",
+    "block_size": "tokens per KV-cache block",
+    "max_num_seqs": "most sequences in one step",
+    "max_num_batched_tokens": "token budget of one step (chunked prefill beyond it)",
+    "max_model_len": "context length (default: the model's)",
+    "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
+    "gpu_memory_utilization": "fraction of device memory for weights, activations and KV",
+    "kv_cache_memory_bytes": "KV-cache size in bytes (overrides gpu_memory_utilization)",
+    "seed": "seed of the engine's random state",
+    "enforce_eager": "never capture graphs",
+    "skip_tokenizer_init": "load no tokenizer (token-id prompts only)",
+}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per engine option (except ``skip``) to ``parser``."""
+    group = parser.add_argument_group("engine options")
+    hints = get_type_hints(EngineConfig)
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in skip:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        help_text = _HELP.get(field.name, "")
+        if hints[field.name] is bool:
+            group.add_argument(
+                flag,
+                dest=field.name,
+                action=argparse.BooleanOptionalAction,
+                default=field.default,
+                help=help_text,
+            )
+        else:
+            group.add_argument(
+                flag,
+                dest=field.name,
+                type=_scalar_type(hints[field.name]),
+                default=field.default,
+                help=f"{help_text} (default: {field.default})",
+            )
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """Build an :class:`EngineConfig` from parsed flags (plus ``overrides``)."""
+    values = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(EngineConfig)
+        if hasattr(args, field.name)
+    }
+    values.update(overrides)
+    return EngineConfig(**values)
+
+
+def _scalar_type(hint: Any) -> type:
+    for candidate in (int, float, str):
+        if hint is candidate or candidate in getattr(hint, "__args__", ()):
+            return candidate
+    return str
