@@ -16,15 +16,21 @@ DTYPES: dict[str, torch.dtype] = {
 }
 
 
+#: Fraction of device memory the engine may fill when the user names none.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Options of one engine. Validated on construction (``ValueError`` on bad values).
 
     ``skip_tokenizer_init`` loads no tokenizer: prompts must be token ids and requests
     must set ``detokenize=False`` (for models shipped without tokenizer files).
-    ``kv_cache_memory_bytes``, when set, sizes the KV cache directly (the natural setting
-    on CPU); otherwise it is ``gpu_memory_utilization`` of the device's memory minus the
-    weights and the profiled activation peak.
+    KV-cache size: ``kv_cache_memory_bytes`` when set (the natural setting on CPU); else
+    the platform's ``default_kv_cache_bytes`` when it has one and
+    ``gpu_memory_utilization`` is not set; else ``gpu_memory_utilization`` (default
+    :data:`DEFAULT_GPU_MEMORY_UTILIZATION`) of the device's memory minus what is in use
+    after loading the weights and the profiled activation peak.
     """
 
     model: str | None = None
@@ -38,7 +44,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: float | None = None
     kv_cache_memory_bytes: int | None = None
     seed: int = 0
     enforce_eager: bool = False
@@ -57,7 +63,9 @@ class EngineConfig:
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+        if self.gpu_memory_utilization is not None and not (
+            0.0 < self.gpu_memory_utilization <= 1.0
+        ):
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )

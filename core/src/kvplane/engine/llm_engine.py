@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kvplane.config import EngineConfig
+from kvplane.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
 from kvplane.engine.model_runner import ModelRunner
 from kvplane.engine.output_processor import OutputProcessor
 from kvplane.engine.outputs import RequestOutput
@@ -100,11 +100,14 @@ class LLMEngine:
 
     def _num_kv_blocks(self) -> int:
         config = self.config
-        kv_bytes = config.kv_cache_memory_bytes or self.platform.info.default_kv_cache_bytes
+        kv_bytes = config.kv_cache_memory_bytes
+        if kv_bytes is None and config.gpu_memory_utilization is None:
+            kv_bytes = self.platform.info.default_kv_cache_bytes
         if kv_bytes is None:
+            utilization = config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
             num_tokens = min(config.max_num_batched_tokens, self.model_config.max_model_len)
             total, available = self.runner.profile_activation_bytes(num_tokens)
-            kv_bytes = int(available - total * (1.0 - config.gpu_memory_utilization))
+            kv_bytes = int(available - total * (1.0 - utilization))
         num_blocks = kv_bytes // self.runner.bytes_per_block()
         needed = math.ceil(self.model_config.max_model_len / config.block_size)
         if num_blocks < needed:

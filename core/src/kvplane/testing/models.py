@@ -41,3 +41,46 @@ def save_random_model(config: Any, directory: Path, seed: int = 0) -> Any:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     model.save_pretrained(str(directory))
     return model
+
+
+def forward_logits(llm: Any, token_ids: list[int]) -> Any:
+    """Logits ``[len(token_ids), vocab_size]`` (float32) of one prefill of ``token_ids``
+    through ``llm``'s model and KV cache, for comparing every position with an oracle.
+
+    The engine must be idle; the prefix cache is reset before and after, since the pass
+    writes into free blocks.
+    """
+    import math
+
+    import torch
+
+    from kvplane.attention.metadata import AttentionMetadata
+
+    engine = llm.engine
+    if engine.has_unfinished_requests():
+        raise RuntimeError("forward_logits needs an idle engine")
+    block_manager = engine.scheduler.block_manager
+    block_size = engine.config.block_size
+    num_tokens = len(token_ids)
+    num_blocks = math.ceil(num_tokens / block_size)
+    if num_blocks > block_manager.num_blocks:
+        raise ValueError("the prompt does not fit in the KV cache")
+    device = engine.device
+    block_manager.reset_prefix_cache()
+    positions = torch.arange(num_tokens, device=device)
+    metadata = AttentionMetadata(
+        slot_mapping=positions.clone(),  # blocks 0..num_blocks-1, in order
+        query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=device),
+        seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=device),
+        block_tables=torch.arange(num_blocks, dtype=torch.int32, device=device)[None],
+        max_query_len=num_tokens,
+        max_seq_len=num_tokens,
+        query_start_loc_cpu=(0, num_tokens),
+        seq_lens_cpu=(num_tokens,),
+    )
+    model = engine.runner.model
+    with torch.inference_mode():
+        hidden = model(torch.tensor(token_ids, device=device), positions, metadata)
+        logits = model.compute_logits(hidden)
+    block_manager.reset_prefix_cache()
+    return logits

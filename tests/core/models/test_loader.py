@@ -1,0 +1,110 @@
+"""Weight loading: safetensors (single and sharded), tied embeddings, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvplane import LLM, SamplingParams
+from kvplane.models.registry import architecture_of
+from kvplane.models.source import resolve_model
+from kvplane.models.weights import WeightLoadError
+from kvplane.testing.models import save_random_model, tiny_llama_config
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, detokenize=False)
+PROMPT = {"prompt_token_ids": [3, 14, 15, 92, 65, 35]}
+
+
+def tiny_llm(directory: Path) -> LLM:
+    return LLM(
+        model=str(directory),
+        device="cpu",
+        dtype="float32",
+        skip_tokenizer_init=True,
+        kv_cache_memory_bytes=2**20,
+    )
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
+    return output[0, len(prompt) :].tolist()
+
+
+def test_sharded_checkpoint_loads_and_matches(tmp_path: Path) -> None:
+    config = tiny_llama_config()
+    reference = save_random_model(config, tmp_path / "single")
+    reference.save_pretrained(str(tmp_path / "sharded"), max_shard_size="60KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    llm = tiny_llm(tmp_path / "sharded")
+    tokens = llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids
+    assert tokens == hf_greedy(reference, PROMPT["prompt_token_ids"], 8)
+
+
+def test_tied_embeddings_share_the_embedding(tmp_path: Path) -> None:
+    reference = save_random_model(tiny_llama_config(tie_word_embeddings=True), tmp_path)
+    assert "lm_head.weight" not in load_file(str(tmp_path / "model.safetensors"))
+    llm = tiny_llm(tmp_path)
+    tokens = llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids
+    assert tokens == hf_greedy(reference, PROMPT["prompt_token_ids"], 8)
+
+
+def _rewrite_checkpoint(directory: Path, drop: str | None = None, add: str | None = None) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    if drop is not None:
+        del tensors[drop]
+    if add is not None:
+        tensors[add] = torch.zeros(3)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path: Path) -> None:
+    save_random_model(tiny_llama_config(), tmp_path)
+    _rewrite_checkpoint(tmp_path, drop="model.layers.1.mlp.up_proj.weight")
+    with pytest.raises(WeightLoadError, match=r"model\.layers\.1\.mlp\.gate_up_proj\.weight"):
+        tiny_llm(tmp_path)
+
+
+def test_unexpected_tensor_is_named(tmp_path: Path) -> None:
+    save_random_model(tiny_llama_config(), tmp_path)
+    _rewrite_checkpoint(tmp_path, add="model.layers.0.surprise.weight")
+    with pytest.raises(WeightLoadError, match="model.layers.0.surprise.weight"):
+        tiny_llm(tmp_path)
+
+
+def test_unsupported_architecture_lists_supported_ones() -> None:
+    config = tiny_llama_config()
+    config.architectures = ["FancyNewForCausalLM"]
+    config.model_type = "fancy"
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        architecture_of(config)
+
+
+def test_model_names_that_are_not_local_paths_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not download"):
+        resolve_model("meta-llama/Llama-3-8B")
+    with pytest.raises(ValueError, match="no config.json"):
+        resolve_model(tmp_path)
+
+
+def test_dummy_weights_need_only_the_config(tmp_path: Path) -> None:
+    tiny_llama_config().save_pretrained(str(tmp_path))
+    llm = LLM(
+        model=str(tmp_path),
+        load_format="dummy",
+        device="cpu",
+        dtype="float32",
+        skip_tokenizer_init=True,
+        kv_cache_memory_bytes=2**20,
+    )
+    assert len(llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids) == 8
