@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=.venv/bin/python
+.venv/bin/ruff check core platforms plugins_template tests benchmarks
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider
 $PY -m pytest -q tests plugins_template/tests

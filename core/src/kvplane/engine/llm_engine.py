@@ -46,9 +46,13 @@ class LLMEngine:
         self.config = config
         self.platform = select_platform(config.device)
         self.model_config = resolve_model_config(config, self.platform)
+        has_tokenizer = self.model_config.source.has_files or config.tokenizer is not None
+        if not has_tokenizer and not config.skip_tokenizer_init:
+            logger.info("%s has no tokenizer: prompts must be token ids",
+                        self.model_config.source.display_name)
         self.tokenizer = (
             None
-            if config.skip_tokenizer_init
+            if config.skip_tokenizer_init or not has_tokenizer
             else load_tokenizer(self.model_config.source, config.tokenizer)
         )
         self.device = self.platform.device(0)
@@ -125,7 +129,7 @@ class LLMEngine:
         """Return ``(prompt text or None, prompt token ids)`` for any accepted form."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer (skip_tokenizer_init is set)")
+                raise ValueError("text prompts need a tokenizer, and this engine has none")
             return prompt, self.tokenizer.encode(prompt)
         if isinstance(prompt, Mapping):
             if "prompt_token_ids" in prompt:
@@ -149,7 +153,7 @@ class LLMEngine:
         self._validate_prompt(prompt_token_ids)
         params.check_token_ids(self.model_config.hf_config.vocab_size)
         if self.tokenizer is None and params.detokenize:
-            raise ValueError("detokenize=True needs a tokenizer (skip_tokenizer_init is set)")
+            raise ValueError("detokenize=True needs a tokenizer, and this engine has none")
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
             Request(

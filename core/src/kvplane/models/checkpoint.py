@@ -35,13 +35,51 @@ def safetensors_files(directory: Path) -> list[Path]:
     return files
 
 
-def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+#: safetensors dtype names -> torch dtypes.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
+
+def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Read each tensor with plain ``readinto`` into a fresh buffer, one at a time.
+
+    Unlike a memory map, reading leaves no file pages mapped into the process, so peak
+    host memory while loading is the model plus the largest tensor.
+    """
     for path in safetensors_files(directory):
-        with safe_open(str(path), framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_len))
+            data_start = 8 + header_len
+            entries = sorted(
+                ((name, info) for name, info in header.items() if name != "__metadata__"),
+                key=lambda item: item[1]["data_offsets"][0],
+            )
+            for name, info in entries:
+                if info["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(
+                        f"{path.name}: tensor {name} has unsupported dtype {info['dtype']}"
+                    )
+                start, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                if end > start:
+                    handle.seek(data_start + start)
+                    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+                    if handle.readinto(view) != end - start:
+                        raise ValueError(f"{path.name}: tensor {name} is truncated")
+                yield name, tensor
 
 
 # GGUF names (llama.cpp) to Hugging Face names, per decoder block and global.

@@ -32,6 +32,10 @@ class ModelConfig:
 def load_hf_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
+    if source.builtin_config is not None:
+        from kvplane.models.builtin_configs import builtin_config
+
+        return builtin_config(source.builtin_config)
     return AutoConfig.from_pretrained(str(source.directory), **source.hf_kwargs())
 
 
@@ -68,7 +72,7 @@ def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.d
 
 
 def resolve_model_config(config: EngineConfig, platform: Platform) -> ModelConfig:
-    source = resolve_model(config.model)
+    source = resolve_model(config.model, config.load_format)
     hf_config = load_hf_config(source)
     derived_len = int(getattr(hf_config, "max_position_embeddings", 2048))
     max_model_len = config.max_model_len or derived_len

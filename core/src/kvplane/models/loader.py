@@ -54,9 +54,13 @@ def build_model(
 
 
 def _fill_random(model: torch.nn.Module) -> None:
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    """Seeded random weights, drawn in place on the parameters' device (no host copy)."""
+    generators: dict[torch.device, torch.Generator] = {}
     for name, param in model.named_parameters():
-        values = torch.randn(param.shape, generator=generator) * 0.02
-        if name.endswith("norm.weight") or ".norm." in name:
-            values = values + 1.0
-        param.data.copy_(values)
+        if param.device not in generators:
+            generators[param.device] = torch.Generator(device=param.device).manual_seed(0)
+        generator = generators[param.device]
+        if param.dtype.is_floating_point:
+            param.data.normal_(0.0, 0.02, generator=generator)
+            if name.endswith("norm.weight") or ".norm." in name:
+                param.data.add_(1.0)

@@ -20,17 +20,25 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 @dataclass(frozen=True, slots=True)
 class ModelSource:
     """A resolved local model: ``directory`` holds config/tokenizer files (HF format) or
-    the GGUF file ``gguf_file``."""
+    the GGUF file ``gguf_file``; or, for random weights, the name of a built-in config
+    (:mod:`kvplane.models.builtin_configs`) with no files at all."""
 
     directory: Path
     gguf_file: str | None = None
+    builtin_config: str | None = None
 
     @property
     def is_gguf(self) -> bool:
         return self.gguf_file is not None
 
     @property
+    def has_files(self) -> bool:
+        return self.builtin_config is None
+
+    @property
     def display_name(self) -> str:
+        if self.builtin_config is not None:
+            return f"{self.builtin_config} (built-in config)"
         return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
 
     def hf_kwargs(self) -> dict[str, Any]:
@@ -52,8 +60,20 @@ def default_model_path() -> Path:
     return path
 
 
-def resolve_model(model: str | Path | None) -> ModelSource:
-    """Resolve ``model`` (None for the embedded default) to a local :class:`ModelSource`."""
+def resolve_model(model: str | Path | None, load_format: str = "auto") -> ModelSource:
+    """Resolve ``model`` (None for the embedded default) to a local :class:`ModelSource`.
+
+    With ``load_format="dummy"`` a built-in config name (e.g. ``qwen3-0.6b``) is accepted.
+    """
+    from kvplane.models.builtin_configs import BUILTIN_CONFIGS
+
+    if isinstance(model, str) and model in BUILTIN_CONFIGS and not Path(model).exists():
+        if load_format != "dummy":
+            raise ValueError(
+                f"{model!r} is a built-in config without weights: pass load_format='dummy' "
+                "(--load-format dummy) for random weights, or a local model path"
+            )
+        return ModelSource(Path("."), builtin_config=model)
     path = Path(model) if model is not None else default_model_path()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -77,7 +97,7 @@ def resolve_model(model: str | Path | None) -> ModelSource:
 def read_generation_eos_ids(source: ModelSource) -> set[int]:
     """EOS ids from ``generation_config.json`` (an int or a list), if the source has one."""
     path = source.directory / "generation_config.json"
-    if source.is_gguf or not path.is_file():
+    if source.is_gguf or not source.has_files or not path.is_file():
         return set()
     eos = json.loads(path.read_text()).get("eos_token_id")
     if eos is None:
