@@ -42,8 +42,12 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         priority: Sequence[int] | None = None,
+        use_tqdm: bool = False,
     ) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the order of ``prompts``."""
+        """Generate for every prompt; outputs come back in the order of ``prompts``.
+
+        ``use_tqdm`` shows a progress bar of finished requests.
+        """
         prompt_list = _as_prompt_list(prompts)
         params_list = _broadcast(sampling_params, len(prompt_list), "sampling_params")
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
@@ -55,7 +59,7 @@ class LLM:
                 request_id = str(next(self._request_counter))
                 self.engine.add_request(request_id, prompt, params, priority=prio)
                 request_ids.append(request_id)
-            return self._run_to_completion(request_ids)
+            return self._run_to_completion(request_ids, use_tqdm)
         except BaseException:
             self.engine.abort_request(request_ids)
             raise
@@ -85,15 +89,26 @@ class LLM:
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params)
 
-    def _run_to_completion(self, request_ids: list[str]) -> list[RequestOutput]:
+    def _run_to_completion(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         pending = set(request_ids)
         finished: dict[str, RequestOutput] = {}
+        progress = _progress_bar(len(request_ids)) if use_tqdm else None
         while pending:
             for output in self.engine.step():
                 if output.finished and output.request_id in pending:
                     finished[output.request_id] = output
                     pending.discard(output.request_id)
+                    if progress is not None:
+                        progress.update(1)
+        if progress is not None:
+            progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
