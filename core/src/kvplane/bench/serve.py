@@ -12,6 +12,7 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,12 +75,14 @@ async def _stream_one(
                 last = now
         result.latency = time.perf_counter() - started
         result.success = result.output_tokens > 0
-    except Exception as error:  # noqa: BLE001 - a failed request is a result, not a crash
+    except Exception as error:  # a failed request is a result, not a crash
         result.error = repr(error)
     return result
 
 
-async def _arrivals(requests: list[BenchRequest], request_rate: float, seed: int):  # noqa: ANN202
+async def _arrivals(
+    requests: list[BenchRequest], request_rate: float, seed: int
+) -> AsyncIterator[BenchRequest]:
     rng = random.Random(seed)
     for request in requests:
         yield request
