@@ -7,6 +7,7 @@ and greedy tokens of a batch of mixed-length prompts must be identical.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,38 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> lis
     return output[0, len(prompt):].tolist()
 
 
-def check_architecture(config: Any, directory: Path, num_tokens: int = 32, **options: Any
-                       ) -> LLM:
-    """Assert kvplane matches transformers on ``config``; returns the kvplane LLM."""
+def randomize_norm_weights(model: torch.nn.Module, seed: int = 1) -> None:
+    """Draw every norm weight from N(0, 0.5): transformers initialises them to constants
+    (ones, or zeros for Gemma's ``1 + weight``), which would hide a mixed-up norm."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def randomize_biases(model: torch.nn.Module, seed: int = 2) -> None:
+    """Draw every bias from N(0, 0.5): transformers initialises them to zeros, which
+    would hide a bias loaded into the wrong shard, or not applied at all."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+
+
+def check_architecture(config: Any, directory: Path, num_tokens: int = 32,
+                       prepare_reference: Callable[[torch.nn.Module], None] | None = None,
+                       **options: Any) -> LLM:
+    """Assert kvplane matches transformers on ``config``; returns the kvplane LLM.
+
+    ``prepare_reference`` (e.g. :func:`randomize_norm_weights`) may change the random
+    transformers model in place before it is saved for kvplane.
+    """
     reference = save_random_model(config, directory)
+    if prepare_reference is not None:
+        prepare_reference(reference)
+        reference.save_pretrained(str(directory))
     llm = load_tiny(directory, **options)
     prompts = random_prompts(config.vocab_size)
 

@@ -7,6 +7,7 @@ import torch
 
 from kvplane.ops import OP_NAMES
 from kvplane.ops import reference as ref
+from kvplane.plugins import select_platform
 from kvplane_cpu import ops
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -23,8 +24,12 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
 
 
-def test_every_op_is_offered() -> None:
-    assert set(ops.cpu_ops()) == set(OP_NAMES)
+def test_every_op_is_offered_or_left_to_the_reference() -> None:
+    assert set(ops.cpu_ops()) == set(OP_NAMES) - ops.REFERENCE_OPS
+    assert ops.REFERENCE_OPS <= set(OP_NAMES)
+    platform = select_platform("cpu")
+    for name in ops.REFERENCE_OPS:
+        assert getattr(platform.ops, name) is getattr(ref, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -209,5 +209,7 @@ def _vocabulary(args: argparse.Namespace) -> tuple[int, Any]:
             ) from None
         return args.vocab_size, None
     hf_config = load_hf_config(source)
-    tokenizer = load_tokenizer(source) if source.has_files else None
+    # Random prompts need only the vocabulary size; ShareGPT text needs the tokenizer.
+    needs_tokenizer = args.dataset == "sharegpt" and source.has_files
+    tokenizer = load_tokenizer(source) if needs_tokenizer else None
     return args.vocab_size or hf_config.vocab_size, tokenizer

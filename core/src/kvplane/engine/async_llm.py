@@ -19,6 +19,7 @@ from kvplane.config import EngineConfig
 from kvplane.engine.llm_engine import LLMEngine, PromptType
 from kvplane.engine.outputs import RequestOutput
 from kvplane.sampling.params import SamplingParams
+from kvplane.scheduler.output import SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,13 @@ class AsyncLLM:
         self._commands: queue.SimpleQueue[_AddCommand | _AbortCommand | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._error: BaseException | None = None
+        # Stats are published by the engine thread after each step, so other threads never
+        # read scheduler state mid-step. Sequences queued by generate() count as waiting
+        # until a snapshot that includes them is published.
+        self._stats: SchedulerStats = engine.stats()
+        self._stats_lock = threading.Lock()
+        self._num_unapplied = 0  # guarded by _stats_lock
+        self._num_applied_since_publish = 0  # engine thread only
         self._thread = threading.Thread(target=self._run, name="kvplane-engine", daemon=True)
         self._thread.start()
 
@@ -63,6 +71,17 @@ class AsyncLLM:
     @property
     def is_running(self) -> bool:
         return self._thread.is_alive() and self._error is None
+
+    def stats(self) -> SchedulerStats:
+        """The scheduler's stats after the engine thread's latest step; any thread may call."""
+        return self._stats
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting to be scheduled, counting those not yet handed to the engine
+        thread (``n`` per request); any thread may read it."""
+        with self._stats_lock:
+            return self._stats.num_waiting + self._num_unapplied
 
     async def generate(
         self,
@@ -82,6 +101,8 @@ class AsyncLLM:
         self.engine._validate_prompt(prompt_token_ids)
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[Any] = asyncio.Queue()
+        with self._stats_lock:
+            self._num_unapplied += params.n
         self._commands.put(
             _AddCommand(
                 request_id,
@@ -126,6 +147,7 @@ class AsyncLLM:
                     return
                 for output in self.engine.step():
                     self._deliver(output.request_id, output)
+                self._publish_stats()
         except BaseException as error:
             logger.exception("engine thread failed")
             self._error = error
@@ -147,11 +169,19 @@ class AsyncLLM:
             except queue.Empty:
                 return True
 
+    def _publish_stats(self) -> None:
+        stats = self.engine.stats()
+        with self._stats_lock:
+            self._stats = stats
+            self._num_unapplied -= self._num_applied_since_publish
+        self._num_applied_since_publish = 0
+
     def _apply(self, command: _AddCommand | _AbortCommand) -> None:
         if isinstance(command, _AbortCommand):
             if self._sinks.pop(command.request_id, None) is not None:
                 self.engine.abort_request(command.request_id)
             return
+        self._num_applied_since_publish += command.params.n
         self._sinks[command.request_id] = command.sink
         try:
             self.engine.add_request(

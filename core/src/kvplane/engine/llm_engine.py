@@ -24,10 +24,16 @@ from kvplane.models.layers.context import BuildContext
 from kvplane.models.loader import build_model
 from kvplane.plugins.selection import select_platform
 from kvplane.sampling.params import SamplingParams
-from kvplane.sampling.sampler import Sampler, SequenceSamplingState, make_generator
+from kvplane.sampling.sampler import (
+    AllowedMaskFn,
+    Sampler,
+    SequenceSamplingState,
+    make_generator,
+)
 from kvplane.scheduler.config import SchedulerConfig
 from kvplane.scheduler.request import Request
 from kvplane.scheduler.scheduler import Scheduler, SchedulerStats
+from kvplane.structured.compiler import StructuredOutputCompiler
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +105,8 @@ class LLMEngine:
             self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len
         )
         self._sampling_states: dict[str, SequenceSamplingState] = {}
+        # Built on the first request with structured_output (loads xgrammar then).
+        self._structured_compiler: StructuredOutputCompiler | None = None
 
     # -- KV-cache sizing -----------------------------------------------------------------
 
@@ -154,6 +162,7 @@ class LLMEngine:
         params.check_token_ids(self.model_config.hf_config.vocab_size)
         if self.tokenizer is None and params.detokenize:
             raise ValueError("detokenize=True needs a tokenizer, and this engine has none")
+        mask_fns = self._grammar_constraints(params)
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         sequences = [
             Request(
@@ -174,9 +183,23 @@ class LLMEngine:
                 output_token_ids=sequence.output_token_ids,
                 eos_token_ids=self.model_config.eos_token_ids,
                 generator=None if seed is None else make_generator(seed, self.device),
+                allowed_mask_fn=mask_fns[index],
             )
         self.output_processor.add_request(request_id, text, sequences, params)
         self.scheduler.add_request(sequences[0], children=sequences[1:])
+
+    def _grammar_constraints(self, params: SamplingParams) -> list[AllowedMaskFn | None]:
+        """One matcher per sequence for ``params.structured_output`` (``ValueError`` if invalid)."""
+        if params.structured_output is None:
+            return [None] * params.n
+        if self._structured_compiler is None:
+            self._structured_compiler = StructuredOutputCompiler(
+                self.tokenizer,
+                self.model_config.hf_config.vocab_size,
+                self.model_config.eos_token_ids,
+            )
+        compiler = self._structured_compiler
+        return [compiler.new_constraint(params.structured_output) for _ in range(params.n)]
 
     def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:

@@ -10,11 +10,29 @@ import torch
 #: Supported architectures and where their class lives (imported on first use).
 _ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "kvplane.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "kvplane.models.mistral:MistralForCausalLM",
+    "Qwen2ForCausalLM": "kvplane.models.qwen2:Qwen2ForCausalLM",
+    "Qwen3ForCausalLM": "kvplane.models.qwen3:Qwen3ForCausalLM",
+    "Phi3ForCausalLM": "kvplane.models.phi3:Phi3ForCausalLM",
+    "GPT2LMHeadModel": "kvplane.models.gpt2:GPT2LMHeadModel",
+    "Gemma2ForCausalLM": "kvplane.models.gemma2:Gemma2ForCausalLM",
+    "Gemma3ForCausalLM": "kvplane.models.gemma3:Gemma3ForCausalLM",
+    "MixtralForCausalLM": "kvplane.models.mixtral:MixtralForCausalLM",
+    "Qwen3MoeForCausalLM": "kvplane.models.qwen3_moe:Qwen3MoeForCausalLM",
 }
 
 #: ``model_type`` fallbacks for configs without ``architectures`` (e.g. from GGUF).
 _MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 

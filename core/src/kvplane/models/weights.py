@@ -16,11 +16,16 @@ class WeightLoadError(ValueError):
 def load_named_weights(
     model: torch.nn.Module,
     weights: Iterable[tuple[str, torch.Tensor]],
-    stacked_params: Sequence[tuple[str, str, int]],
+    stacked_params: Sequence[tuple[str, str, int | None]],
     ignored_suffixes: Sequence[str] = (),
 ) -> set[str]:
     """Copy ``(checkpoint name, tensor)`` pairs into ``model``; return the model
     parameter names (with shard suffixes for stacked layers) that were filled.
+
+    ``stacked_params`` entries are ``(ours, theirs, shard index)``: a checkpoint name
+    containing ``.theirs.`` goes to shard ``shard index`` of the Linear ``.ours.``;
+    shard index None means the checkpoint tensor is already fused and fills every shard
+    (:meth:`Linear.load_fused`).
 
     Raises :class:`WeightLoadError` naming the tensors that match no parameter.
     """
@@ -34,7 +39,10 @@ def load_named_weights(
         target = _resolve_stacked(name, stacked_params)
         module_name, _, param_kind = target[0].rpartition(".")
         module = modules.get(module_name)
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and target[1] is None:
+            module.load_fused(param_kind, tensor)
+            loaded.update(f"{target[0]}#{i}" for i in range(len(module.output_sizes)))
+        elif isinstance(module, Linear):
             module.load_shard(param_kind, tensor, target[1])
             loaded.add(f"{target[0]}#{target[1]}")
         elif target[0] in params:
@@ -80,7 +88,9 @@ def check_all_loaded(model: torch.nn.Module, loaded: set[str]) -> None:
         raise WeightLoadError(f"checkpoint lacks tensors for: {shown}{more}")
 
 
-def _resolve_stacked(name: str, stacked_params: Sequence[tuple[str, str, int]]) -> tuple[str, int]:
+def _resolve_stacked(
+    name: str, stacked_params: Sequence[tuple[str, str, int | None]]
+) -> tuple[str, int | None]:
     for ours, theirs, shard in stacked_params:
         marker = f".{theirs}."
         if marker in name:

@@ -17,6 +17,7 @@ OP_NAMES: tuple[str, ...] = (
     "gelu_and_mul",
     "reshape_and_cache",
     "top_k_top_p_sample",
+    "fused_moe",
 )
 
 
@@ -35,6 +36,7 @@ class Ops:
     gelu_and_mul: Callable[..., Any]
     reshape_and_cache: Callable[..., Any]
     top_k_top_p_sample: Callable[..., Any]
+    fused_moe: Callable[..., Any]
 
 
 def reference_ops() -> dict[str, Callable[..., Any]]:

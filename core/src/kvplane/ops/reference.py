@@ -145,3 +145,65 @@ def top_k_top_p_sample(
         floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
         kept = kept.masked_fill(probs < floor, 0.0)
     return (kept / exponential_noise).argmax(dim=-1)
+
+
+#: Activations ``fused_moe`` accepts (SwiGLU, exact GeGLU, tanh-approximated GeGLU).
+_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # [num_tokens, hidden_size]
+    w13: torch.Tensor,  # [num_experts, 2 * intermediate_size, hidden_size]: gate rows, up rows
+    w2: torch.Tensor,  # [num_experts, hidden_size, intermediate_size]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int64, each in [0, num_experts)
+    activation: str = "silu",
+) -> torch.Tensor:  # [num_tokens, hidden_size]
+    """Mixture of experts: ``sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t])``.
+
+    ``expert_e(x) = w2[e] @ (act(w13[e, :I] @ x) * (w13[e, I:] @ x))`` with ``act`` one of
+    "silu" (SwiGLU), "gelu" (exact GeGLU) or "gelu_tanh". Each expert follows the dense
+    MLP's rounding: its two matmuls run in the input dtype (float32 accumulation, as
+    ``F.linear``) and the gated activation is :func:`silu_and_mul` / :func:`gelu_and_mul`;
+    the weighted sum over the ``top_k`` experts accumulates in float32, expert by expert
+    in id order (deterministic on every device), and rounds once.
+    Routing (softmax, top-k, renormalisation) is the caller's. Never mutates its inputs.
+
+    Tokens are grouped by expert (one stable sort) and each expert with tokens runs one
+    matmul pair over its rows, so the work is ``num_tokens * top_k`` rows, never a dense
+    ``[num_tokens, num_experts, ...]`` product. Reading the per-expert counts syncs with
+    the device once.
+    """
+    if activation not in _MOE_ACTIVATIONS:
+        raise ValueError(
+            f"unknown fused_moe activation {activation!r}; use one of {_MOE_ACTIVATIONS}"
+        )
+    num_tokens, top_k = topk_ids.shape
+    num_experts = w13.shape[0]
+    out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    if num_tokens == 0:
+        return out.to(hidden.dtype)
+    flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k]
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # raises on ids < 0
+    if len(counts) > num_experts:
+        raise ValueError(f"fused_moe: topk_ids has expert ids >= num_experts ({num_experts})")
+    order = flat_ids.argsort(stable=True)  # assignments grouped by expert
+    token_ids = order // top_k  # [num_tokens * top_k]: the token of each sorted assignment
+    weights = topk_weights.reshape(-1).float()[order]  # [num_tokens * top_k]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_ids[start : start + count]  # [count]
+        gate_up = F.linear(hidden.index_select(0, rows), w13[expert])  # [count, 2 * I]
+        if activation == "silu":
+            activated = silu_and_mul(gate_up)
+        else:
+            approximate = "tanh" if activation == "gelu_tanh" else "none"
+            activated = gelu_and_mul(gate_up, approximate)
+        expert_out = F.linear(activated, w2[expert])  # [count, hidden_size]
+        # Rows are distinct within one expert; index_put_ adds deterministically (and,
+        # unlike index_add_, without a parallel region per row on the CPU).
+        out.index_put_((rows,), expert_out.float() * weights[start : start + count, None], True)
+        start += count
+    return out.to(hidden.dtype)

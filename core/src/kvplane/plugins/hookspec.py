@@ -1,7 +1,7 @@
 """Hook specifications: the contract between kvplane's core and platform plugins.
 
 A platform is a Python module registered in the entry-point group ``kvplane.platforms``.
-It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.0"`` and
+It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.1"`` and
 implements some of the hooks below with ``@kvplane.plugins.hookimpl``. Each platform gets
 its own :class:`pluggy.PluginManager`; the core's reference implementations are registered
 in it as a built-in plugin with ``trylast=True``, so whatever a platform leaves out falls
@@ -16,6 +16,8 @@ ever added with defaults, so an implementation written for API 1.0 keeps working
 Plugin API version history:
 
 - **1.0**: first version.
+- **1.1**: op ``fused_moe`` (mixture-of-experts). A 1.0 plugin still loads: it does not
+  offer the op, so the reference serves it.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ def kvplane_ops(query: OpsQuery) -> Mapping[str, Callable[..., object]]:
     Results of all implementations are merged. **Optional.**
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.1 op ``fused_moe``.
     """
 
 

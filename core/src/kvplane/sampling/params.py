@@ -11,6 +11,8 @@ import enum
 import math
 from dataclasses import dataclass
 
+from kvplane.structured.params import StructuredOutputParams
+
 #: Temperatures below this are greedy (argmax), as in vLLM.
 SAMPLING_EPS: float = 1e-5
 
@@ -63,6 +65,9 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     detokenize: bool = True
+    #: Constrain the output to a JSON schema, JSON object, regex or grammar; compiled by the
+    #: engine on admission (``ValueError`` if it cannot compile). See :mod:`kvplane.structured`.
+    structured_output: StructuredOutputParams | None = None
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -136,6 +141,13 @@ class SamplingParams:
                 ) from e
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.structured_output is not None and not isinstance(
+            self.structured_output, StructuredOutputParams
+        ):
+            raise ValueError(
+                "structured_output must be a StructuredOutputParams, got "
+                f"{type(self.structured_output).__name__}"
+            )
 
     def _validate_ranges(self) -> None:
         _check(self.n >= 1, f"n must be at least 1, got {self.n}.")

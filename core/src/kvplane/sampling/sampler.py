@@ -37,9 +37,13 @@ from kvplane.sampling.penalties import PenaltyCache, apply_penalties
 #: and return its argument. Applied row by row: prefer ``allowed_mask_fn`` when possible.
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 
-#: ``(output_token_ids) -> [vocab_size] bool mask of tokens allowed now, or None (no
-#: constraint this step)``. The sampler stacks the masks of all rows and applies them in
-#: one kernel: the seam for grammar-constrained decoding.
+#: ``(output_token_ids) -> mask of tokens allowed now, or None (no constraint this step)``.
+#: The mask is either a ``[vocab_size]`` bool tensor or a packed ``[ceil(vocab_size / 32)]``
+#: int32 bitmask (bit ``j`` of word ``i`` allows token ``32 * i + j``; what xgrammar fills),
+#: on the CPU or the logits' device. The sampler stacks the masks of all rows, moves them to
+#: the device at once (packed: 32x fewer bytes) and applies them in one batched kernel: the
+#: seam for grammar-constrained decoding (see :mod:`kvplane.structured`). Called once per
+#: sampling step of the row, so it may advance its own state by the tokens appended since.
 AllowedMaskFn = Callable[[Sequence[int]], torch.Tensor | None]
 
 # The smallest positive float32: keeps ``prob / noise`` finite and never 0 / 0.
@@ -179,15 +183,29 @@ class Sampler:
     ) -> None:
         mask_rows: list[int] = []
         masks: list[torch.Tensor] = []  # each [vocab_size] bool
+        packed_rows: list[int] = []
+        packed_masks: list[torch.Tensor] = []  # each [ceil(vocab_size / 32)] int32
         for row, state in enumerate(states):
             if state.allowed_mask_fn is not None:
                 mask = state.allowed_mask_fn(state.output_token_ids)
-                if mask is not None:
+                if mask is None:
+                    continue
+                if mask.dtype == torch.int32:
+                    packed_rows.append(row)
+                    packed_masks.append(mask)
+                else:
                     mask_rows.append(row)
                     masks.append(mask)
+        device = logits.device
+        parts: list[torch.Tensor] = []  # each [rows, vocab_size] bool
         if masks:
-            allowed = torch.stack(masks).to(logits.device, torch.bool)  # [n, vocab_size]
-            rows = _int64(mask_rows, logits.device)
+            parts.append(torch.stack(masks).to(device, torch.bool))
+        if packed_masks:
+            packed = torch.stack(packed_masks).to(device)  # [rows, ceil(vocab_size / 32)]
+            parts.append(unpack_bitmask(packed, self.vocab_size))
+        if parts:
+            allowed = torch.cat(parts)  # [rows, vocab_size] bool
+            rows = _int64(mask_rows + packed_rows, device)
             logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
         for row, state in enumerate(states):
             for processor in state.logits_processors:
@@ -332,6 +350,17 @@ class Sampler:
         return results
 
 
+def unpack_bitmask(
+    packed: torch.Tensor,  # [n, num_words] int32
+    vocab_size: int,
+) -> torch.Tensor:  # [n, vocab_size] bool
+    """Packed bitmask rows to bool masks on ``packed``'s device; bit set = allowed."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)  # [32]
+    # The shift is arithmetic (sign-extending) but "& 1" keeps only the shifted-down bit.
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [n, num_words, 32]
+    return bits.reshape(packed.shape[0], -1)[:, :vocab_size].bool()
+
+
 def _int64(values: Sequence[int], device: torch.device) -> torch.Tensor:  # [len(values)]
     return to_device(values, torch.int64, device)
 
@@ -352,4 +381,5 @@ __all__ = [
     "SequenceSamplingState",
     "compute_prompt_logprobs",
     "make_generator",
+    "unpack_bitmask",
 ]

@@ -1,4 +1,5 @@
-"""CPU implementations of every op in :data:`kvplane.ops.OP_NAMES`.
+"""CPU implementations of the ops in :data:`kvplane.ops.OP_NAMES` (all but
+:data:`REFERENCE_OPS`, which the CPU takes from the core's reference).
 
 Each function has the signature and semantics of its namesake in
 :mod:`kvplane.ops.reference` (the conformance kit compares them); they differ only in how
@@ -221,8 +222,15 @@ def _kth_largest(
     return kth.masked_fill(~limited.unsqueeze(1), 0.0)
 
 
+#: Ops the CPU leaves to :mod:`kvplane.ops.reference`, because the reference already is
+#: what a CPU version would run: ``fused_moe`` groups tokens by expert and does one pair of
+#: native-dtype matmuls per expert with tokens (no weight copies, no dense blow-up).
+REFERENCE_OPS: frozenset[str] = frozenset({"fused_moe"})
+
+
 def cpu_ops() -> dict[str, Callable[..., Any]]:
-    """Every op of this module keyed by its stable name (each of :data:`kvplane.ops.OP_NAMES`)."""
+    """Every op of this module keyed by its stable name (each of
+    :data:`kvplane.ops.OP_NAMES` but :data:`REFERENCE_OPS`)."""
     table: dict[str, Callable[..., Any]] = {
         "rms_norm": rms_norm,
         "fused_add_rms_norm": fused_add_rms_norm,

@@ -38,7 +38,7 @@ from kvplane_cuda.attention import CudaAttentionBackend
 from kvplane_cuda.communication import NcclCommunicator
 from kvplane_cuda.ops import cuda_ops
 
-KVPLANE_PLUGIN_API = "1.0"
+KVPLANE_PLUGIN_API = "1.1"
 
 
 @hookimpl

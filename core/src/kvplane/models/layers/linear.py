@@ -55,6 +55,19 @@ class Linear(torch.nn.Module):
             )
         rows.copy_(loaded)
 
+    def load_fused(self, name: str, loaded: torch.Tensor) -> None:
+        """Copy checkpoint tensor ``loaded`` that already holds every shard stacked along
+        dim 0 (Phi-3's ``qkv_proj`` / ``gate_up_proj``, GPT-2's ``c_attn``): split by
+        ``output_sizes`` and load each through :meth:`load_shard`, so per-shard
+        handling stays in one place. Raises ValueError on a row-count mismatch."""
+        if loaded.shape[0] != self.output_size:
+            raise ValueError(
+                f"fused {name} has {loaded.shape[0]} rows, layer expects {self.output_size} "
+                f"(shards {self.output_sizes})"
+            )
+        for shard_index, shard in enumerate(loaded.split(self.output_sizes, dim=0)):
+            self.load_shard(name, shard, shard_index)
+
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)
 

@@ -1,8 +1,10 @@
-"""RMSNorm through the platform's ``rms_norm`` / ``fused_add_rms_norm`` ops."""
+"""RMSNorm through the platform's ``rms_norm`` / ``fused_add_rms_norm`` ops, and a plain
+LayerNorm (torch's ``layer_norm``; no platform op)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from kvplane.models.layers.context import BuildContext
 
@@ -25,3 +27,26 @@ class RMSNorm(torch.nn.Module):
         if residual is None:
             return self._rms_norm(x, self.weight, self.eps)
         return self._fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class LayerNorm(torch.nn.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last dim (GPT-2), in
+    float32 through torch's ``layer_norm``; returns the input dtype. No residual fusion:
+    callers add residuals themselves."""
+
+    def __init__(self, hidden_size: int, eps: float, ctx: BuildContext, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=ctx.dtype), requires_grad=False
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.zeros(hidden_size, dtype=ctx.dtype), requires_grad=False)
+            if bias
+            else None
+        )
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
+        bias = None if self.bias is None else self.bias.float()
+        normed = F.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), bias, self.eps)
+        return normed.to(x.dtype)

@@ -1,0 +1,244 @@
+"""``POST /v1/completions``: text or token-id prompts, one or many, streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.sampling.logprobs import SampleLogprobs
+from kvplane.server.errors import bad_request
+from kvplane.server.params import build_sampling_params
+from kvplane.server.protocol import CompletionRequest
+from kvplane.server.responses import (
+    DONE,
+    SSEResponse,
+    finite,
+    now,
+    run_to_completion,
+    sse,
+    sse_error,
+    start_run,
+    usage_of,
+)
+from kvplane.server.runner import RequestRun
+from kvplane.server.state import ServerState
+
+
+async def create_completion(
+    state: ServerState, body: CompletionRequest, request: Request
+) -> Response:
+    state.check_model(body.model)
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of is not supported; use n", "best_of")
+    if body.echo and state.tokenizer is None:
+        raise bad_request("echo needs a tokenizer, and this model has none", "echo")
+    prompts = _prompts(state, body)
+    for token_ids in prompts:
+        state.check_prompt(token_ids, "prompt")
+    prompt_logprobs = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:
+        prompt_logprobs = body.logprobs  # echoed prompt tokens carry logprobs too
+    params = build_sampling_params(
+        body,
+        max_tokens=body.max_tokens,
+        logprobs=body.logprobs,
+        prompt_logprobs=prompt_logprobs,
+        max_logprobs=state.settings.max_logprobs,
+        max_num_seqs=state.max_num_seqs,
+        detokenize=state.tokenizer is not None,
+    )
+    run = state.new_run("cmpl", prompts, params, body.priority)
+    response = await start_run(run, request)
+    if response is not None:
+        return response
+    formatter = _Formatter(state, body, run)
+    if body.stream:
+        return SSEResponse(formatter.stream())
+    finals = await run_to_completion(run, request)
+    if isinstance(finals, Response):
+        return finals
+    return JSONResponse(formatter.response(finals))
+
+
+def _prompts(state: ServerState, body: CompletionRequest) -> list[list[int]]:
+    prompt = body.prompt
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    if isinstance(prompt[0], list):
+        return [list(token_ids) for token_ids in prompt]  # type: ignore[union-attr]
+    tokenizer = state.require_tokenizer()
+    return [
+        list(tokenizer.encode(text, add_special_tokens=body.add_special_tokens))
+        for text in prompt  # type: ignore[union-attr]
+    ]
+
+
+class _Formatter:
+    """Builds the response body, or the stream of chunks, of one completion request."""
+
+    def __init__(self, state: ServerState, body: CompletionRequest, run: RequestRun) -> None:
+        self.state = state
+        self.body = body
+        self.run = run
+        self.created = now()
+        self._prompt_texts: dict[int, str] = {}
+
+    def response(self, finals: Sequence[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for prompt_index, output in enumerate(finals):
+            for completion in output.outputs:
+                text, logprobs = self._choice_content(prompt_index, output, completion, 0, 0)
+                choices.append(
+                    {
+                        "index": prompt_index * self.body.n + completion.index,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": completion.finish_reason,
+                        "stop_reason": completion.stop_reason,
+                    }
+                )
+        return self._envelope(choices) | {"usage": usage_of(finals)}
+
+    async def stream(self) -> AsyncIterator[str]:
+        sent: dict[int, tuple[int, int]] = {}  # choice -> (characters, tokens) sent
+        finished: set[int] = set()
+        finals: list[RequestOutput | None] = [None] * len(self.run.prompts)
+        try:
+            async for prompt_index, output in self.run:
+                finals[prompt_index] = output
+                for completion in output.outputs:
+                    choice = prompt_index * self.body.n + completion.index
+                    num_chars, num_tokens = sent.get(choice, (0, 0))
+                    is_new = (
+                        len(completion.token_ids) > num_tokens or len(completion.text) > num_chars
+                    )
+                    if choice in finished or not (is_new or completion.finished):
+                        continue
+                    text, logprobs = self._choice_content(
+                        prompt_index, output, completion, num_chars, num_tokens, choice in sent
+                    )
+                    if completion.finished:
+                        finished.add(choice)
+                    sent[choice] = (len(completion.text), len(completion.token_ids))
+                    chunk = self._envelope(
+                        [
+                            {
+                                "index": choice,
+                                "text": text,
+                                "logprobs": logprobs,
+                                "finish_reason": completion.finish_reason,
+                                "stop_reason": completion.stop_reason,
+                            }
+                        ]
+                    )
+                    if self._continuous_usage:
+                        chunk["usage"] = usage_of(finals)
+                    yield sse(chunk)
+            if self.body.include_usage:
+                yield sse(self._envelope([]) | {"usage": usage_of(finals)})
+        except Exception as error:
+            yield sse_error(error)
+        finally:
+            await self.run.close()
+        yield DONE
+
+    @property
+    def _continuous_usage(self) -> bool:
+        options = self.body.stream_options
+        return options is not None and options.include_usage and options.continuous_usage_stats
+
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.run.request_id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+        }
+
+    def _choice_content(
+        self,
+        prompt_index: int,
+        output: RequestOutput,
+        completion: CompletionOutput,
+        num_chars: int,
+        num_tokens: int,
+        started: bool = False,
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Text and logprobs from character ``num_chars`` / token ``num_tokens`` on; the
+        first piece of a choice starts with the prompt when echoing."""
+        text = completion.text[num_chars:]
+        token_ids = completion.token_ids[num_tokens:]
+        entries: list[SampleLogprobs | None] = list((completion.logprobs or [])[num_tokens:])
+        echo = self.body.echo and not started
+        if echo:
+            text = self._prompt_text(prompt_index) + text
+        if self.body.logprobs is None:
+            return text, None
+        offset = len(self._prompt_text(prompt_index)) if self.body.echo else 0
+        offset += num_chars
+        if echo:
+            prompt_entries = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids))
+            token_ids = list(output.prompt_token_ids) + token_ids
+            entries = prompt_entries + entries
+            offset = 0
+        return text, self._logprobs(token_ids, entries, offset)
+
+    def _prompt_text(self, prompt_index: int) -> str:
+        if prompt_index not in self._prompt_texts:
+            tokenizer = self.state.require_tokenizer()
+            prompt = self.body.prompt
+            if isinstance(prompt, str):
+                text = prompt
+            elif prompt and isinstance(prompt[0], str):
+                text = prompt[prompt_index]  # type: ignore[assignment]
+            else:
+                text = tokenizer.decode(self.run.prompts[prompt_index])
+            self._prompt_texts[prompt_index] = str(text)
+        return self._prompt_texts[prompt_index]
+
+    def _logprobs(
+        self, token_ids: list[int], entries: list[SampleLogprobs | None], offset: int
+    ) -> dict[str, Any]:
+        """OpenAI's legacy completion logprobs: tokens, token_logprobs, top_logprobs,
+        text_offset (the sampled token is listed among the top ones, as vLLM does)."""
+        num_top = self.body.logprobs or 0
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        text_offset: list[int] = []
+        for token_id, entry in zip(token_ids, entries, strict=False):
+            if entry is None or token_id not in entry:
+                token = self.state.decode([token_id])
+                token_logprobs.append(None)
+                top_logprobs.append(None)
+            else:
+                chosen = entry[token_id]
+                token = chosen.decoded_token or ""
+                token_logprobs.append(finite(chosen.logprob))
+                top_logprobs.append(
+                    {
+                        (lp.decoded_token or ""): finite(lp.logprob)
+                        for tid, lp in entry.items()
+                        if tid == token_id or (lp.rank is not None and lp.rank <= num_top)
+                    }
+                )
+            tokens.append(token)
+            text_offset.append(offset)
+            offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": text_offset,
+        }

@@ -1,0 +1,207 @@
+"""One API request on the engine: one engine request per prompt, their outputs merged.
+
+A :class:`RequestRun` lives on the event-loop thread. ``await run.start()`` submits every
+prompt and returns once each has produced its first output, so a request the engine
+rejects (a schema that cannot compile, a token id outside the vocabulary...) raises here,
+before a streaming response has sent its status line. Iterating then yields
+``(prompt_index, cumulative RequestOutput)`` until every prompt has finished.
+
+Leaving early (client gone, handler cancelled) and :meth:`RequestRun.close` abort the
+engine requests still running; :meth:`RequestRun.cancel` (server shutdown) makes the
+iteration end with ``finish_reason="abort"`` outputs so the response completes normally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+from starlette.requests import Request
+
+from kvplane.engine.async_llm import AsyncLLM
+from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.sampling.params import SamplingParams
+from kvplane.server.metrics import ServerMetrics
+
+T = TypeVar("T")
+
+# Queue items: (prompt index, output or the error that ended it); None means cancelled.
+_Item = tuple[int, RequestOutput | BaseException] | None
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
+
+
+class RequestRun:
+    """The engine requests of one API request (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: AsyncLLM,
+        metrics: ServerMetrics,
+        registry: set[RequestRun],
+        request_id: str,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        priority: int = 0,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.registry = registry
+        self.request_id = request_id
+        self.prompts = prompts
+        self.params = params
+        self.priority = priority
+        self.arrival = time.monotonic()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._buffer: deque[_Item] = deque()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._last: list[RequestOutput | None] = [None] * len(prompts)
+        self._first_token_time: list[float | None] = [None] * len(prompts)
+        self._finished = [False] * len(prompts)
+        self._closed = False
+
+    def engine_request_id(self, index: int) -> str:
+        return f"{self.request_id}-{index}"
+
+    async def start(self) -> None:
+        """Submit every prompt; return when each has a first output. Raises the first
+        error any prompt met (after aborting the others)."""
+        self.registry.add(self)
+        for index, token_ids in enumerate(self.prompts):
+            self._tasks.append(asyncio.create_task(self._pump(index, token_ids)))
+        started = [False] * len(self.prompts)
+        while not all(started):
+            item = await self._queue.get()
+            self._buffer.append(item)
+            if item is None:
+                return  # cancelled while starting: iteration reports aborts
+            index, output = item
+            if isinstance(output, BaseException):
+                await self.close()
+                raise output
+            started[index] = True
+
+    def cancel(self) -> None:
+        """End the iteration now with ``finish_reason="abort"`` (server shutdown)."""
+        self._queue.put_nowait(None)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        while not all(self._finished):
+            item = self._buffer.popleft() if self._buffer else await self._queue.get()
+            if item is None:
+                for index, finished in enumerate(self._finished):
+                    if not finished:
+                        output = self._aborted_output(index)
+                        self._observe(index, output)
+                        yield index, output
+                break
+            index, output = item
+            if isinstance(output, BaseException):
+                raise output
+            self._observe(index, output)
+            yield index, output
+        await self.close()
+
+    async def close(self) -> None:
+        """Abort what still runs (idempotent); unfinished prompts count as aborted."""
+        if self._closed:
+            return
+        self._closed = True
+        self.registry.discard(self)
+        for index, finished in enumerate(self._finished):
+            if not finished:
+                self._observe(index, self._aborted_output(index))
+        for task in self._tasks:
+            task.cancel()
+        # Cancelling a pump closes its engine stream, which queues the abort. Everything
+        # above is synchronous: when the caller is being cancelled (a client that left a
+        # stream), this await may be cut short, and the pumps are cancelled regardless.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _pump(self, index: int, token_ids: list[int]) -> None:
+        try:
+            async for output in self.engine.generate(
+                {"prompt_token_ids": token_ids},
+                self.params,
+                self.engine_request_id(index),
+                priority=self.priority,
+            ):
+                self._queue.put_nowait((index, output))
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # delivered to the consumer, which raises it
+            self._queue.put_nowait((index, error))
+
+    def _observe(self, index: int, output: RequestOutput) -> None:
+        if self._finished[index]:
+            return
+        now = time.monotonic()
+        self._last[index] = output
+        if self._first_token_time[index] is None and any(c.token_ids for c in output.outputs):
+            self._first_token_time[index] = now
+        if not output.finished:
+            return
+        self._finished[index] = True
+        first = self._first_token_time[index]
+        ttft = None if first is None else first - self.arrival
+        for position, completion in enumerate(output.outputs):
+            self.metrics.record_sequence(
+                len(self.prompts[index]) if position == 0 else 0,
+                len(completion.token_ids),
+                completion.finish_reason,
+                ttft,
+                now - self.arrival,
+            )
+
+    def _aborted_output(self, index: int) -> RequestOutput:
+        last = self._last[index]
+        if last is None:
+            empty = [] if self.params.logprobs is not None else None
+            completions = [
+                CompletionOutput(i, "", [], None, empty, finish_reason="abort")
+                for i in range(self.params.n)
+            ]
+            return RequestOutput(
+                self.engine_request_id(index), None, self.prompts[index], None, completions, True
+            )
+        completions = [
+            c if c.finished else dataclasses.replace(c, finish_reason="abort") for c in last.outputs
+        ]
+        return dataclasses.replace(last, outputs=completions, finished=True)
+
+
+async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable``; if the client disconnects first, cancel it (which aborts its
+    engine requests) and raise :class:`ClientDisconnected`.
+
+    Reads ``request.receive()``: call it only after the body has been read.
+    """
+    work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise ClientDisconnected()
+    return work.result()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message: dict[str, Any] = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
