@@ -125,3 +125,59 @@ def test_latency_json(tiny_dir: Path, tmp_path: Path) -> None:
     assert result["avg_latency"] == pytest.approx(sum(result["latencies"]) / 3)
     assert set(result["percentiles"]) == {"10", "25", "50", "75", "90", "99"}
     assert min(result["latencies"]) <= result["percentiles"]["50"] <= max(result["latencies"])
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word: enough to test the dataset's filters."""
+
+    def encode(self, text: str) -> list[int]:
+        return [len(word) for word in text.split()]
+
+
+def test_sharegpt_takes_first_turns_and_reply_lengths(tmp_path: Path) -> None:
+    conversations = [
+        {
+            "conversations": [
+                {"from": "human", "value": "tell me a long story please now"},
+                {"from": "gpt", "value": "once upon a time there was"},
+            ]
+        },
+        {
+            "conversations": [
+                {"from": "human", "value": "hi"},  # too short: skipped
+                {"from": "gpt", "value": "hello there my friend"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "one turn only"}]},  # no reply: skipped
+        {
+            "conversations": [
+                {"from": "human", "value": "what is two plus two"},
+                {"from": "gpt", "value": "two plus two is four"},
+            ]
+        },
+    ]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(conversations))
+    from kvplane.bench.datasets import sharegpt_requests
+
+    requests = sharegpt_requests(path, 10, WordTokenizer(), seed=0)
+    assert sorted((len(r.prompt_token_ids), r.output_len) for r in requests) == [(5, 5), (7, 6)]
+    assert len(sharegpt_requests(path, 1, WordTokenizer(), seed=0)) == 1
+    with pytest.raises(ValueError, match="tokenizer"):
+        sharegpt_requests(path, 1, None, seed=0)
+
+
+def test_dataset_flag_takes_a_sharegpt_file(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="takes no file"):
+        main(
+            [
+                "bench",
+                "throughput",
+                "--model",
+                str(tiny_dir),
+                "--skip-tokenizer-init",
+                "--dataset",
+                "random",
+                "extra.json",
+            ]
+        )

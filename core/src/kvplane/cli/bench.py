@@ -83,14 +83,39 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _add_workload_arguments(parser: argparse.ArgumentParser, default_prompts: int) -> None:
-    parser.add_argument("--dataset", choices=("random", "nano", "sharegpt"), default="random")
-    parser.add_argument("--dataset-path", default=None, help="ShareGPT JSON file")
+    parser.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["random"],
+        metavar="NAME [FILE]",
+        help="random | nano | sharegpt FILE (a ShareGPT JSON file)",
+    )
+    parser.add_argument(
+        "--dataset-path",
+        default=None,
+        help="ShareGPT JSON file (or give it after --dataset sharegpt)",
+    )
     parser.add_argument("--input-len", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument(
         "--num-prompts", type=int, default=None, help=f"default: {default_prompts} (256 for nano)"
     )
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _normalize_dataset(args: argparse.Namespace) -> None:
+    """Accept ``--dataset sharegpt FILE`` as well as ``--dataset-path FILE``."""
+    name, *rest = args.dataset
+    if name not in ("random", "nano", "sharegpt") or len(rest) > 1:
+        raise SystemExit(
+            f"kvplane bench: --dataset must be random, nano or sharegpt FILE, "
+            f"got {' '.join(args.dataset)!r}"
+        )
+    if rest and name != "sharegpt":
+        raise SystemExit(f"kvplane bench: --dataset {name} takes no file")
+    args.dataset = name
+    if rest:
+        args.dataset_path = rest[0]
 
 
 def _engine_config(args: argparse.Namespace) -> Any:
@@ -105,6 +130,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     from kvplane.bench.throughput import run_kvplane, run_transformers
     from kvplane.engine.llm import LLM
 
+    _normalize_dataset(args)
     llm = LLM.from_config(_engine_config(args))
     hf_config = llm.engine.model_config.hf_config
     requests = make_requests(args, hf_config.vocab_size, llm.get_tokenizer())
@@ -172,6 +198,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvplane.bench.serve import plot_serve
     from kvplane.bench.serve import run_serve as measure
 
+    _normalize_dataset(args)
     vocab_size, tokenizer = _vocabulary(args)
     requests = make_requests(args, vocab_size, tokenizer)
     metrics, results = asyncio.run(
