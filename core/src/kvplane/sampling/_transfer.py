@@ -21,7 +21,7 @@ def to_device(
     torch's caching host allocator does not reuse it earlier.
     """
     tensor = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
+    if device.type == tensor.device.type:  # already where it is needed (host tensors)
         return tensor
     if device.type not in _NO_PINNING:
         try:
