@@ -57,7 +57,7 @@ class LLM:
         try:
             for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
                 request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, params, priority=prio)
+                self.engine.add_request(request_id, prompt, params, priority=prio, final_only=True)
                 request_ids.append(request_id)
             return self._run_to_completion(request_ids, use_tqdm)
         except BaseException:

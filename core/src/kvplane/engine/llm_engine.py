@@ -54,8 +54,10 @@ class LLMEngine:
         self.model_config = resolve_model_config(config, self.platform)
         has_tokenizer = self.model_config.source.has_files or config.tokenizer is not None
         if not has_tokenizer and not config.skip_tokenizer_init:
-            logger.info("%s has no tokenizer: prompts must be token ids",
-                        self.model_config.source.display_name)
+            logger.info(
+                "%s has no tokenizer: prompts must be token ids",
+                self.model_config.source.display_name,
+            )
         self.tokenizer = (
             None
             if config.skip_tokenizer_init or not has_tokenizer
@@ -154,8 +156,13 @@ class LLMEngine:
         params: SamplingParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
+        final_only: bool = False,
     ) -> None:
-        """Queue a request. Raises ``ValueError`` for a prompt that cannot be served."""
+        """Queue a request. Raises ``ValueError`` for a prompt that cannot be served.
+
+        With ``final_only``, :meth:`step` returns the request's output only once it has
+        finished (offline use), sparing a per-step copy of every request's tokens.
+        """
         params = params or SamplingParams()
         text, prompt_token_ids = self.tokenize_prompt(prompt)
         self._validate_prompt(prompt_token_ids)
@@ -185,7 +192,7 @@ class LLMEngine:
                 generator=None if seed is None else make_generator(seed, self.device),
                 allowed_mask_fn=mask_fns[index],
             )
-        self.output_processor.add_request(request_id, text, sequences, params)
+        self.output_processor.add_request(request_id, text, sequences, params, final_only)
         self.scheduler.add_request(sequences[0], children=sequences[1:])
 
     def _grammar_constraints(self, params: SamplingParams) -> list[AllowedMaskFn | None]:

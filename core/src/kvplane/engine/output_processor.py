@@ -45,6 +45,8 @@ class _RequestState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     changed: bool = False
+    # Offline callers only read the final output: skip building the interim ones.
+    final_only: bool = False
 
     @property
     def finished(self) -> bool:
@@ -70,7 +72,9 @@ class OutputProcessor:
         prompt: str | None,
         sequences: Sequence[Request],
         params: SamplingParams,
+        final_only: bool = False,
     ) -> None:
+        """Track a request; with ``final_only`` only its finished output is built."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_token_ids = sequences[0].prompt_token_ids
@@ -81,6 +85,7 @@ class OutputProcessor:
             params=params,
             sequences=[],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            final_only=final_only,
         )
         for index, request in enumerate(sequences):
             detokenizer = (
@@ -164,11 +169,11 @@ class OutputProcessor:
         return RequestStatus.FINISHED_STOPPED
 
     def collect_outputs(self, stats: SchedulerStats | None = None) -> list[RequestOutput]:
-        """Outputs of every request that changed since the last call; finished requests
-        are dropped afterwards."""
+        """Outputs of every request that changed since the last call (``final_only``
+        requests: only once finished); finished requests are dropped afterwards."""
         outputs = []
         for request_id, state in list(self._requests.items()):
-            if not state.changed:
+            if not state.changed or (state.final_only and not state.finished):
                 continue
             state.changed = False
             outputs.append(self._make_output(state))
