@@ -48,6 +48,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     seed: int = 0
     enforce_eager: bool = False
+    #: Overlap the host's work for step k + 1 with the device's run of step k (None: on
+    #: where the platform runs asynchronously). Sequences with penalties or a grammar
+    #: still run step by step, since they need their tokens on the host.
+    async_scheduling: bool | None = None
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:

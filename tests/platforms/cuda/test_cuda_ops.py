@@ -1,62 +1,555 @@
-"""The CUDA platform's sync-free ops against the reference (on the CPU, and on a GPU
-when there is one)."""
+"""The CUDA platform's Triton ops against the reference, on fresh random inputs.
+
+On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set before
+Triton is imported; ``scripts/test.sh`` exports it) on small shapes in float32 and
+float16 (the interpreter rounds bfloat16 by truncation, so bfloat16 runs only on a GPU).
+On a GPU, without the interpreter, every case also runs compiled, in bfloat16 too, and
+the ``realistic`` tests add model-sized shapes and CUDA-graph capture.
+"""
 
 from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from kvplane.models.layers.rotary import RotaryEmbedding, inverse_frequencies
 from kvplane.ops import OP_NAMES
 from kvplane.ops import reference as ref
+from kvplane.testing.helpers import assert_close, rope_cos_sin_cache
 from kvplane_cuda import ops
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+HAS_GPU = torch.cuda.is_available() and not INTERPRET
+DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if HAS_GPU else [])
+# bfloat16 only compiled: the interpreter truncates float32 -> bfloat16 instead of rounding.
+CASES = [
+    (device, dtype)
+    for device in DEVICES
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if device == "cuda" or dtype != torch.bfloat16
+]
+CASE_IDS = [f"{device}-{str(dtype).removeprefix('torch.')}" for device, dtype in CASES]
+realistic = pytest.mark.skipif(not HAS_GPU, reason="model-sized shapes need a GPU")
+
+OPS: dict[str, Any] = ops.cuda_ops()
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    tolerance = TOLERANCES[expected.dtype]
-    torch.testing.assert_close(actual.cpu(), expected, atol=tolerance, rtol=tolerance)
+def randn(
+    shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0
+) -> torch.Tensor:
+    return (torch.randn(shape, generator=gen) * scale).to(dtype)
 
 
 def test_offers_only_known_ops() -> None:
-    assert set(ops.cuda_ops()) <= set(OP_NAMES)
+    assert set(OPS) <= set(OP_NAMES)
+    assert set(OP_NAMES) - set(OPS) == {"fused_moe"}
+
+
+# -- norms -----------------------------------------------------------------------------
+
+# The last shape is wider than one register block: the two-pass path.
+NORM_SHAPES = [(1, 64), (7, 640), (3, 1000), (2, 9000)]
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("num_tokens", "hidden_size"), NORM_SHAPES)
+def test_rms_norm(
+    device: str, dtype: torch.dtype, num_tokens: int, hidden_size: int, generator: torch.Generator
+) -> None:
+    x = randn((num_tokens, hidden_size), dtype, generator, scale=2.0)
+    weight = randn((hidden_size,), dtype, generator)
+    x_device = x.to(device, copy=True)
+    out = OPS["rms_norm"](x_device, weight.to(device), 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_close(out, ref.rms_norm(x, weight, 1e-5))
+    assert torch.equal(x_device.cpu(), x), "rms_norm must not mutate its input"
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("num_tokens", "hidden_size"), NORM_SHAPES)
+def test_fused_add_rms_norm_writes_the_sum_into_residual(
+    device: str, dtype: torch.dtype, num_tokens: int, hidden_size: int, generator: torch.Generator
+) -> None:
+    x = randn((num_tokens, hidden_size), dtype, generator)
+    residual = randn((num_tokens, hidden_size), dtype, generator)
+    weight = randn((hidden_size,), dtype, generator)
+    expected_out, expected_sum = ref.fused_add_rms_norm(x, residual, weight, 1e-6)
+    residual_device = residual.to(device, copy=True)
+    out, summed = OPS["fused_add_rms_norm"](
+        x.to(device, copy=True), residual_device, weight.to(device), 1e-6
+    )
+    assert summed.data_ptr() == residual_device.data_ptr()
+    assert torch.equal(summed.cpu(), expected_sum), "the sum rounds once, like the reference"
+    assert_close(out, expected_out)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_norms_and_activations(device: str, dtype: torch.dtype, generator: torch.Generator) -> None:
-    x = torch.randn(7, 128, generator=generator).to(dtype)
-    residual = torch.randn(7, 128, generator=generator).to(dtype)
-    weight = torch.randn(128, generator=generator).to(dtype)
-    assert_close(ops.rms_norm(x.to(device), weight.to(device), 1e-6), ref.rms_norm(x, weight, 1e-6))
-    expected = ref.fused_add_rms_norm(x, residual, weight, 1e-6)
-    on_device = residual.to(device, copy=True)
-    actual = ops.fused_add_rms_norm(x.to(device), on_device, weight.to(device), 1e-6)
-    assert_close(actual[0], expected[0])
-    torch.testing.assert_close(actual[1].cpu(), expected[1], atol=0, rtol=0)
-    assert actual[1].data_ptr() == on_device.data_ptr()
-    assert_close(ops.silu_and_mul(x.to(device)), ref.silu_and_mul(x))
-    assert_close(ops.gelu_and_mul(x.to(device), "tanh"), ref.gelu_and_mul(x, "tanh"))
+def test_norms_take_strided_rows_and_mixed_residual_dtype(
+    device: str, generator: torch.Generator
+) -> None:
+    wide = randn((5, 300), torch.float16, generator).to(device)
+    x = wide[:, 20:276]  # [5, 256], row stride 300
+    weight = randn((256,), torch.float32, generator).to(device)
+    assert_close(OPS["rms_norm"](x, weight, 1e-6), ref.rms_norm(x.cpu(), weight.cpu(), 1e-6))
+    residual = randn((5, 256), torch.float32, generator)  # float32 residual, float16 x
+    expected = ref.fused_add_rms_norm(x.cpu(), residual, weight.cpu(), 1e-6)
+    out, summed = OPS["fused_add_rms_norm"](x.clone(), residual.to(device), weight, 1e-6)
+    assert summed.dtype == torch.float16 and torch.equal(summed.cpu(), expected[1])
+    assert_close(out, expected[0])
+
+
+# -- gated activations -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("num_tokens", "intermediate_size"), [(1, 64), (7, 640), (3, 1500)])
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh"])
+def test_gated_activations(
+    device: str,
+    dtype: torch.dtype,
+    num_tokens: int,
+    intermediate_size: int,
+    activation: str,
+    generator: torch.Generator,
+) -> None:
+    x = randn((num_tokens, 2 * intermediate_size), dtype, generator, scale=3.0)
+    x[0, :4] = torch.tensor([-100.0, 100.0, -20.0, 20.0], dtype=dtype)  # saturated gates
+    x_device = x.to(device, copy=True)
+    if activation == "silu":
+        out, expected = OPS["silu_and_mul"](x_device), ref.silu_and_mul(x)
+    else:
+        approximate = "tanh" if activation == "gelu_tanh" else "none"
+        out = OPS["gelu_and_mul"](x_device, approximate)
+        expected = ref.gelu_and_mul(x, approximate)
+    assert out.shape == (num_tokens, intermediate_size) and out.dtype == dtype
+    assert_close(out, expected)
+
+
+# -- rotary embedding ------------------------------------------------------------------
+
+# (num_tokens, num_heads, num_kv_heads, head_size, rotary_dim)
+ROTARY_SHAPES = [
+    (5, 4, 4, 64, 64),
+    (17, 8, 2, 128, 128),
+    (9, 4, 1, 128, 64),  # partial rotary
+    (3, 2, 2, 80, 32),  # partial rotary, odd head size
+    (4, 40, 8, 64, 64),  # more heads than one program block
+]
+
+
+def _qkv_views(
+    num_tokens: int, num_heads: int, num_kv_heads: int, head_size: int, qkv: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query and key as the attention layer makes them: strided views of one qkv output."""
+    q_size, kv_size = num_heads * head_size, num_kv_heads * head_size
+    query, key, _ = qkv.split((q_size, kv_size, kv_size), dim=-1)
+    return (
+        query.reshape(num_tokens, num_heads, head_size),
+        key.reshape(num_tokens, num_kv_heads, head_size),
+    )
+
+
+@pytest.mark.parametrize(("device", "dtype"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("is_neox_style", [True, False], ids=["neox", "gptj"])
+@pytest.mark.parametrize(
+    ("num_tokens", "num_heads", "num_kv_heads", "head_size", "rotary_dim"), ROTARY_SHAPES
+)
+def test_rotary_embedding_in_place_on_qkv_views(
+    device: str,
+    dtype: torch.dtype,
+    is_neox_style: bool,
+    num_tokens: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_size: int,
+    rotary_dim: int,
+    generator: torch.Generator,
+) -> None:
+    width = (num_heads + 2 * num_kv_heads) * head_size
+    qkv = randn((num_tokens, width), dtype, generator)
+    positions = torch.randint(0, 4096, (num_tokens,), generator=generator)
+    cos_sin_cache = rope_cos_sin_cache(4096, rotary_dim, dtype)
+    query, key = _qkv_views(num_tokens, num_heads, num_kv_heads, head_size, qkv)
+    expected_query, expected_key = ref.rotary_embedding(
+        positions, query, key, cos_sin_cache, is_neox_style
+    )
+    qkv_device = qkv.to(device, copy=True)
+    query_device, key_device = _qkv_views(
+        num_tokens, num_heads, num_kv_heads, head_size, qkv_device
+    )
+    assert not query_device.is_contiguous()
+    out_query, out_key = OPS["rotary_embedding"](
+        positions.to(device), query_device, key_device, cos_sin_cache.to(device), is_neox_style
+    )
+    assert out_query is query_device and out_key is key_device, "rotates in place"
+    assert_close(out_query, expected_query)
+    assert_close(out_key, expected_key)
+    # Value columns and channels past rotary_dim are left alone, bit for bit.
+    untouched = qkv_device.cpu().view(num_tokens, -1, head_size)[..., rotary_dim:]
+    assert torch.equal(untouched, qkv.view(num_tokens, -1, head_size)[..., rotary_dim:])
+    value_start = (num_heads + num_kv_heads) * head_size
+    assert torch.equal(qkv_device[:, value_start:].cpu(), qkv[:, value_start:])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_embedding_with_llama3_scaled_table(device: str, generator: torch.Generator) -> None:
+    # The table as the core's RotaryEmbedding builds it for a Llama-3.1 checkpoint.
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    max_position, head_size = 16384, 128
+    platform = SimpleNamespace(ops=SimpleNamespace(rotary_embedding=OPS["rotary_embedding"]))
+    ctx: Any = SimpleNamespace(platform=platform, device=torch.device(device))
+    rotary = RotaryEmbedding(head_size, head_size, max_position, params, True, ctx)
+    default, _ = inverse_frequencies(head_size, {**params, "rope_type": "default"}, max_position)
+    scaled, _ = inverse_frequencies(head_size, params, max_position)
+    assert not torch.allclose(default, scaled), "llama3 scaling changes the low frequencies"
+
+    num_tokens = 6
+    positions = torch.randint(0, max_position, (num_tokens,), generator=generator)
+    positions[0] = max_position - 1  # past the original context
+    query = randn((num_tokens, 8, head_size), torch.float32, generator)
+    key = randn((num_tokens, 2, head_size), torch.float32, generator)
+    table = rotary.cos_sin_cache.cpu()
+    expected_query, expected_key = ref.rotary_embedding(positions, query, key, table, True)
+    out_query, out_key = rotary(positions.to(device), query.to(device), key.to(device))
+    assert_close(out_query, expected_query)
+    assert_close(out_key, expected_key)
+
+
+# -- KV-cache writes -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
-    "skipped",
-    [[], [0], [2, 5], [0, 1, 2, 3, 4, 5, 6]],
-    ids=["none", "first", "some", "all"],
+    "skipped", [[], [0], [2, 5], [0, 1, 2, 3, 4, 5, 6]], ids=["none", "first", "some", "all"]
 )
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.float32])
 def test_reshape_and_cache_skips_negative_slots(
-    device: str, skipped: list[int], generator: torch.Generator
+    device: str, skipped: list[int], cache_dtype: torch.dtype, generator: torch.Generator
 ) -> None:
-    key = torch.randn(7, 2, 8, generator=generator)
-    value = torch.randn(7, 2, 8, generator=generator)
+    # key and value are strided views of one [7, 3 * 2 * 8] qkv tensor, as in attention.
+    qkv = randn((7, 48), torch.float32, generator)
+    key, value = qkv[:, 16:32].view(7, 2, 8), qkv[:, 32:].view(7, 2, 8)
     slot_mapping = torch.randperm(24, generator=generator)[:7]
     slot_mapping[skipped] = -1
-    cache = torch.randn(2, 6, 4, 2, 8, generator=generator).to(torch.bfloat16)
-    expected = cache.clone()
+    kv_cache = randn((2, 6, 4, 2, 8), cache_dtype, generator)
+    expected = kv_cache.clone()
     ref.reshape_and_cache(key, value, expected, slot_mapping)
-    on_device = cache.to(device, copy=True)
+    on_device = kv_cache.to(device, copy=True)
+    qkv_device = qkv.to(device)
+    OPS["reshape_and_cache"](
+        qkv_device[:, 16:32].view(7, 2, 8),
+        qkv_device[:, 32:].view(7, 2, 8),
+        on_device,
+        slot_mapping.to(device),
+    )
+    assert torch.equal(on_device.cpu(), expected)
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_GPU else []))
+def test_module_level_reshape_and_cache(device: str, generator: torch.Generator) -> None:
+    # What the attention backend imports: the kernel on a GPU, the reference on the CPU.
+    key, value = (randn((5, 2, 16), torch.float32, generator) for _ in range(2))
+    slot_mapping = torch.tensor([3, -1, 17, 0, 9])
+    kv_cache = randn((2, 3, 8, 2, 16), torch.float32, generator)
+    expected = kv_cache.clone()
+    ref.reshape_and_cache(key, value, expected, slot_mapping)
+    on_device = kv_cache.to(device, copy=True)
     ops.reshape_and_cache(key.to(device), value.to(device), on_device, slot_mapping.to(device))
     assert torch.equal(on_device.cpu(), expected)
+
+
+# -- sampling --------------------------------------------------------------------------
+
+SAMPLING_VARIANTS = ["top_k", "top_p", "min_p", "top_k_top_p", "all"]
+TINY = torch.finfo(torch.float32).tiny
+Limits = tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]
+
+
+def _limits(variant: str, num_seqs: int, vocab_size: int, gen: torch.Generator) -> Limits:
+    def pick(choices: list[float]) -> torch.Tensor:
+        return torch.tensor(choices)[torch.randint(0, len(choices), (num_seqs,), generator=gen)]
+
+    top_k = pick([0, -1, 1, 2, 5, 50, vocab_size - 1, vocab_size, vocab_size + 7]).long()
+    top_p = pick([1.0, 0.99, 0.95, 0.8, 0.5, 0.1, 0.0]).float()
+    min_p = pick([0.0, 0.02, 0.1, 0.5]).float()
+    return (
+        top_k if variant in ("top_k", "top_k_top_p", "all") else None,
+        top_p if variant in ("top_p", "top_k_top_p", "all") else None,
+        min_p if variant in ("min_p", "all") else None,
+    )
+
+
+def _revealing_noise(probs: torch.Tensor) -> torch.Tensor:
+    """Noise under which the smallest kept probability wins the race (its first index on
+    ties): the sampled token then pins down the combined threshold exactly."""
+    return (probs * (1.0 + probs)).clamp(min=TINY)
+
+
+def _noise(kind: str, probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if kind == "revealing":
+        return _revealing_noise(probs)
+    return torch.empty(probs.shape).exponential_(generator=gen).clamp_(min=TINY)
+
+
+def _sample(device: str, probs: torch.Tensor, limits: Limits, noise: torch.Tensor) -> list[int]:
+    on_device = [None if t is None else t.to(device) for t in (probs, *limits, noise)]
+    tokens = OPS["top_k_top_p_sample"](*on_device)
+    assert tokens.dtype == torch.int64 and tokens.shape == (probs.shape[0],)
+    return tokens.cpu().tolist()
+
+
+def _assert_matches_reference(
+    device: str, probs: torch.Tensor, limits: Limits, noise: torch.Tensor
+) -> None:
+    expected = ref.top_k_top_p_sample(probs, *limits, noise).tolist()
+    actual = _sample(device, probs, limits, noise)
+    mismatched = [row for row, (a, e) in enumerate(zip(actual, expected, strict=True)) if a != e]
+    assert not mismatched, f"rows {mismatched}: got {actual}, reference {expected}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", SAMPLING_VARIANTS)
+@pytest.mark.parametrize(
+    ("num_seqs", "vocab_size", "noise_kind"),
+    [(16, 1000, "random"), (16, 1000, "revealing"), (2, 32000, "random"), (2, 32000, "revealing")],
+)
+def test_top_k_top_p_sample_matches_reference_exactly(
+    device: str,
+    variant: str,
+    num_seqs: int,
+    vocab_size: int,
+    noise_kind: str,
+    generator: torch.Generator,
+) -> None:
+    probs = (torch.randn(num_seqs, vocab_size, generator=generator) * 3.0).softmax(dim=-1)
+    limits = _limits(variant, num_seqs, vocab_size, generator)
+    _assert_matches_reference(device, probs, limits, _noise(noise_kind, probs, generator))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", SAMPLING_VARIANTS)
+def test_top_k_top_p_sample_with_many_tied_probabilities(
+    device: str, variant: str, generator: torch.Generator
+) -> None:
+    # Few distinct logits (as low-precision logits give): the k-th probability and the
+    # top-p boundary fall inside runs of equal probabilities.
+    num_seqs, vocab_size = 16, 600
+    logits = torch.randint(-6, 7, (num_seqs, vocab_size), generator=generator) / 2.0
+    probs = logits.softmax(dim=-1)
+    limits = _limits(variant, num_seqs, vocab_size, generator)
+    for kind in ("random", "revealing"):
+        _assert_matches_reference(device, probs, limits, _noise(kind, probs, generator))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("top_k", "top_p", "expected"),
+    [
+        (2, None, 1),  # 0.25 is 2nd: kept
+        (3, None, 2),  # the 3rd, 0.125, ties with the 4th: both kept, first index wins
+        (None, 0.5, 0),  # mass before 0.25 is 0.5, not < 0.5
+        (None, 0.75, 1),  # mass before the first 0.125 is exactly 0.75: dropped
+        (None, 0.8, 2),  # ... and 0.8 keeps it, and its tie
+        (None, 0.875, 2),  # mass before the second 0.125 is 0.875; the tie keeps it anyway
+        (None, 0.0, 0),  # the top token is always kept
+        (2, 0.9, 1),
+    ],
+)
+def test_top_k_top_p_sample_exact_boundaries(
+    device: str, top_k: int | None, top_p: float | None, expected: int
+) -> None:
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125]])  # exact in float32: no rounding
+    limits: Limits = (
+        None if top_k is None else torch.tensor([top_k]),
+        None if top_p is None else torch.tensor([top_p]),
+        None,
+    )
+    noise = _revealing_noise(probs)
+    assert ref.top_k_top_p_sample(probs, *limits, noise).tolist() == [expected]
+    assert _sample(device, probs, limits, noise) == [expected]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_one_drops_the_tail_exactly_as_the_reference(
+    device: str, generator: torch.Generator
+) -> None:
+    # The reference's float32 mass before a tail token can round up to 1.0, and then
+    # top_p=1.0 drops that token: the kernel must drop the same ones.
+    num_seqs, vocab_size = 16, 1000
+    probs = (torch.randn(num_seqs, vocab_size, generator=generator) * 4.0).softmax(dim=-1)
+    limits: Limits = (None, torch.ones(num_seqs), None)
+    noise = _revealing_noise(probs)
+    without_top_p = ref.top_k_top_p_sample(probs, None, None, torch.zeros(num_seqs), noise)
+    with_top_p = ref.top_k_top_p_sample(probs, *limits, noise)
+    assert (without_top_p != with_top_p).any(), "no row exercises the rounding"
+    _assert_matches_reference(device, probs, limits, noise)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_k_top_p_sample_without_limits_is_the_plain_race(
+    device: str, generator: torch.Generator
+) -> None:
+    probs = torch.randn(3, 500, generator=generator).softmax(dim=-1)
+    noise = torch.empty(3, 500).exponential_(generator=generator)
+    _assert_matches_reference(device, probs, (None, None, None), noise)
+
+
+# -- model-sized shapes and CUDA graphs (GPU only) -------------------------------------
+
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+# (num_heads, num_kv_heads, head_size): Llama-3-8B, Qwen3-0.6B
+HEAD_LAYOUTS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}
+
+
+@realistic
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("hidden_size", [4096, 1024])
+def test_norms_at_model_size(
+    dtype: torch.dtype, hidden_size: int, generator: torch.Generator
+) -> None:
+    x, residual = (randn((4096, hidden_size), dtype, generator) for _ in range(2))
+    weight = randn((hidden_size,), dtype, generator)
+    assert_close(OPS["rms_norm"](x.cuda(), weight.cuda(), 1e-5), ref.rms_norm(x, weight, 1e-5))
+    expected_out, expected_sum = ref.fused_add_rms_norm(x, residual, weight, 1e-5)
+    out, summed = OPS["fused_add_rms_norm"](x.cuda(), residual.cuda(), weight.cuda(), 1e-5)
+    assert torch.equal(summed.cpu(), expected_sum)
+    assert_close(out, expected_out)
+
+
+@realistic
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize(("num_tokens", "intermediate_size"), [(512, 14336), (4096, 3072)])
+def test_gated_activations_at_model_size(
+    dtype: torch.dtype, num_tokens: int, intermediate_size: int, generator: torch.Generator
+) -> None:
+    x = randn((num_tokens, 2 * intermediate_size), dtype, generator, scale=3.0)
+    assert_close(OPS["silu_and_mul"](x.cuda()), ref.silu_and_mul(x))
+    for approximate in ("none", "tanh"):
+        assert_close(OPS["gelu_and_mul"](x.cuda(), approximate), ref.gelu_and_mul(x, approximate))
+
+
+@realistic
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("layout", HEAD_LAYOUTS)
+def test_rotary_embedding_at_model_size(
+    dtype: torch.dtype, layout: str, generator: torch.Generator
+) -> None:
+    num_heads, num_kv_heads, head_size = HEAD_LAYOUTS[layout]
+    num_tokens = 4096
+    qkv = randn((num_tokens, (num_heads + 2 * num_kv_heads) * head_size), dtype, generator)
+    positions = torch.randint(0, 32768, (num_tokens,), generator=generator)
+    cos_sin_cache = rope_cos_sin_cache(32768, head_size, torch.float32, base=1000000.0)
+    query, key = _qkv_views(num_tokens, num_heads, num_kv_heads, head_size, qkv)
+    expected = ref.rotary_embedding(positions, query, key, cos_sin_cache, True)
+    query_gpu, key_gpu = _qkv_views(num_tokens, num_heads, num_kv_heads, head_size, qkv.cuda())
+    out_query, out_key = OPS["rotary_embedding"](
+        positions.cuda(), query_gpu, key_gpu, cos_sin_cache.cuda(), True
+    )
+    assert_close(out_query, expected[0])
+    assert_close(out_key, expected[1])
+
+
+@realistic
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_reshape_and_cache_at_model_size(dtype: torch.dtype, generator: torch.Generator) -> None:
+    num_tokens, num_blocks, block_size, num_kv_heads, head_size = 4096, 512, 16, 8, 128
+    key, value = (randn((num_tokens, num_kv_heads, head_size), dtype, generator) for _ in "kv")
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=generator)[:num_tokens]
+    slot_mapping[torch.rand(num_tokens, generator=generator) < 0.1] = -1
+    kv_cache = randn((2, num_blocks, block_size, num_kv_heads, head_size), dtype, generator)
+    expected = kv_cache.clone()
+    ref.reshape_and_cache(key, value, expected, slot_mapping)
+    on_gpu = kv_cache.cuda()
+    OPS["reshape_and_cache"](key.cuda(), value.cuda(), on_gpu, slot_mapping.cuda())
+    assert torch.equal(on_gpu.cpu(), expected)
+
+
+@realistic
+@pytest.mark.parametrize("variant", SAMPLING_VARIANTS)
+@pytest.mark.parametrize("noise_kind", ["random", "revealing"])
+def test_top_k_top_p_sample_at_vocab_151936(
+    variant: str, noise_kind: str, generator: torch.Generator
+) -> None:
+    num_seqs, vocab_size = 64, 151936
+    probs = (torch.randn(num_seqs, vocab_size, generator=generator) * 3.0).softmax(dim=-1)
+    limits = _limits(variant, num_seqs, vocab_size, generator)
+    _assert_matches_reference("cuda", probs, limits, _noise(noise_kind, probs, generator))
+
+
+@realistic
+def test_ops_replay_in_a_cuda_graph(generator: torch.Generator) -> None:
+    # Capture fails on any host sync; replay must then track new inputs in the buffers.
+    dtype, num_tokens, hidden_size, vocab_size = torch.bfloat16, 64, 1024, 32000
+    num_heads, num_kv_heads, head_size = HEAD_LAYOUTS["qwen3-0.6b"]
+    qkv_size = (num_heads + 2 * num_kv_heads) * head_size
+    x = torch.empty(num_tokens, hidden_size, dtype=dtype, device="cuda")
+    residual, weight = torch.empty_like(x), torch.ones(hidden_size, dtype=dtype, device="cuda")
+    qkv = torch.empty(num_tokens, qkv_size, dtype=dtype, device="cuda")
+    positions = torch.zeros(num_tokens, dtype=torch.int64, device="cuda")
+    cos_sin_cache = rope_cos_sin_cache(4096, head_size, torch.float32).cuda()
+    kv_cache = torch.zeros(2, 8, 16, num_kv_heads, head_size, dtype=dtype, device="cuda")
+    slot_mapping = torch.full((num_tokens,), -1, dtype=torch.int64, device="cuda")
+    probs = torch.full((8, vocab_size), 1.0 / vocab_size, device="cuda")
+    noise = torch.ones(8, vocab_size, device="cuda")
+    limits = [torch.full((8,), 50, device="cuda"), torch.full((8,), 0.9, device="cuda"), None]
+
+    def step() -> tuple[torch.Tensor, ...]:
+        normed, summed = OPS["fused_add_rms_norm"](x, residual, weight, 1e-6)
+        query, key = _qkv_views(num_tokens, num_heads, num_kv_heads, head_size, qkv)
+        OPS["rotary_embedding"](positions, query, key, cos_sin_cache, True)
+        value = qkv[:, -num_kv_heads * head_size :].view(num_tokens, num_kv_heads, head_size)
+        OPS["reshape_and_cache"](key, value, kv_cache, slot_mapping)
+        tokens = OPS["top_k_top_p_sample"](probs, *limits, noise)
+        return normed, summed, OPS["silu_and_mul"](normed), tokens
+
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+
+    new_x, new_residual = (randn((num_tokens, hidden_size), dtype, generator) for _ in "xr")
+    new_qkv = randn((num_tokens, qkv_size), dtype, generator)
+    new_positions = torch.randint(0, 4096, (num_tokens,), generator=generator)
+    new_slots = torch.randperm(8 * 16, generator=generator)[:num_tokens]
+    new_probs = (torch.randn(8, vocab_size, generator=generator) * 3.0).softmax(dim=-1)
+    new_noise = torch.empty(8, vocab_size).exponential_(generator=generator)
+    for buffer, value in [
+        (x, new_x), (residual, new_residual), (qkv, new_qkv), (positions, new_positions),
+        (slot_mapping, new_slots), (probs, new_probs), (noise, new_noise),
+    ]:  # fmt: skip
+        buffer.copy_(value)
+    graph.replay()
+    torch.cuda.synchronize()
+
+    expected_normed, expected_sum = ref.fused_add_rms_norm(new_x, new_residual, weight.cpu(), 1e-6)
+    assert_close(outputs[0], expected_normed)
+    assert torch.equal(outputs[1].cpu(), expected_sum)
+    assert_close(outputs[2], ref.silu_and_mul(outputs[0].cpu()))
+    limits_cpu = [None if t is None else t.cpu() for t in limits]
+    expected_tokens = ref.top_k_top_p_sample(new_probs, *limits_cpu, new_noise)
+    assert outputs[3].cpu().tolist() == expected_tokens.tolist()
+    query, key = _qkv_views(num_tokens, num_heads, num_kv_heads, head_size, new_qkv)
+    expected_query, expected_key = ref.rotary_embedding(
+        new_positions, query, key, cos_sin_cache.cpu(), True
+    )
+    rotated_query, _ = _qkv_views(num_tokens, num_heads, num_kv_heads, head_size, qkv.cpu())
+    assert_close(rotated_query, expected_query)
+    expected_cache = torch.zeros(2, 8, 16, num_kv_heads, head_size, dtype=dtype)
+    value = new_qkv[:, -num_kv_heads * head_size :].view(num_tokens, num_kv_heads, head_size)
+    ref.reshape_and_cache(expected_key, value, expected_cache, new_slots)
+    assert_close(kv_cache, expected_cache)  # rotated keys: within rounding

@@ -17,6 +17,7 @@ from kvplane.plugins import (
     probe_platforms,
     select_platform,
 )
+from kvplane.plugins.types import GraphCaptureRequest
 from kvplane_cuda import memory, plugin
 
 HAS_CUDA = torch.cuda.is_available()
@@ -44,8 +45,13 @@ def test_declares_the_api_and_implements_only_real_hooks() -> None:
     hooks = {name for name in dir(plugin) if name.startswith("kvplane_")}
     assert hooks <= specs
     assert {"kvplane_platform_probe", "kvplane_platform_info", "kvplane_device_memory"} <= hooks
-    # No graph runner yet, so no claim to capture graphs.
-    assert "kvplane_graph_runner" not in hooks
+    # Graph capture is claimed, and the runner honours the user's enforce-eager switch.
+    assert "kvplane_graph_runner" in hooks
+    assert capabilities.GRAPH_CAPTURE in plugin.kvplane_platform_info().capabilities
+    device = torch.device("cuda", 0)
+    runner = plugin.kvplane_graph_runner(GraphCaptureRequest(device, (1, 2, 4)))
+    assert runner.can_run(2) and not runner.can_run(3)
+    assert plugin.kvplane_graph_runner(GraphCaptureRequest(device, (1,), enabled=False)) is None
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has a CUDA device")
@@ -104,7 +110,7 @@ def test_on_a_gpu_the_platform_resolves() -> None:
     info = platform.info
     assert info.device_type == "cuda" and info.device_count == torch.cuda.device_count()
     assert platform.has_capability(capabilities.ASYNC_EXECUTION)
-    assert not platform.has_capability(capabilities.GRAPH_CAPTURE)
+    assert platform.has_capability(capabilities.GRAPH_CAPTURE)
     memory_info = platform.device_memory(0)
     assert memory_info.total_bytes > memory_info.free_bytes > 0
     from kvplane.plugins.types import KVCacheSpec, MemoryProfileRequest

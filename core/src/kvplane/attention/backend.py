@@ -27,6 +27,11 @@ class AttentionBackend(ABC):
     name: str = "unnamed"
     #: Higher wins among the candidates that can serve a spec.
     priority: int = 0
+    #: Whether a captured graph may replay this backend's forward: it reads only device
+    #: tensors of the metadata (not the ``*_cpu`` copies), treats ``max_seq_len`` and
+    #: ``max_query_len`` as upper bounds, and never syncs with the host. Decode graphs
+    #: are captured only when every layer's backend says so.
+    supports_graph_capture: bool = False
 
     @abstractmethod
     def cannot_serve(self, spec: AttentionSpec) -> str | None:

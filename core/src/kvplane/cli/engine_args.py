@@ -30,6 +30,8 @@ _HELP = {
     "kv_cache_memory_bytes": "KV-cache size in bytes (overrides gpu_memory_utilization)",
     "seed": "seed of the engine's random state",
     "enforce_eager": "never capture graphs",
+    "async_scheduling": "overlap host work for the next step with the device's run of "
+    "this one (default: where the platform runs asynchronously)",
     "skip_tokenizer_init": "load no tokenizer (token-id prompts only)",
 }
 
@@ -43,7 +45,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
             continue
         flag = "--" + field.name.replace("_", "-")
         help_text = _HELP.get(field.name, "")
-        if hints[field.name] is bool:
+        hint = hints[field.name]
+        if hint is bool or bool in getattr(hint, "__args__", ()):  # bool or bool | None
             group.add_argument(
                 flag,
                 dest=field.name,

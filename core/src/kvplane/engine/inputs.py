@@ -1,4 +1,10 @@
-"""Turning a scheduler output into the flattened, unpadded tensors of one forward pass."""
+"""Turning a scheduler output into the flattened, unpadded tensors of one forward pass.
+
+Done in two stages so the graph path can reuse the first: :func:`build_host_inputs` makes
+host arrays (no device work), :func:`to_device_inputs` copies them into fresh device
+tensors for an eager step. The decode graphs copy the same host arrays into their static
+buffers instead (:mod:`kvplane.engine.decode_graphs`).
+"""
 
 from __future__ import annotations
 
@@ -26,55 +32,111 @@ class PromptLogprobsSlice:
 
 
 @dataclass(frozen=True, slots=True)
-class StepInputs:
-    token_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    metadata: AttentionMetadata
-    logits_indices: torch.Tensor  # [num_logit_rows] int64, token index of each row
+class HostStepInputs:
+    """One step's batch as host arrays (``num_seqs`` sequences, ``num_tokens`` tokens)."""
+
+    token_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    query_start_loc: np.ndarray  # [num_seqs + 1] int32
+    seq_lens: np.ndarray  # [num_seqs] int32
+    block_tables: np.ndarray  # [num_seqs, max_num_blocks] int32, zero padded
+    max_query_len: int
+    logits_indices: np.ndarray  # [num_logit_rows] int64, token index of each row
     # request ids sampled this step, and the logits row each samples from
     # (forked children reuse their parent's row).
     sample_request_ids: tuple[str, ...]
     sample_rows: tuple[int, ...]
     prompt_logprobs: tuple[PromptLogprobsSlice, ...]
 
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
 
-def prepare_inputs(
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        """One new token per sequence, each the sequence's last (its logits row = its index)."""
+        return (
+            self.max_query_len == 1
+            and not self.prompt_logprobs
+            and len(self.logits_indices) == self.num_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    token_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [num_logit_rows] int64, token index of each row
+    sample_request_ids: tuple[str, ...]
+    sample_rows: tuple[int, ...]
+    prompt_logprobs: tuple[PromptLogprobsSlice, ...]
+
+
+def build_host_inputs(
     output: SchedulerOutput,
     block_size: int,
-    device: torch.device,
     prompt_logprobs_ids: frozenset[str] = frozenset(),
-) -> StepInputs:
-    """Flatten ``output`` into one batch.
+) -> HostStepInputs:
+    """Flatten ``output`` into host arrays.
 
     ``prompt_logprobs_ids`` names the requests that asked for prompt logprobs; their
     prompt positions in this step get logit rows too.
     """
-    token_chunks: list[np.ndarray] = []
-    position_chunks: list[np.ndarray] = []
-    slot_chunks: list[np.ndarray] = []
-    query_start_loc = [0]
-    seq_lens: list[int] = []
-    block_tables: list[list[int]] = []
+    scheduled = output.scheduled
+    num_seqs = len(scheduled)
+    query_lens = np.fromiter((s.num_new_tokens for s in scheduled), np.int32, num_seqs)
+    starts = np.fromiter((s.start_position for s in scheduled), np.int64, num_seqs)
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    seq_lens = (starts + query_lens).astype(np.int32)
+
+    max_blocks = max((len(s.block_ids) for s in scheduled), default=1)
+    block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
+    for row, item in enumerate(scheduled):
+        block_tables[row, : len(item.block_ids)] = item.block_ids
+
+    max_query_len = int(query_lens.max()) if num_seqs else 0
+    if max_query_len == 1:
+        # Decode-heavy steps: one token per sequence, no per-request arrays.
+        positions = starts
+        token_ids = np.fromiter(
+            (s.request.all_token_ids[s.start_position] for s in scheduled), np.int64, num_seqs
+        )
+    else:
+        positions = np.concatenate(
+            [np.arange(s.start_position, s.start_position + s.num_new_tokens) for s in scheduled]
+        ).astype(np.int64)
+        token_ids = np.concatenate(
+            [
+                np.asarray(
+                    s.request.all_token_ids[s.start_position : s.start_position + s.num_new_tokens],
+                    dtype=np.int64,
+                )
+                for s in scheduled
+            ]
+        )
+    seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [num_tokens]
+    slot_mapping = (
+        block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+
     logits_indices: list[int] = []
     sample_request_ids: list[str] = []
     sample_rows: list[int] = []
     row_of_parent: dict[str, int] = {}
     prompt_slices: list[PromptLogprobsSlice] = []
-
-    for scheduled in output.scheduled:
-        request = scheduled.request
-        start, end = scheduled.start_position, scheduled.start_position + scheduled.num_new_tokens
-        token_base = query_start_loc[-1]
-        positions = np.arange(start, end, dtype=np.int64)
-        block_ids = np.asarray(scheduled.block_ids, dtype=np.int64)
-        token_chunks.append(np.asarray(request.all_token_ids[start:end], dtype=np.int64))
-        position_chunks.append(positions)
-        slot_chunks.append(block_ids[positions // block_size] * block_size + positions % block_size)
-        query_start_loc.append(token_base + scheduled.num_new_tokens)
-        seq_lens.append(end)
-        block_tables.append(list(scheduled.block_ids))
-
-        if request.request_id in prompt_logprobs_ids:
+    for index, item in enumerate(scheduled):
+        request = item.request
+        start, end = item.start_position, item.start_position + item.num_new_tokens
+        token_base = int(query_start_loc[index])
+        if prompt_logprobs_ids and request.request_id in prompt_logprobs_ids:
             last_target = min(end, request.num_prompt_tokens - 1)
             if start < last_target:
                 first_row = len(logits_indices)
@@ -87,40 +149,86 @@ def prepare_inputs(
                         start + 1,
                     )
                 )
-        if scheduled.is_sampling:
+        if item.is_sampling:
             row_of_parent[request.request_id] = len(logits_indices)
             sample_request_ids.append(request.request_id)
             sample_rows.append(len(logits_indices))
-            logits_indices.append(token_base + scheduled.num_new_tokens - 1)
+            logits_indices.append(token_base + item.num_new_tokens - 1)
 
     for forked in output.forked:
         sample_request_ids.append(forked.child.request_id)
         sample_rows.append(row_of_parent[forked.parent_id])
 
-    max_blocks = max((len(table) for table in block_tables), default=0)
-    padded_tables = np.zeros((len(block_tables), max(max_blocks, 1)), dtype=np.int32)
-    for row, table in enumerate(block_tables):
-        padded_tables[row, : len(table)] = table
-
-    def to_device(array: np.ndarray | list[int], dtype: torch.dtype) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(array), dtype=dtype).to(device, non_blocking=True)
-
-    metadata = AttentionMetadata(
-        slot_mapping=to_device(np.concatenate(slot_chunks), torch.int64),
-        query_start_loc=to_device(query_start_loc, torch.int32),
-        seq_lens=to_device(seq_lens, torch.int32),
-        block_tables=to_device(padded_tables, torch.int32),
-        max_query_len=max(s.num_new_tokens for s in output.scheduled),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=tuple(query_start_loc),
-        seq_lens_cpu=tuple(seq_lens),
-    )
-    return StepInputs(
-        token_ids=to_device(np.concatenate(token_chunks), torch.int64),
-        positions=to_device(np.concatenate(position_chunks), torch.int64),
-        metadata=metadata,
-        logits_indices=to_device(logits_indices, torch.int64),
+    return HostStepInputs(
+        token_ids=token_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        block_tables=block_tables,
+        max_query_len=max_query_len,
+        logits_indices=np.asarray(logits_indices, dtype=np.int64),
         sample_request_ids=tuple(sample_request_ids),
         sample_rows=tuple(sample_rows),
         prompt_logprobs=tuple(prompt_slices),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceholderFixup:
+    """Input tokens whose ids are still on the device, in the previous step's samples."""
+
+    source_rows: torch.Tensor  # [num_tokens] int64: row in ``sampled``, or -1 (keep)
+    sampled: torch.Tensor  # [num_previous_rows] int64, the previous step's tokens
+
+    def apply(self, token_ids: torch.Tensor) -> None:  # [num_tokens] int64, in place
+        rows = self.source_rows[: len(token_ids)]
+        taken = self.sampled.index_select(0, rows.clamp(min=0))
+        token_ids.copy_(torch.where(rows >= 0, taken, token_ids))
+
+
+def to_device_inputs(
+    host: HostStepInputs, device: torch.device, pin_memory: bool = False
+) -> StepInputs:
+    """Copy ``host`` into fresh tensors on ``device`` (the eager path).
+
+    With ``pin_memory`` the copies go through pinned buffers, so they are queued without
+    waiting for the device (a copy from pageable memory may wait for it).
+    """
+
+    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        tensor = torch.as_tensor(array, dtype=dtype)
+        if pin_memory:
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
+
+    seq_lens = host.seq_lens.tolist()
+    metadata = AttentionMetadata(
+        slot_mapping=to_device(host.slot_mapping, torch.int64),
+        query_start_loc=to_device(host.query_start_loc, torch.int32),
+        seq_lens=to_device(host.seq_lens, torch.int32),
+        block_tables=to_device(host.block_tables, torch.int32),
+        max_query_len=host.max_query_len,
+        max_seq_len=max(seq_lens, default=0),
+        query_start_loc_cpu=tuple(host.query_start_loc.tolist()),
+        seq_lens_cpu=tuple(seq_lens),
+    )
+    return StepInputs(
+        token_ids=to_device(host.token_ids, torch.int64),
+        positions=to_device(host.positions, torch.int64),
+        metadata=metadata,
+        logits_indices=to_device(host.logits_indices, torch.int64),
+        sample_request_ids=host.sample_request_ids,
+        sample_rows=host.sample_rows,
+        prompt_logprobs=host.prompt_logprobs,
+    )
+
+
+def prepare_inputs(
+    output: SchedulerOutput,
+    block_size: int,
+    device: torch.device,
+    prompt_logprobs_ids: frozenset[str] = frozenset(),
+) -> StepInputs:
+    """Flatten ``output`` into one batch of device tensors."""
+    return to_device_inputs(build_host_inputs(output, block_size, prompt_logprobs_ids), device)

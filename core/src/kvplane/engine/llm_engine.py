@@ -15,14 +15,17 @@ from typing import Any
 import torch
 
 from kvplane.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
-from kvplane.engine.model_runner import ModelRunner
+from kvplane.engine.decode_graphs import DecodeGraphs, bucket_sizes
+from kvplane.engine.model_runner import ModelRunner, PendingStep, StepResult
 from kvplane.engine.output_processor import OutputProcessor
 from kvplane.engine.outputs import RequestOutput
 from kvplane.kv_cache.block_manager import BlockManager
 from kvplane.models.config import load_tokenizer, resolve_model_config
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.loader import build_model
+from kvplane.plugins import capabilities
 from kvplane.plugins.selection import select_platform
+from kvplane.plugins.types import GraphCaptureRequest
 from kvplane.sampling.params import SamplingParams
 from kvplane.sampling.sampler import (
     AllowedMaskFn,
@@ -31,7 +34,8 @@ from kvplane.sampling.sampler import (
     make_generator,
 )
 from kvplane.scheduler.config import SchedulerConfig
-from kvplane.scheduler.request import Request
+from kvplane.scheduler.output import SchedulerOutput
+from kvplane.scheduler.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
 from kvplane.scheduler.scheduler import Scheduler, SchedulerStats
 from kvplane.structured.compiler import StructuredOutputCompiler
 
@@ -86,6 +90,7 @@ class LLMEngine:
         )
         num_blocks = self._num_kv_blocks()
         self.runner.initialize_kv_cache(num_blocks)
+        self._capture_decode_graphs(model)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
             num_blocks,
@@ -107,8 +112,53 @@ class LLMEngine:
             self.tokenizer, self.model_config.eos_token_ids, self.model_config.max_model_len
         )
         self._sampling_states: dict[str, SequenceSamplingState] = {}
+        # Overlapped steps: the launched step whose tokens are not processed yet, and the
+        # live sequences whose sampling reads their own tokens on the host (penalties,
+        # grammars), which need every token back before their next step (no overlap).
+        self._overlap = (
+            config.async_scheduling
+            if config.async_scheduling is not None
+            else self.platform.has_capability(capabilities.ASYNC_EXECUTION)
+        )
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
+        self._host_token_request_ids: set[str] = set()
         # Built on the first request with structured_output (loads xgrammar then).
         self._structured_compiler: StructuredOutputCompiler | None = None
+
+    # -- graphs ---------------------------------------------------------------------------
+
+    def _capture_decode_graphs(self, model: torch.nn.Module) -> None:
+        """Capture decode steps when the platform can and the user did not forbid it."""
+        if self.config.enforce_eager or not self.platform.has_capability(
+            capabilities.GRAPH_CAPTURE
+        ):
+            return
+        eager_layers = [
+            layer.backend_name
+            for layer in self.runner.attention_layers
+            if not layer.supports_graph_capture
+        ]
+        if eager_layers:
+            logger.info(
+                "no decode graphs: attention backends %s cannot be captured",
+                sorted(set(eager_layers)),
+            )
+            return
+        sizes = bucket_sizes(self.config.max_num_seqs)
+        graph_runner = self.platform.graph_runner(GraphCaptureRequest(self.device, sizes))
+        if not any(graph_runner.can_run(size) for size in sizes):
+            return
+        self.runner.use_decode_graphs(
+            DecodeGraphs(
+                model,
+                graph_runner,
+                self.device,
+                self.config.block_size,
+                self.model_config.max_model_len,
+                self.config.max_num_seqs,
+                pin_memory=self.platform.has_capability(capabilities.PINNED_MEMORY),
+            )
+        )
 
     # -- KV-cache sizing -----------------------------------------------------------------
 
@@ -179,9 +229,12 @@ class LLMEngine:
                 arrival_time=arrival_time,
                 priority=priority,
                 parent_id=None if index == 0 else request_id,
+                max_output_tokens=params.max_tokens,
             )
             for index in range(params.n)
         ]
+        if params.has_penalties or params.structured_output is not None:
+            self._host_token_request_ids.update(s.request_id for s in sequences)
         for index, sequence in enumerate(sequences):
             seed = None if params.seed is None else params.seed + index
             self._sampling_states[sequence.request_id] = SequenceSamplingState(
@@ -233,10 +286,16 @@ class LLMEngine:
             for sequence_id in self.output_processor.sequence_ids(request_id):
                 self.scheduler.abort_request(sequence_id)
                 self._sampling_states.pop(sequence_id, None)
+                self._host_token_request_ids.discard(sequence_id)
             self.output_processor.abort_request(request_id)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+
+    def _finish(self, sequence_id: str, status: RequestStatus) -> None:
+        self.scheduler.finish_request(sequence_id, status)
+        self._sampling_states.pop(sequence_id, None)
+        self._host_token_request_ids.discard(sequence_id)
 
     def stats(self) -> SchedulerStats:
         return self.scheduler.stats()
@@ -244,17 +303,69 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step; return the outputs of the requests that progressed."""
-        output = self.scheduler.schedule()
+        """Run one scheduling step; return the outputs of the requests that progressed.
+
+        With overlapped steps (``async_scheduling``), a call launches the next step and
+        then processes the previous one's tokens while the device runs, so its outputs
+        are one step behind.
+        """
+        if self._overlap and not self._host_token_request_ids:
+            return self._step_overlapped()
+        outputs = self._process_in_flight() if self._in_flight is not None else []
+        timer = self.runner.timer
+        timer.count_step()
+        with timer.phase("schedule"):
+            output = self.scheduler.schedule()
         if output.is_empty:
-            return []
-        prompt_logprobs_ids = frozenset(
+            return outputs
+        result = self.runner.execute(output, self._sampling_states, self._logprob_ids(output))
+        with timer.phase("update"):
+            self.scheduler.update_from_output(output, result.sampled_token_ids)
+            return outputs + self._process_result(result)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Launch step k, then finish step k - 1 on the host while step k runs."""
+        timer = self.runner.timer
+        timer.count_step()
+        with timer.phase("schedule"):
+            output = self.scheduler.schedule()
+        launched = None
+        if not output.is_empty:
+            launched = self.runner.launch(output, self._sampling_states, self._logprob_ids(output))
+            self.scheduler.commit(output)
+        outputs = self._process_in_flight() if self._in_flight is not None else []
+        if launched is not None:
+            # The launched step's tokens are known on the device only: placeholders let
+            # the next schedule() count them, and the next launch reads them there.
+            for request_id in launched.host.sample_request_ids:
+                request = self.scheduler.get_request(request_id)
+                if request is not None:
+                    request.append_output_token(PLACEHOLDER_TOKEN_ID)
+            self._in_flight = (output, launched)
+        return outputs
+
+    def _process_in_flight(self) -> list[RequestOutput]:
+        assert self._in_flight is not None
+        output, launched = self._in_flight
+        self._in_flight = None
+        with self.runner.timer.phase("update"):
+            result = launched.result()  # waits for the device
+            for request_id, token_id in result.sampled_token_ids.items():
+                request = self.scheduler.get_request(request_id)
+                if request is not None:  # else finished or aborted since
+                    request.resolve_placeholder(token_id)
+            self.scheduler.cache_blocks(output)
+            return self._process_result(result)
+
+    def _logprob_ids(self, output: SchedulerOutput) -> frozenset[str]:
+        return frozenset(
             s.request.request_id
             for s in output.scheduled
             if s.request.sampling_params.prompt_logprobs is not None
         )
-        result = self.runner.execute(output, self._sampling_states, prompt_logprobs_ids)
-        self.scheduler.update_from_output(output, result.sampled_token_ids)
+
+    def _process_result(self, result: StepResult) -> list[RequestOutput]:
+        """Hand the step's tokens to the output processor; finish stopped requests."""
         for request_id, (first_position, entries) in result.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(request_id, first_position, entries)
         for request_id, token_id in result.sampled_token_ids.items():
@@ -265,6 +376,5 @@ class LLMEngine:
                 request, token_id, result.logprobs.get(request_id)
             )
             if status is not None:
-                self.scheduler.finish_request(request_id, status)
-                self._sampling_states.pop(request_id, None)
+                self._finish(request_id, status)
         return self.output_processor.collect_outputs(self.scheduler.stats())

@@ -10,19 +10,31 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from kvplane.engine.inputs import prepare_inputs
+from kvplane.engine.decode_graphs import DecodeGraphs
+from kvplane.engine.inputs import (
+    HostStepInputs,
+    PlaceholderFixup,
+    build_host_inputs,
+    to_device_inputs,
+)
+from kvplane.engine.step_timer import StepTimer
 from kvplane.models.layers.attention import Attention
+from kvplane.plugins import capabilities
 from kvplane.plugins.platform import Platform
 from kvplane.plugins.types import BlockCopyRequest, KVCacheSpec, MemoryProfileRequest
+from kvplane.sampling._transfer import to_device
 from kvplane.sampling.sampler import (
+    PendingSamples,
     SampleLogprobs,
     Sampler,
     SequenceSamplingState,
     compute_prompt_logprobs,
 )
 from kvplane.scheduler.output import SchedulerOutput
+from kvplane.scheduler.request import PLACEHOLDER_TOKEN_ID
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +68,13 @@ class ModelRunner:
         self.sampler = sampler
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.kv_caches: tuple[torch.Tensor, ...] = ()
+        # Set by :meth:`use_decode_graphs` once the KV cache is bound (None: all eager).
+        self.decode_graphs: DecodeGraphs | None = None
+        self.timer = StepTimer()
+        self._pin_memory = platform.has_capability(capabilities.PINNED_MEMORY)
+        # The last launch's sampled tokens (device) and each sampled request's row in them,
+        # where the next launch finds the ids of its placeholder input tokens.
+        self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
         # Noise for unseeded requests; seeded ones carry their own generator.
         self.batch_generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -133,6 +152,17 @@ class ModelRunner:
             profile.peak_activation_bytes
         )
 
+    # -- graphs ---------------------------------------------------------------------------
+
+    def use_decode_graphs(self, decode_graphs: DecodeGraphs) -> None:
+        """Run decode steps through ``decode_graphs`` from now on, capturing them now
+        (the KV cache must be bound: capture runs the forward)."""
+        if not self.kv_caches:
+            raise RuntimeError("bind the KV cache before capturing decode graphs")
+        with torch.inference_mode():
+            decode_graphs.capture()
+        self.decode_graphs = decode_graphs
+
     # -- a step --------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -146,28 +176,108 @@ class ModelRunner:
 
         ``states`` holds the sampling state of every request sampled this step.
         """
+        return self.launch(output, states, prompt_logprobs_ids).result()
+
+    @torch.inference_mode()
+    def launch(
+        self,
+        output: SchedulerOutput,
+        states: Mapping[str, SequenceSamplingState],
+        prompt_logprobs_ids: frozenset[str] = frozenset(),
+    ) -> PendingStep:
+        """Queue the step on the device and return without waiting for its tokens.
+
+        Input tokens that are still placeholders (:data:`PLACEHOLDER_TOKEN_ID`) must have
+        been sampled by the previous launch: their ids are taken from its device tensor.
+        """
         if output.block_copies:
             src, dst = zip(*output.block_copies, strict=True)
             self.platform.copy_blocks(BlockCopyRequest(self.kv_caches, src, dst))
-        inputs = prepare_inputs(output, self.block_size, self.device, prompt_logprobs_ids)
-        hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata)
-        result = StepResult()
-        if inputs.logits_indices.numel() == 0:
-            return result
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # [rows, vocab]
-
-        for piece in inputs.prompt_logprobs:
+        with self.timer.phase("prepare"):
+            host = build_host_inputs(output, self.block_size, prompt_logprobs_ids)
+            fixup = self._placeholder_fixup(output, host)
+        pending = PendingStep(host)
+        with self.timer.phase("forward"):
+            hidden = self._forward(host, fixup)  # [num_logit_rows, hidden_size]
+            if len(host.logits_indices) == 0:
+                return pending
+            logits = self.model.compute_logits(hidden)  # [rows, vocab]
+        for piece in host.prompt_logprobs:
             num_top = states[piece.request_id].params.prompt_logprobs or 0
             rows = logits[list(piece.logit_rows)]
-            result.prompt_logprobs[piece.request_id] = (
+            pending.prompt_logprobs[piece.request_id] = (
                 piece.first_target_position,
                 compute_prompt_logprobs(rows, piece.target_token_ids, num_top),
             )
-        if inputs.sample_request_ids:
-            sample_logits = logits[list(inputs.sample_rows)]
-            sample_states = [states[request_id] for request_id in inputs.sample_request_ids]
-            sampled = self.sampler(sample_logits, sample_states, self.batch_generator)
-            for index, request_id in enumerate(inputs.sample_request_ids):
-                result.sampled_token_ids[request_id] = sampled.sampled_token_ids[index]
-                result.logprobs[request_id] = sampled.logprobs[index]
+        with self.timer.phase("sample"):
+            pending.samples = self._launch_sampling(host, logits, states)
+        if pending.samples is not None:
+            rows = {request_id: row for row, request_id in enumerate(host.sample_request_ids)}
+            self._last_sampled = (rows, pending.samples.sampled)
+        return pending
+
+    def _placeholder_fixup(
+        self, output: SchedulerOutput, host: HostStepInputs
+    ) -> PlaceholderFixup | None:
+        """Where the step's input tokens are placeholders, the previous launch's rows."""
+        placeholders = np.flatnonzero(host.token_ids == PLACEHOLDER_TOKEN_ID)
+        if len(placeholders) == 0:
+            return None
+        if self._last_sampled is None:
+            raise RuntimeError("placeholder tokens but no earlier step sampled them")
+        row_of_request, sampled = self._last_sampled
+        seq_indices = np.searchsorted(host.query_start_loc, placeholders, side="right") - 1
+        source_rows = np.full(host.num_tokens, -1, dtype=np.int64)
+        for token_index, seq_index in zip(placeholders, seq_indices, strict=True):
+            request_id = output.scheduled[seq_index].request.request_id
+            source_rows[token_index] = row_of_request[request_id]
+        return PlaceholderFixup(to_device(source_rows.tolist(), torch.int64, self.device), sampled)
+
+    def _forward(
+        self, host: HostStepInputs, fixup: PlaceholderFixup | None
+    ) -> torch.Tensor:  # [num_logit_rows, hidden]
+        """Hidden states of the rows whose logits the step needs."""
+        bucket = self.decode_graphs.bucket_for(host) if self.decode_graphs else None
+        if bucket is not None:
+            assert self.decode_graphs is not None
+            # Pure decode: logits row i is sequence i's only token.
+            return self.decode_graphs.run(host, bucket, fixup)
+        inputs = to_device_inputs(host, self.device, self._pin_memory)
+        if fixup is not None:
+            fixup.apply(inputs.token_ids)
+        hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata)
+        return hidden[inputs.logits_indices]
+
+    def _launch_sampling(
+        self,
+        host: HostStepInputs,
+        logits: torch.Tensor,  # [num_logit_rows, vocab]
+        states: Mapping[str, SequenceSamplingState],
+    ) -> PendingSamples | None:
+        if not host.sample_request_ids:
+            return None
+        rows = host.sample_rows
+        # Indexing with a list copies it to the device; most steps need no gather.
+        whole = rows == tuple(range(logits.shape[0]))
+        sample_logits = logits if whole else logits[list(rows)]
+        sample_states = [states[request_id] for request_id in host.sample_request_ids]
+        return self.sampler.launch(sample_logits, sample_states, self.batch_generator)
+
+
+class PendingStep:
+    """A launched step; :meth:`result` waits for its tokens and returns them by request."""
+
+    def __init__(self, host: HostStepInputs) -> None:
+        self.host = host
+        self.samples: PendingSamples | None = None
+        self.prompt_logprobs: dict[str, tuple[int, list[SampleLogprobs]]] = {}
+
+    def result(self) -> StepResult:
+        result = StepResult(prompt_logprobs=self.prompt_logprobs)
+        if self.samples is None:
+            return result
+        sampled = self.samples.result()
+        for index, request_id in enumerate(self.host.sample_request_ids):
+            result.sampled_token_ids[request_id] = sampled.sampled_token_ids[index]
+            result.logprobs[request_id] = sampled.logprobs[index]
         return result

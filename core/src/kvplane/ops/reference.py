@@ -49,7 +49,9 @@ def rotary_embedding(
 
     Neox style rotates the two halves of the rotary channels against each other (Llama,
     Qwen, ...); GPT-J style rotates interleaved pairs. Channels past ``rotary_dim`` pass
-    through. Returns new tensors.
+    through. Returns the rotated tensors; implementations may rotate ``query`` and ``key``
+    in place and return them (this reference returns new tensors), so callers must not
+    reuse the unrotated inputs.
     """
     cos_sin = cos_sin_cache.index_select(0, positions).float()  # [num_tokens, rotary_dim]
     cos, sin = cos_sin.chunk(2, dim=-1)  # each [num_tokens, rotary_dim // 2]

@@ -1,7 +1,7 @@
 """Hook specifications: the contract between kvplane's core and platform plugins.
 
 A platform is a Python module registered in the entry-point group ``kvplane.platforms``.
-It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.1"`` and
+It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.2"`` and
 implements some of the hooks below with ``@kvplane.plugins.hookimpl``. Each platform gets
 its own :class:`pluggy.PluginManager`; the core's reference implementations are registered
 in it as a built-in plugin with ``trylast=True``, so whatever a platform leaves out falls
@@ -18,6 +18,12 @@ Plugin API version history:
 - **1.0**: first version.
 - **1.1**: op ``fused_moe`` (mixture-of-experts). A 1.0 plugin still loads: it does not
   offer the op, so the reference serves it.
+- **1.2**: decode graphs. The engine captures decode steps through
+  :func:`kvplane_graph_runner` when the platform lists ``capabilities.GRAPH_CAPTURE`` and
+  every layer's attention backend sets ``supports_graph_capture`` (see
+  :class:`~kvplane.attention.backend.AttentionBackend`); ``rotary_embedding`` may rotate
+  in place. A 1.1 plugin still loads: its backends default to ``supports_graph_capture =
+  False``, so its steps run eagerly.
 """
 
 from __future__ import annotations
@@ -234,10 +240,17 @@ def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
 def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner:
     """Return a runner that captures and replays fixed-shape steps (e.g. CUDA graphs).
 
-    Called once at start-up. Return ``None`` when ``request.enabled`` is false or the
-    platform cannot capture; the reference runs every step eagerly.
+    Called once at start-up, after the KV cache is allocated, when the platform lists
+    ``capabilities.GRAPH_CAPTURE``, the user did not ask for ``enforce_eager`` and every
+    attention backend in the model sets ``supports_graph_capture``. The engine then calls
+    ``runner.run(batch_size, step)`` once per bucket in ``request.batch_sizes`` (largest
+    first: capture) and on every decode step padded to a bucket (replay); ``step`` reads
+    only static device buffers and returns the hidden states. See
+    :mod:`kvplane.engine.decode_graphs` for what a captured step's metadata holds.
 
-    Stops at first non-None result. **Optional.**
+    Return ``None`` when the platform cannot capture; the reference runs every step
+    eagerly. Stops at first non-None result. **Optional.**
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.2 called by the engine for decode steps.
     """

@@ -29,3 +29,37 @@ def to_device(
         except RuntimeError:  # no pinned memory for this accelerator: copy synchronously
             _NO_PINNING.add(device.type)
     return tensor.to(device)
+
+
+class HostCopy:
+    """A device-to-host copy in flight; :meth:`wait` returns the host tensor."""
+
+    def __init__(self, host: torch.Tensor, event: torch.Event | None) -> None:
+        self._host = host
+        self._event = event
+
+    def wait(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+def copy_to_host_async(tensor: torch.Tensor) -> HostCopy:
+    """Queue a copy of ``tensor`` to host memory without waiting for the device.
+
+    Into pinned memory, the copy is queued like a kernel and an event marks its end; where
+    the device cannot pin (or is the host), the copy is plain and already done.
+    """
+    device = tensor.device
+    if device.type == "cpu":
+        return HostCopy(tensor, None)
+    if device.type not in _NO_PINNING:
+        try:
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            event = torch.Event(device=device)
+            event.record()
+            return HostCopy(host, event)
+        except RuntimeError:  # no pinned memory or events for this accelerator
+            _NO_PINNING.add(device.type)
+    return HostCopy(tensor.cpu(), None)

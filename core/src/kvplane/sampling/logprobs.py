@@ -41,30 +41,59 @@ def gather_logprobs(
     appears once. Its rank counts the tokens strictly more likely than it, plus one.
     Does one device-to-host copy for the whole batch.
     """
-    assert logits.shape[0] == token_ids.shape[0] == len(num_top)
-    if logits.shape[0] == 0:
-        return []
-    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_rows, vocab_size]
-    chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [num_rows, 1]
-    ranks = (logprobs > chosen).sum(dim=-1) + 1  # [num_rows]
-    max_top = min(max(num_top), logprobs.shape[-1])
-    if max_top > 0:
-        top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_rows, max_top] each
-        top_values_list: list[list[float]] = top_values.tolist()
-        top_ids_list: list[list[int]] = top_ids.tolist()
-    chosen_list: list[float] = chosen.squeeze(1).tolist()
-    ranks_list: list[int] = ranks.tolist()
-    token_list: list[int] = token_ids.tolist()
+    return LogprobTensors.compute(logits, token_ids, num_top).to_entries()
 
-    results: list[SampleLogprobs] = []
-    for row, k in enumerate(num_top):
-        entry: SampleLogprobs = {token_list[row]: Logprob(chosen_list[row], ranks_list[row])}
-        for position in range(min(k, max_top)):
-            token = top_ids_list[row][position]
-            if token not in entry:
-                entry[token] = Logprob(top_values_list[row][position], position + 1)
-        results.append(entry)
-    return results
+
+@dataclass(slots=True)
+class LogprobTensors:
+    """:func:`gather_logprobs` split in two: the device work (:meth:`compute`, queued
+    without waiting) and the host lists (:meth:`to_entries`, which waits for it)."""
+
+    num_top: tuple[int, ...]
+    token_ids: torch.Tensor  # [num_rows] int64
+    chosen: torch.Tensor  # [num_rows] float32, logprob of the chosen token
+    ranks: torch.Tensor  # [num_rows] int64
+    top_values: torch.Tensor | None  # [num_rows, max_top] float32
+    top_ids: torch.Tensor | None  # [num_rows, max_top] int64
+
+    @classmethod
+    def compute(
+        cls,
+        logits: torch.Tensor,  # [num_rows, vocab_size]
+        token_ids: torch.Tensor,  # [num_rows] int64
+        num_top: Sequence[int],
+    ) -> LogprobTensors:
+        assert logits.shape[0] == token_ids.shape[0] == len(num_top)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_rows, vocab_size]
+        chosen = logprobs.gather(1, token_ids.unsqueeze(1))  # [num_rows, 1]
+        ranks = (logprobs > chosen).sum(dim=-1) + 1  # [num_rows]
+        max_top = min(max(num_top, default=0), logprobs.shape[-1])
+        top_values = top_ids = None
+        if max_top > 0:
+            top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [num_rows, max_top] each
+        return cls(tuple(num_top), token_ids, chosen.squeeze(1), ranks, top_values, top_ids)
+
+    def to_entries(self) -> list[SampleLogprobs]:
+        if not self.num_top:
+            return []
+        top_values_list: list[list[float]] = []
+        top_ids_list: list[list[int]] = []
+        if self.top_values is not None and self.top_ids is not None:
+            top_values_list = self.top_values.tolist()
+            top_ids_list = self.top_ids.tolist()
+        chosen_list: list[float] = self.chosen.tolist()
+        ranks_list: list[int] = self.ranks.tolist()
+        token_list: list[int] = self.token_ids.tolist()
+        max_top = len(top_ids_list[0]) if top_ids_list else 0
+        results: list[SampleLogprobs] = []
+        for row, k in enumerate(self.num_top):
+            entry: SampleLogprobs = {token_list[row]: Logprob(chosen_list[row], ranks_list[row])}
+            for position in range(min(k, max_top)):
+                token = top_ids_list[row][position]
+                if token not in entry:
+                    entry[token] = Logprob(top_values_list[row][position], position + 1)
+            results.append(entry)
+        return results
 
 
 def compute_prompt_logprobs(

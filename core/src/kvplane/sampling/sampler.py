@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 
 from kvplane.ops import Ops
-from kvplane.sampling._transfer import to_device
+from kvplane.sampling._transfer import copy_to_host_async, to_device
 from kvplane.sampling.logprobs import (
     Logprob,
+    LogprobTensors,
     SampleLogprobs,
     compute_prompt_logprobs,
-    gather_logprobs,
 )
 from kvplane.sampling.params import SamplingParams, SamplingType
 from kvplane.sampling.penalties import PenaltyCache, apply_penalties
@@ -96,6 +96,42 @@ class SamplerOutput:
     logprobs: list[SampleLogprobs | None]
 
 
+class PendingSamples:
+    """Sampled tokens still on the device: :meth:`result` copies them back (once).
+
+    The copy to host memory is queued at once (pinned memory where the device has it),
+    so reading the result later waits only for the sampling itself.
+    """
+
+    def __init__(
+        self,
+        sampled: torch.Tensor,  # [num_seqs] int64, on the device
+        logprobs: LogprobTensors | None,
+        logprob_rows: list[int],
+        num_seqs: int,
+    ) -> None:
+        self.sampled = sampled
+        self._logprobs = logprobs
+        self._logprob_rows = logprob_rows
+        self._num_seqs = num_seqs
+        self._host = copy_to_host_async(sampled)
+        self._result: SamplerOutput | None = None
+
+    def result(self) -> SamplerOutput:
+        if self._result is None:
+            self._result = self._collect()
+        return self._result
+
+    def _collect(self) -> SamplerOutput:
+        token_ids: list[int] = self._host.wait().tolist()
+        logprobs: list[SampleLogprobs | None] = [None] * self._num_seqs
+        if self._logprobs is not None:
+            entries = self._logprobs.to_entries()
+            for row, entry in zip(self._logprob_rows, entries, strict=True):
+                logprobs[row] = entry
+        return SamplerOutput(token_ids, logprobs)
+
+
 class Sampler:
     """Samples one token per row; stateless apart from the penalty statistics cache.
 
@@ -120,6 +156,16 @@ class Sampler:
 
         ``batch_generator=None`` uses torch's default generator of the logits' device.
         """
+        return self.launch(logits, states, batch_generator).result()
+
+    def launch(
+        self,
+        logits: torch.Tensor,  # [num_seqs, >= vocab_size] float32 or the model dtype
+        states: Sequence[SequenceSamplingState],
+        batch_generator: torch.Generator | None = None,
+    ) -> PendingSamples:
+        """Queue the sampling of every row on the device without waiting for it; the
+        returned object's :meth:`PendingSamples.result` waits and brings the tokens back."""
         num_seqs = len(states)
         if logits.dim() != 2 or logits.shape[0] != num_seqs:
             raise ValueError(
@@ -130,7 +176,7 @@ class Sampler:
                 f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}"
             )
         if num_seqs == 0:
-            return SamplerOutput([], [])
+            return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [], 0)
         raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
         work = raw_logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size], mutated
         self._apply_bias_and_allowed(work, states)
@@ -138,10 +184,15 @@ class Sampler:
         self._apply_min_tokens(work, states)
         work = self._apply_penalties(work, states)
         sampled = self._sample(work, states, batch_generator)  # [num_seqs] int64
-        return SamplerOutput(
-            sampled_token_ids=sampled.tolist(),
-            logprobs=self._logprobs(raw_logits, sampled, states),
-        )
+        rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
+        logprobs = None
+        if rows:
+            index = _int64(rows, raw_logits.device)
+            num_top = [states[row].params.logprobs or 0 for row in rows]
+            logprobs = LogprobTensors.compute(
+                raw_logits.index_select(0, index), sampled.index_select(0, index), num_top
+            )
+        return PendingSamples(sampled, logprobs, rows, num_seqs)
 
     # ----------------------------------------------------------------------------------
     # Logits processing (in place on the float32 working copy)
@@ -332,23 +383,6 @@ class Sampler:
             noise[row].exponential_(generator=state.generator)
         return noise.clamp_(min=_TINY)
 
-    def _logprobs(
-        self,
-        raw_logits: torch.Tensor,  # [num_seqs, vocab_size] unprocessed
-        sampled: torch.Tensor,  # [num_seqs] int64
-        states: Sequence[SequenceSamplingState],
-    ) -> list[SampleLogprobs | None]:
-        results: list[SampleLogprobs | None] = [None] * len(states)
-        rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
-        if not rows:
-            return results
-        index = _int64(rows, raw_logits.device)
-        num_top = [states[row].params.logprobs or 0 for row in rows]
-        entries = gather_logprobs(raw_logits.index_select(0, index), sampled[index], num_top)
-        for row, entry in zip(rows, entries, strict=True):
-            results[row] = entry
-        return results
-
 
 def unpack_bitmask(
     packed: torch.Tensor,  # [n, num_words] int32
@@ -375,6 +409,7 @@ __all__ = [
     "AllowedMaskFn",
     "LogitsProcessor",
     "Logprob",
+    "PendingSamples",
     "SampleLogprobs",
     "Sampler",
     "SamplerOutput",

@@ -6,6 +6,11 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+#: Stands in ``output_token_ids`` for a token sampled on the device but not read back yet:
+#: with overlapped steps the engine schedules the next step before it knows the token,
+#: and the model runner takes the real id from the device (see ``LLMEngine``).
+PLACEHOLDER_TOKEN_ID = -1
+
 
 class RequestStatus(enum.Enum):
     """Where a request is in its life cycle.
@@ -57,6 +62,9 @@ class Request:
     num_preemptions: int = 0
     parent_id: str | None = None  # set on the children of a parallel-sampling (n > 1) request
     cache_salt: str | None = None  # mixed into the prefix-cache hash of the first block
+    # The request finishes by length at this many output tokens (None: only max_model_len);
+    # the scheduler does not schedule a request that has them all, counting placeholders.
+    max_output_tokens: int | None = None
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -89,3 +97,15 @@ class Request:
         """Record one sampled token (O(1); keeps ``all_token_ids`` in step)."""
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
+
+    @property
+    def has_placeholder(self) -> bool:
+        """Whether the last token is still on the device (overlapped steps)."""
+        return bool(self.output_token_ids) and self.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID
+
+    def resolve_placeholder(self, token_id: int) -> None:
+        """Replace the trailing placeholder with the token it stood for."""
+        if not self.has_placeholder:
+            raise ValueError(f"request {self.request_id!r} has no placeholder token")
+        self.output_token_ids[-1] = token_id
+        self._all_token_ids[-1] = token_id

@@ -150,6 +150,9 @@ class Scheduler:
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 continue  # waiting for a sampled token
+            limit = request.max_output_tokens
+            if limit is not None and request.num_output_tokens >= limit and num_new == 1:
+                continue  # its last token is in flight: it will finish by length
             if not self._allocate_or_preempt(request, num_new, step):
                 break  # preempted itself: it came last, nothing follows
             budget -= num_new
@@ -216,6 +219,23 @@ class Scheduler:
         for forked in output.forked:
             if forked.child.status is RequestStatus.RUNNING:
                 self._append_sampled(forked.child, sampled_token_ids)
+
+    def commit(self, output: SchedulerOutput) -> None:
+        """Advance the scheduled requests' computed tokens as soon as the step is
+        launched (overlapped steps: the next step is scheduled before this one's tokens
+        are back). Their sampled tokens then arrive through :meth:`cache_blocks` after the
+        engine resolved each placeholder; :meth:`update_from_output` is not called."""
+        for scheduled in output.scheduled:
+            request = scheduled.request
+            if request.status is RequestStatus.RUNNING:
+                request.num_computed_tokens += scheduled.num_new_tokens
+
+    def cache_blocks(self, output: SchedulerOutput) -> None:
+        """Enter the newly full blocks of ``output``'s requests into the prefix cache,
+        once their tokens are known (overlapped steps)."""
+        for scheduled in output.scheduled:
+            if scheduled.request.status is RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(scheduled.request)
 
     # ---------------------------------------------------------------- queries
 

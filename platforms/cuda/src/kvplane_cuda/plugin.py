@@ -6,8 +6,7 @@ module needs torch only: no GPU, no Triton (the kernels are imported lazily, onc
 exist), so discovery works on every machine and the probe explains what is missing.
 
 Not implemented yet, so the core's reference is used (and logged): quantization methods
-beyond ``"none"`` and graph capture (CUDA graphs come with the graph runner, and only
-then will ``capabilities.GRAPH_CAPTURE`` be declared).
+beyond ``"none"``.
 """
 
 from __future__ import annotations
@@ -19,11 +18,13 @@ import torch
 
 from kvplane.attention.backend import AttentionBackend
 from kvplane.distributed.communicator import Communicator
+from kvplane.engine.graph_runner import GraphRunner
 from kvplane.plugins import capabilities, hookimpl
 from kvplane.plugins.types import (
     AttentionSpec,
     BlockCopyRequest,
     DeviceQuery,
+    GraphCaptureRequest,
     GroupInfo,
     KVCacheSpec,
     MemoryInfo,
@@ -34,11 +35,12 @@ from kvplane.plugins.types import (
     ProbeResult,
 )
 from kvplane_cuda import memory
-from kvplane_cuda.attention import CudaAttentionBackend
+from kvplane_cuda.attention import TritonAttentionBackend
 from kvplane_cuda.communication import NcclCommunicator
+from kvplane_cuda.graphs import CudaGraphRunner
 from kvplane_cuda.ops import cuda_ops
 
-KVPLANE_PLUGIN_API = "1.1"
+KVPLANE_PLUGIN_API = "1.2"
 
 
 @hookimpl
@@ -58,7 +60,12 @@ def kvplane_platform_info() -> PlatformInfo:
         device_count=torch.cuda.device_count() if available else 0,
         supported_dtypes=dtypes,
         capabilities=frozenset(
-            {capabilities.ASYNC_EXECUTION, capabilities.PINNED_MEMORY, capabilities.MULTI_DEVICE}
+            {
+                capabilities.ASYNC_EXECUTION,
+                capabilities.PINNED_MEMORY,
+                capabilities.MULTI_DEVICE,
+                capabilities.GRAPH_CAPTURE,
+            }
         ),
         distributed_backend="nccl",
         description=memory.describe_devices() if available else "no CUDA device",
@@ -77,7 +84,7 @@ def kvplane_ops(query: OpsQuery) -> Mapping[str, Callable[..., Any]]:
 
 @hookimpl
 def kvplane_attention_backends(spec: AttentionSpec) -> Sequence[AttentionBackend]:
-    return [CudaAttentionBackend()]
+    return [TritonAttentionBackend()]
 
 
 @hookimpl
@@ -98,3 +105,8 @@ def kvplane_allocate_kv_cache(spec: KVCacheSpec) -> torch.Tensor:
 @hookimpl
 def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
     return memory.copy_blocks(request)
+
+
+@hookimpl
+def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner | None:
+    return CudaGraphRunner(request.device, request.batch_sizes) if request.enabled else None

@@ -38,8 +38,10 @@ class Attention(torch.nn.Module):
             sliding_window=sliding_window,
             logit_softcap=logit_softcap,
         )
-        self.backend_name = ctx.platform.attention_backend(self.spec).name
-        self.impl = ctx.platform.attention_backend(self.spec).make_impl(self.spec)
+        backend = ctx.platform.attention_backend(self.spec)
+        self.backend_name = backend.name
+        self.supports_graph_capture = backend.supports_graph_capture
+        self.impl = backend.make_impl(self.spec)
         self.kv_cache: torch.Tensor | None = None
 
     def forward(

@@ -1,0 +1,151 @@
+"""RMSNorm and fused residual-add + RMSNorm in Triton: one program per row.
+
+Rows up to ``_MAX_SINGLE_BLOCK`` channels stay in registers (one read, one write); wider
+rows take two passes over the row, the second reading back what the first wrote. Math is
+float32 and follows :func:`kvplane.ops.reference.rms_norm` step by step: the residual sum
+is rounded to the input dtype before it is normalised, exactly as the reference does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Widest row normalised from registers in one pass (Llama-3-70B's 8192 fits).
+_MAX_SINGLE_BLOCK = 8192
+#: Chunk width of the two-pass path for wider rows.
+_CHUNK = 4096
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    x_row_stride,
+    residual_ptr,
+    residual_row_stride,
+    sum_ptr,  # where the residual sum goes (may alias x or residual)
+    sum_row_stride,
+    out_ptr,
+    out_row_stride,
+    weight_ptr,
+    hidden_size: tl.constexpr,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    residual_row = residual_ptr + row * residual_row_stride
+    sum_row = sum_ptr + row * sum_row_stride
+    out_row = out_ptr + row * out_row_stride
+    cols = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        mask = cols < hidden_size
+        x = tl.load(x_row + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            residual = tl.load(residual_row + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+            tl.store(sum_row + cols, x, mask=mask)
+        x = x.to(tl.float32)
+        variance = tl.sum(x * x, axis=0) / hidden_size
+        normed = x * tl.math.rsqrt(variance + eps)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_row + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: the residual sum (written out) and the sum of squares.
+        squares = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, hidden_size, BLOCK):
+            offsets = start + cols
+            mask = offsets < hidden_size
+            x = tl.load(x_row + offsets, mask=mask, other=0.0)
+            if HAS_RESIDUAL:
+                residual = tl.load(residual_row + offsets, mask=mask, other=0.0)
+                x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
+                tl.store(sum_row + offsets, x, mask=mask)
+            x = x.to(tl.float32)
+            squares += x * x
+        rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / hidden_size + eps)
+        # Pass 2: normalise; the same threads read back the sum they stored in pass 1.
+        source_row = sum_row if HAS_RESIDUAL else x_row
+        for start in range(0, hidden_size, BLOCK):
+            offsets = start + cols
+            mask = offsets < hidden_size
+            x = tl.load(source_row + offsets, mask=mask, other=0.0).to(tl.float32)
+            weight = tl.load(weight_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            normed = (x * rstd) * weight
+            tl.store(out_row + offsets, normed.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [rows, hidden]
+    """A 2-D view with unit channel stride (a copy only when no such view exists)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _launch(
+    x: torch.Tensor,  # [num_tokens, hidden_size], unit channel stride
+    residual: torch.Tensor | None,  # [num_tokens, hidden_size] or None
+    summed: torch.Tensor | None,  # [num_tokens, hidden_size], x.dtype, or None
+    out: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+) -> None:
+    num_tokens, hidden_size = x.shape
+    if num_tokens == 0:
+        return
+    single_block = hidden_size <= _MAX_SINGLE_BLOCK
+    block = triton.next_power_of_2(hidden_size) if single_block else _CHUNK
+    has_residual = residual is not None and summed is not None
+    residual_arg = residual if has_residual else x
+    sum_arg = summed if has_residual else x
+    _rms_norm_kernel[(num_tokens,)](
+        x,
+        x.stride(0),
+        residual_arg,
+        residual_arg.stride(0),
+        sum_arg,
+        sum_arg.stride(0),
+        out,
+        out.stride(0),
+        weight,
+        hidden_size,
+        eps,
+        HAS_RESIDUAL=has_residual,
+        SINGLE_BLOCK=single_block,
+        BLOCK=block,
+        num_warps=min(max(block // 512, 1), 16),
+    )
+
+
+def rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+) -> torch.Tensor:  # [num_tokens, hidden_size]
+    """``x / sqrt(mean(x**2) + eps) * weight``; never mutates its inputs."""
+    rows = _as_rows(x)
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    _launch(rows, None, None, out, weight.contiguous(), eps)
+    return out.view(x.shape)
+
+
+def fused_add_rms_norm(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    residual: torch.Tensor,  # [num_tokens, hidden_size]
+    weight: torch.Tensor,  # [hidden_size]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(rms_norm(x + residual), x + residual)`` in one pass over the rows.
+
+    The sum (in ``x.dtype``) is written into ``residual`` when it has ``x``'s dtype,
+    else into ``x``, and that tensor is returned: the reference's contract lets either
+    input be overwritten, and callers use only the returned tensors.
+    """
+    rows = _as_rows(x)
+    residual_rows = _as_rows(residual)
+    summed = residual_rows if residual.dtype == x.dtype else rows
+    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    _launch(rows, residual_rows, summed, out, weight.contiguous(), eps)
+    return out.view(x.shape), summed.view(x.shape)
