@@ -216,15 +216,15 @@ def test_cannot_serve_explains() -> None:
 
 
 def test_num_splits_fill_the_gpu_only_when_needed() -> None:
-    from kvplane_cuda.kernels.paged_attention import choose_num_splits
+    from kvplane_cuda.kernels.decode_attention import choose_num_splits
 
     # H100: 132 SMs; 8 KV heads (Qwen3-0.6B, Llama-3-8B).
-    assert choose_num_splits(1, 8, 8192, 132) == 128  # 1024 programs of 64 keys
-    assert choose_num_splits(32, 8, 8192, 132) == 5
-    assert choose_num_splits(128, 8, 8192, 132) == 2
-    assert choose_num_splits(512, 8, 8192, 132) == 1
-    assert choose_num_splits(1, 8, 300, 132) == 5  # never shorter than 64 keys
-    assert choose_num_splits(1, 8, 40960, 132) == 128  # capped; an upper bound is fine
+    assert choose_num_splits(1, 8, 8192, 132) == 32  # 256 programs of 256 keys
+    assert choose_num_splits(32, 8, 8192, 132) == 9
+    assert choose_num_splits(128, 8, 8192, 132) == 3
+    assert choose_num_splits(1024, 8, 8192, 132) == 1
+    assert choose_num_splits(1, 8, 300, 132) == 2  # never shorter than 256 keys
+    assert choose_num_splits(1, 8, 40960, 132) == 64  # capped; an upper bound is fine
 
 
 def test_decode_bytes_read() -> None:

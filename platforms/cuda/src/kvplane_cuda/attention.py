@@ -70,14 +70,15 @@ class TritonAttentionBackend(AttentionBackend):
 
 class TritonAttentionImpl(AttentionImpl):
     """One layer. ``num_splits`` forces the decode partition count (tests); ``None``
-    lets :func:`~kvplane_cuda.kernels.paged_attention.choose_num_splits` pick it."""
+    lets :func:`~kvplane_cuda.kernels.decode_attention.choose_num_splits` pick it."""
 
     def __init__(self, spec: AttentionSpec, num_splits: int | None = None) -> None:
-        from kvplane_cuda.kernels import paged_attention  # imports triton
+        from kvplane_cuda.kernels import decode_attention, paged_attention  # imports triton
 
         self.spec = spec
         self.num_splits = num_splits
-        self._kernels = paged_attention
+        self._decode = decode_attention.decode_attention
+        self._unified = paged_attention.unified_attention
 
     def forward(
         self,
@@ -103,7 +104,7 @@ class TritonAttentionImpl(AttentionImpl):
             metadata.query_start_loc,
         )
         if metadata.max_query_len <= 1:
-            self._kernels.decode_attention(
+            self._decode(
                 *tensors,
                 metadata.max_seq_len,
                 spec.scale,
@@ -112,7 +113,7 @@ class TritonAttentionImpl(AttentionImpl):
                 self.num_splits,
             )
         else:
-            self._kernels.unified_attention(
+            self._unified(
                 *tensors,
                 metadata.max_query_len,
                 spec.scale,

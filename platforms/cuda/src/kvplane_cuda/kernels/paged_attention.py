@@ -1,7 +1,8 @@
 """Triton paged attention over kvplane's cache ``[2, num_blocks, block_size, num_kv_heads, D]``.
 
 Two paths, each launched with grids that depend only on tensor shapes and host upper
-bounds (``max_query_len``, ``max_seq_len``), so both are CUDA-graph capturable:
+bounds (``max_query_len``, ``max_seq_len``), so both are CUDA-graph capturable (this
+module holds the first and the pieces both share; :mod:`.decode_attention` the second):
 
 - :func:`unified_attention` serves any batch (prefill chunks with cached context and
   decodes together) in one launch. A program owns one *query tile* of one sequence and
@@ -35,17 +36,7 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)
-
-#: Decode launches aim for this many programs per SM (two rounds of what fits at once:
-#: ~126 registers x 128 threads each) so that even batch 1 keeps enough loads in flight
-#: on every SM (at batch 1, 4 per SM reached under 30% of copy bandwidth at 8k keys).
-PROGRAMS_PER_SM = 8
-#: Shortest decode partition (one 64-key tile): its float32 partial output is 1/32 of
-#: the bf16 keys and values it reads for a group of 2 heads, and far less for larger ones.
-MIN_KEYS_PER_SPLIT = 64
-#: Upper bound on decode partitions (the reduce kernel loops over them).
-MAX_SPLITS = 128
-#: Rows of the decode ``tl.dot``: its M dimension must be at least 16.
+#: Rows of a ``tl.dot``: its M dimension must be at least 16.
 MIN_DOT_ROWS = 16
 
 # fmt: off
@@ -53,7 +44,7 @@ MIN_DOT_ROWS = 16
 
 
 @triton.jit
-def _soft_cap(scores, cap):
+def soft_cap(scores, cap):
     # cap * tanh(scores / cap), with tanh from exp2 (the interpreter has no tanh); the
     # absolute error, about 1e-7 * cap, is far below float32 attention tolerances.
     x = scores / cap
@@ -63,7 +54,7 @@ def _soft_cap(scores, cap):
 
 
 @triton.jit
-def _cache_rows(table_row_ptr, positions, valid, kv_head, stride_block, stride_slot, stride_head,
+def cache_rows(table_row_ptr, positions, valid, kv_head, stride_block, stride_slot, stride_head,
                 BLOCK_SIZE: tl.constexpr):
     # Offsets (int64, in elements) of the slots holding ``positions`` of one sequence.
     block_ids = tl.load(table_row_ptr + positions // BLOCK_SIZE, mask=valid, other=0)
@@ -72,13 +63,13 @@ def _cache_rows(table_row_ptr, positions, valid, kv_head, stride_block, stride_s
 
 
 @triton.jit
-def _attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
+def attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     # One online-softmax step over a key tile; scores in base 2. Rows that see no key
     # yet keep m = -inf: subtracting 0 instead keeps exp2 at 0 rather than NaN.
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, N]
     if HAS_SOFTCAP:
-        scores = _soft_cap(scores * sm_scale, softcap) * LOG2E
+        scores = soft_cap(scores * sm_scale, softcap) * LOG2E
     else:
         scores = scores * (sm_scale * LOG2E)
     scores = tl.where(allowed, scores, float("-inf"))
@@ -147,7 +138,7 @@ def _unified_kernel(
     for start in range(kv_begin, kv_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = key_pos < kv_end
-        rows = _cache_rows(table_row_ptr, key_pos, key_valid, kv_head, stride_block,
+        rows = cache_rows(table_row_ptr, key_pos, key_valid, kv_head, stride_block,
                            stride_slot, stride_head, BLOCK_SIZE)
         kv_offsets = rows[:, None] + offs_d[None, :]
         kv_mask = key_valid[:, None] & d_mask[None, :]
@@ -156,113 +147,12 @@ def _unified_kernel(
         allowed = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
-        m_i, l_i, acc = _attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
+        m_i, l_i, acc = attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
                                      HAS_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
-
-@triton.jit
-def _decode_split_kernel(
-    out_ptr, partial_out_ptr, partial_lse_ptr, query_ptr, key_cache_ptr, value_cache_ptr,
-    block_tables_ptr, seq_lens_ptr, query_start_loc_ptr, sm_scale, softcap, window,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_block, stride_slot, stride_head, stride_table,
-    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 0:  # a sequence without a new token has no output row
-        return
-    seq_len = tl.load(seq_lens_ptr + seq)
-    kv_begin = 0
-    if HAS_WINDOW:
-        kv_begin = tl.maximum(seq_len - window, 0)
-    # Whole BLOCK_N tiles, aligned so a tile never straddles more blocks than it must.
-    tiles_begin = kv_begin // BLOCK_N * BLOCK_N
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - tiles_begin, BLOCK_N), NUM_SPLITS)
-    split_begin = tiles_begin + split * tiles_per_split * BLOCK_N
-    split_end = tl.minimum(split_begin + tiles_per_split * BLOCK_N, seq_len)
-
-    offs_g = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_PAD)
-    d_mask = offs_d < HEAD_SIZE
-    heads = kv_head * GROUP_SIZE + offs_g  # [G]
-    row_mask = (offs_g < GROUP_SIZE)[:, None] & d_mask[None, :]
-    token = (q_start + q_len - 1).to(tl.int64)
-    q = tl.load(query_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask, other=0.0)  # [G, HEAD_PAD]
-
-    table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-    for start in range(split_begin, split_end, BLOCK_N):
-        key_pos = start + tl.arange(0, BLOCK_N)  # [N]
-        key_valid = (key_pos < split_end) & (key_pos >= kv_begin)
-        rows = _cache_rows(table_row_ptr, key_pos, key_valid, kv_head, stride_block,
-                           stride_slot, stride_head, BLOCK_SIZE)
-        kv_offsets = rows[:, None] + offs_d[None, :]
-        kv_mask = key_valid[:, None] & d_mask[None, :]
-        k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        m_i, l_i, acc = _attend_tile(q, k, v, key_valid[None, :], m_i, l_i, acc, sm_scale,
-                                     softcap, HAS_SOFTCAP, PRECISION)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    if NUM_SPLITS == 1:
-        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
-    else:
-        # An empty partition stores lse -inf and zeros: the reduce gives it no weight.
-        lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        num_heads = tl.num_programs(1) * GROUP_SIZE
-        parts = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [G]
-        tl.store(partial_lse_ptr + parts, lse, mask=offs_g < GROUP_SIZE)
-        tl.store(partial_out_ptr + parts[:, None] * HEAD_SIZE + offs_d[None, :], out,
-                 mask=row_mask)
-
-
-@triton.jit
-def _decode_reduce_kernel(
-    out_ptr, partial_out_ptr, partial_lse_ptr, query_start_loc_ptr, stride_ot, stride_oh,
-    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
-):
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 0:
-        return
-    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
-    offs_s = tl.arange(0, SPLIT_PAD)
-    lse = tl.load(partial_lse_ptr + base + offs_s, mask=offs_s < NUM_SPLITS,
-                  other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - lse_max), axis=0)
-    offs_d = tl.arange(0, HEAD_PAD)
-    d_mask = offs_d < HEAD_SIZE
-    acc = tl.zeros([HEAD_PAD], tl.float32)
-    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):  # chunks bound the registers per program
-        splits = first + tl.arange(0, SPLIT_CHUNK)
-        s_mask = splits < NUM_SPLITS
-        weights = tl.exp2(tl.load(partial_lse_ptr + base + splits, mask=s_mask,
-                                  other=float("-inf")) - lse_max)
-        parts = tl.load(partial_out_ptr + (base + splits)[:, None] * HEAD_SIZE + offs_d[None, :],
-                        mask=s_mask[:, None] & d_mask[None, :], other=0.0)
-        acc += tl.sum(parts * weights[:, None], axis=0)
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    token = (q_start + q_len - 1).to(tl.int64)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 # fmt: on
 
@@ -281,7 +171,7 @@ class Tile(NamedTuple):
     num_stages: int
 
 
-def _head_pad(head_size: int) -> int:
+def padded_head_size(head_size: int) -> int:
     return max(16, triton.next_power_of_2(head_size))
 
 
@@ -295,7 +185,7 @@ def unified_tile(head_size: int, group_size: int, max_query_len: int, element_si
     least 16, the smallest ``tl.dot``, and at least the group) so decode-heavy batches
     waste fewer of them.
     """
-    head_pad = _head_pad(head_size)
+    head_pad = padded_head_size(head_size)
     if element_size <= 2:
         max_rows, block_n, num_stages = (128, 64, 3) if head_pad <= 128 else (64, 32, 2)
     else:
@@ -304,27 +194,6 @@ def unified_tile(head_size: int, group_size: int, max_query_len: int, element_si
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(group_size), min(rows, max_rows))
     num_warps = 8 if block_m * head_pad >= 128 * 128 or element_size > 2 else 4
     return Tile(block_m, block_n, num_warps, num_stages)
-
-
-def decode_tile(head_size: int, group_size: int, element_size: int) -> Tile:
-    """The tile of :func:`decode_attention`: the group padded to 16 rows, 64 keys (8+
-    KV blocks of 16 per load), 3 stages = one shared K/V buffer plus the block ids
-    prefetched (~39 KiB, ~126 registers: 4 programs per Hopper SM, ~128 KiB of loads in
-    flight per SM). float32 (FMA dots) takes 8 warps and fewer keys to avoid spills."""
-    head_pad = _head_pad(head_size)
-    block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(group_size))
-    if element_size <= 2:
-        return Tile(block_m, 64, 4, 3) if head_pad <= 128 else Tile(block_m, 32, 4, 2)
-    return Tile(block_m, 32 if head_pad <= 128 else 16, 8, 2)
-
-
-def choose_num_splits(num_seqs: int, num_kv_heads: int, max_visible_len: int, num_sms: int) -> int:
-    """Decode partitions per (sequence, KV head): enough programs for ``PROGRAMS_PER_SM``
-    per SM, but no partition shorter than ``MIN_KEYS_PER_SPLIT`` keys of the longest
-    visible context (``max_visible_len`` may be an upper bound, e.g. under CUDA graphs)."""
-    wanted = triton.cdiv(num_sms * PROGRAMS_PER_SM, max(1, num_seqs * num_kv_heads))
-    useful = triton.cdiv(max(1, max_visible_len), MIN_KEYS_PER_SPLIT)
-    return max(1, min(wanted, useful, MAX_SPLITS))
 
 
 @functools.cache
@@ -340,17 +209,17 @@ def num_sms(device: torch.device) -> int:
     return _cuda_sm_count(index)
 
 
-def _on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+def on_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
     # Triton launches on the current device: make it the tensors' one.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _cache_strides(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[int, int, int, int]:
+def cache_strides(kv_cache: torch.Tensor, block_tables: torch.Tensor) -> tuple[int, int, int, int]:
     assert kv_cache.stride(-1) == 1, "the cache's head dimension must be contiguous"
     return kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3), block_tables.stride(0)
 
 
-def _precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     # Exact float32 dots (no TF32) so float32 results track the reference closely.
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -380,67 +249,16 @@ def unified_attention(
     tile = unified_tile(head_size, group_size, max_query_len, query.element_size())
     block_q = tile.block_m // group_size
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    with _on_device(query.device):
+    with on_device(query.device):
         _unified_kernel[grid](
             out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
             num_seqs, num_seqs.bit_length(), scale, logit_softcap or 0.0, sliding_window or 0,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            *_cache_strides(kv_cache, block_tables),
+            *cache_strides(kv_cache, block_tables),
             GROUP_SIZE=group_size, HEAD_SIZE=head_size,
-            HEAD_PAD=_head_pad(head_size), BLOCK_SIZE=block_size,
+            HEAD_PAD=padded_head_size(head_size), BLOCK_SIZE=block_size,
             BLOCK_M=tile.block_m, BLOCK_Q=block_q, BLOCK_N=tile.block_n,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-            PRECISION=_precision(query.dtype), num_warps=tile.num_warps, num_stages=tile.num_stages,
+            PRECISION=dot_precision(query.dtype), num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )  # fmt: skip
-
-
-def decode_attention(
-    out: torch.Tensor,  # [num_tokens, num_heads, head_size], written
-    query: torch.Tensor,  # [num_tokens, num_heads, head_size]; at most 1 token a sequence
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
-    block_tables: torch.Tensor,  # [num_seqs, max_num_blocks_per_seq] int32
-    seq_lens: torch.Tensor,  # [num_seqs] int32
-    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32
-    max_seq_len: int,  # an upper bound is fine
-    scale: float,
-    sliding_window: int | None = None,
-    logit_softcap: float | None = None,
-    num_splits: int | None = None,  # None: choose_num_splits
-) -> None:
-    """Split-KV attention of each sequence's single new token over its whole context."""
-    _, num_heads, head_size = query.shape
-    num_seqs = seq_lens.shape[0]
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    group_size = num_heads // num_kv_heads
-    head_pad = _head_pad(head_size)
-    tile = decode_tile(head_size, group_size, query.element_size())
-    if num_splits is None:
-        visible = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
-        num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, num_sms(query.device))
-    partial_out = partial_lse = out  # unused with one split: the kernel writes ``out``
-    if num_splits > 1:
-        partial_out = torch.empty(
-            (num_seqs, num_heads, num_splits, head_size), dtype=torch.float32, device=out.device
-        )
-        partial_lse = torch.empty(
-            (num_seqs, num_heads, num_splits), dtype=torch.float32, device=out.device
-        )
-    with _on_device(query.device):
-        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            out, partial_out, partial_lse, query, kv_cache[0], kv_cache[1], block_tables,
-            seq_lens, query_start_loc, scale, logit_softcap or 0.0, sliding_window or 0,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            *_cache_strides(kv_cache, block_tables),
-            GROUP_SIZE=group_size, GROUP_PAD=tile.block_m, HEAD_SIZE=head_size,
-            HEAD_PAD=head_pad, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n,
-            NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
-            HAS_SOFTCAP=logit_softcap is not None, PRECISION=_precision(query.dtype),
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
-        )  # fmt: skip
-        if num_splits > 1:
-            split_pad = triton.next_power_of_2(num_splits)
-            _decode_reduce_kernel[(num_seqs, num_heads)](
-                out, partial_out, partial_lse, query_start_loc, out.stride(0), out.stride(1),
-                HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-                SPLIT_PAD=split_pad, SPLIT_CHUNK=min(split_pad, 16), num_warps=4,
-            )  # fmt: skip
