@@ -112,3 +112,22 @@ def test_abort_while_a_step_is_in_flight(engines: tuple[LLM, LLM]) -> None:
     while engine.has_unfinished_requests():
         engine.step()
     assert_no_block_leak(overlap_llm)
+
+
+def test_aborting_everything_in_flight_leaves_nothing_to_wait_for(
+    engines: tuple[LLM, LLM],
+) -> None:
+    _, overlap_llm = engines
+    engine = overlap_llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    for index, prompt in enumerate(PROMPTS[:3]):
+        engine.add_request(f"all-{index}", prompt, params)
+    for _ in range(3):
+        engine.step()
+    assert engine._in_flight is not None
+    engine.abort_request([f"all-{i}" for i in range(3)])
+    assert not engine.has_unfinished_requests()
+    assert_no_block_leak(overlap_llm)
+    # The engine goes on serving afterwards.
+    output = overlap_llm.generate(PROMPTS[0], SamplingParams(temperature=0.0, max_tokens=4))
+    assert len(output[0].outputs[0].token_ids) == 4

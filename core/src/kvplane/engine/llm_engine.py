@@ -288,6 +288,9 @@ class LLMEngine:
                 self._sampling_states.pop(sequence_id, None)
                 self._host_token_request_ids.discard(sequence_id)
             self.output_processor.abort_request(request_id)
+        if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
+            # Its tokens all belong to aborted requests now: nothing left to wait for.
+            self._in_flight = None
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
