@@ -87,6 +87,10 @@ def test_throughput_json_counts_and_rates(tiny_dir: Path, tmp_path: Path) -> Non
     assert result["requests_per_second"] == pytest.approx(12 / elapsed)
     assert result["output_tokens_per_second"] == pytest.approx(12 * 9 / elapsed)
     assert result["tokens_per_second"] == pytest.approx(12 * 49 / elapsed)
+    # Where the host time of a step goes, per phase (ms/step over every step of the run).
+    assert result["num_steps"] >= 9
+    assert {"step_ms_schedule", "step_ms_prepare", "step_ms_forward"} <= set(result)
+    assert all(result[k] >= 0.0 for k in result if k.startswith("step_ms_"))
     baseline = result["baseline"]
     assert baseline["engine"] == "transformers" and baseline["total_output_tokens"] == 12 * 9
     assert result["ratio_vs_baseline"] == pytest.approx(

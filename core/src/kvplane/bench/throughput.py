@@ -27,16 +27,30 @@ def throughput_params(requests: list[BenchRequest], temperature: float) -> list[
 def run_kvplane(
     llm: Any, requests: list[BenchRequest], temperature: float, warmup: bool = True
 ) -> dict[str, float]:
-    """Time one ``generate`` over all requests (model load and warm-up excluded)."""
+    """Time one ``generate`` over all requests (model load and warm-up excluded).
+
+    The result also holds the engine's host milliseconds per step by phase
+    (``step_ms_<phase>``, see :mod:`kvplane.engine.step_timer`) and ``num_steps``.
+    """
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = throughput_params(requests, temperature)
     if warmup:
         llm.generate(prompts[:1], throughput_params(requests[:1], temperature)[0].clone())
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=True)
-    elapsed = time.perf_counter() - started
+    timer = llm.engine.runner.timer
+    timer.reset()
+    timer.enabled = True
+    try:
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=True)
+        elapsed = time.perf_counter() - started
+    finally:
+        timer.enabled = False
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return throughput_result(requests, elapsed, num_output)
+    result = throughput_result(requests, elapsed, num_output)
+    phases = timer.summary()
+    result["num_steps"] = phases.pop("steps")
+    result.update({f"step_ms_{name}": value for name, value in phases.items()})
+    return result
 
 
 def throughput_result(

@@ -1,9 +1,10 @@
 """Host wall time per phase of the engine step, for profiling where a step's time goes.
 
-Off by default (one attribute test per phase); ``kvplane bench`` and the GPU suite turn it
-on. On a device that runs asynchronously, the phase that reads the sampled tokens back
-(``sample``) includes the wait for the device; the phases after it, up to the next
-forward launch, are time the device may sit idle waiting for the host.
+Off by default (one attribute test per phase); ``kvplane bench throughput`` and the GPU
+suite turn it on. Phases: ``schedule``, ``prepare`` (inputs), ``forward`` and ``sample``
+(launching the work) and ``update`` (processing the sampled tokens). With overlapped steps
+``update`` also holds the wait for the previous step's tokens; step by step, that wait
+falls between the phases, and every phase is time the device sits idle.
 """
 
 from __future__ import annotations
