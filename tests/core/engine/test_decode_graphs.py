@@ -25,11 +25,13 @@ class ReplayingRunner(GraphRunner):
     def __init__(self, sizes: tuple[int, ...]) -> None:
         self.sizes = set(sizes)
         self.captured: dict[int, Callable[[], Any]] = {}
+        self.num_runs = 0
 
     def can_run(self, batch_size: int) -> bool:
         return batch_size in self.sizes
 
     def run(self, batch_size: int, step: Callable[[], Any]) -> Any:
+        self.num_runs += 1
         return self.captured.setdefault(batch_size, step)()
 
 

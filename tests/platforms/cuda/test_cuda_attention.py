@@ -49,24 +49,6 @@ SPECS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_scalar_loop_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)`` of a
-    one-element array, which numpy >= 2.4 refuses (triton-lang/triton#9171); the kernels
-    loop to bounds read from device memory, so squeeze first."""
-    if not INTERPRET:
-        return
-    from triton.runtime import interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor: object, scope: interpreter._LangPatchScope) -> None:
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    monkeypatch.setattr(interpreter, "_patch_lang_tensor", patch_lang_tensor)
-
-
 def run_both(
     spec: AttentionSpec, batch: PagedBatch, device: str, num_splits: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

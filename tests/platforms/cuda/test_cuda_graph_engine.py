@@ -1,0 +1,132 @@
+"""Decode graphs end to end with the CUDA platform's Triton attention, on the CPU.
+
+A test platform pairs the ``cuda-triton`` backend (run by Triton's interpreter on CPU
+tensors) with a graph runner that "replays" by calling the first step function it saw
+per bucket. Greedy tokens with graphs must equal those without, overlapped or not: a
+captured step that read anything but its static buffers, or mishandled padding
+sequences and upper-bound lengths, would change them.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvplane import LLM, SamplingParams
+from kvplane.attention.backend import AttentionBackend
+from kvplane.engine.graph_runner import GraphRunner
+from kvplane.plugins import capabilities, hookimpl, register_platform, unregister_platform
+from kvplane.plugins.types import (
+    AttentionSpec,
+    GraphCaptureRequest,
+    MemoryInfo,
+    PlatformInfo,
+    ProbeResult,
+)
+from kvplane.testing.models import save_random_model, tiny_llama_config
+from tests.core.engine.test_decode_graphs import ReplayingRunner
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in the interpreter"
+)
+NAME = "triton-graphs-on-cpu"
+
+
+@pytest.fixture(scope="module")
+def runners() -> list[ReplayingRunner]:
+    return []
+
+
+@pytest.fixture(scope="module")
+def platform(runners: list[ReplayingRunner]) -> Iterator[str]:
+    from kvplane_cuda.attention import TritonAttentionBackend
+
+    module = types.ModuleType("triton_graphs_on_cpu")
+    module.KVPLANE_PLUGIN_API = "1.2"
+
+    @hookimpl
+    def kvplane_platform_probe() -> ProbeResult:
+        return ProbeResult(True, 0, "test platform")
+
+    @hookimpl
+    def kvplane_platform_info() -> PlatformInfo:
+        return PlatformInfo(
+            NAME,
+            "cpu",
+            1,
+            ("float32",),
+            capabilities=frozenset({capabilities.GRAPH_CAPTURE}),
+            default_kv_cache_bytes=4 * 2**20,
+        )
+
+    @hookimpl
+    def kvplane_device_memory(query: object) -> MemoryInfo:
+        return MemoryInfo(2**30, 2**30)
+
+    @hookimpl
+    def kvplane_attention_backends(spec: AttentionSpec) -> list[AttentionBackend]:
+        return [TritonAttentionBackend()]
+
+    @hookimpl
+    def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner:
+        runner = ReplayingRunner(request.batch_sizes)
+        runners.append(runner)
+        return runner
+
+    for hook in (
+        kvplane_platform_probe,
+        kvplane_platform_info,
+        kvplane_device_memory,
+        kvplane_attention_backends,
+        kvplane_graph_runner,
+    ):
+        setattr(module, hook.__name__, hook)
+    register_platform(NAME, module)
+    yield NAME
+    unregister_platform(NAME)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-llama-graphs")
+    save_random_model(tiny_llama_config(), directory)
+    return directory
+
+
+def generate(model_dir: Path, platform: str, **options: object) -> list[list[int]]:
+    llm = LLM(
+        model=str(model_dir),
+        device=platform,
+        dtype="float32",
+        skip_tokenizer_init=True,
+        max_num_seqs=8,
+        max_num_batched_tokens=48,
+        **options,
+    )  # type: ignore[arg-type]
+    # Mixed lengths, more prompts than seats: batches shrink and grow through the buckets.
+    prompts = [
+        [(7 * i + 3 * j) % 250 + 1 for j in range(n)]
+        for i, n in enumerate([3, 40, 17, 1, 9, 30, 5, 12, 21, 2])
+    ]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=6 + 3 * (i % 4), detokenize=False)
+        for i in range(len(prompts))
+    ]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    assert llm.engine.runner.decode_graphs is not None or options.get("enforce_eager")
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_replayed_decode_steps_give_the_eager_tokens(
+    model_dir: Path, platform: str, runners: list[ReplayingRunner], async_scheduling: bool
+) -> None:
+    eager = generate(model_dir, platform, enforce_eager=True, async_scheduling=async_scheduling)
+    graphed = generate(model_dir, platform, async_scheduling=async_scheduling)
+    assert graphed == eager
+    assert runners and set(runners[-1].captured) == {1, 2, 4, 8}
+    assert runners[-1].num_runs > 2 * len(runners[-1].captured)  # decode steps replayed
