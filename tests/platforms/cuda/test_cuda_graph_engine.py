@@ -130,3 +130,33 @@ def test_replayed_decode_steps_give_the_eager_tokens(
     assert graphed == eager
     assert runners and set(runners[-1].captured) == {1, 2, 4, 8}
     assert runners[-1].num_runs > 2 * len(runners[-1].captured)  # decode steps replayed
+
+
+def test_moe_with_the_reference_fused_moe_runs_eagerly(
+    platform: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The reference fused_moe reads expert counts on the host: no graph may hold it.
+    from transformers import Qwen3MoeConfig
+
+    config = Qwen3MoeConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    save_random_model(config, tmp_path)
+    with caplog.at_level("INFO", logger="kvplane.engine.llm_engine"):
+        llm = LLM(model=str(tmp_path), device=platform, dtype="float32", skip_tokenizer_init=True)  # type: ignore[arg-type]
+    assert llm.engine.runner.decode_graphs is None
+    assert "FusedMoE cannot be captured" in caplog.text
+    params = SamplingParams(temperature=0.0, max_tokens=3, detokenize=False)
+    output = llm.generate({"prompt_token_ids": [5, 6, 7]}, params)
+    assert len(output[0].outputs[0].token_ids) == 3

@@ -133,16 +133,17 @@ class LLMEngine:
             capabilities.GRAPH_CAPTURE
         ):
             return
-        eager_layers = [
-            layer.backend_name
-            for layer in self.runner.attention_layers
-            if not layer.supports_graph_capture
-        ]
+        # Layers flag what a graph cannot hold (an attention backend reading host copies,
+        # an op that reads device values on the host).
+        eager_layers = sorted(
+            {
+                _describe_layer(module)
+                for module in model.modules()
+                if getattr(module, "supports_graph_capture", True) is False
+            }
+        )
         if eager_layers:
-            logger.info(
-                "no decode graphs: attention backends %s cannot be captured",
-                sorted(set(eager_layers)),
-            )
+            logger.info("no decode graphs: %s cannot be captured", ", ".join(eager_layers))
             return
         sizes = bucket_sizes(self.config.max_num_seqs)
         graph_runner = self.platform.graph_runner(GraphCaptureRequest(self.device, sizes))
@@ -381,3 +382,9 @@ class LLMEngine:
             if status is not None:
                 self._finish(request_id, status)
         return self.output_processor.collect_outputs(self.scheduler.stats())
+
+
+def _describe_layer(module: torch.nn.Module) -> str:
+    """A layer's class, with its attention backend when it has one."""
+    backend = getattr(module, "backend_name", None)
+    return f"{type(module).__name__} ({backend})" if backend else type(module).__name__

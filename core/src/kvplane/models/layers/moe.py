@@ -12,6 +12,7 @@ import torch
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.linear import Linear
 from kvplane.models.weights import WeightLoadError
+from kvplane.ops import reference as reference_ops
 
 #: ``hidden_act`` of a checkpoint -> ``activation`` of the ``fused_moe`` op.
 _ACTIVATIONS = {
@@ -80,6 +81,9 @@ class FusedMoE(torch.nn.Module):
             requires_grad=False,
         )
         self._fused_moe = ctx.platform.ops.fused_moe
+        # The reference reads the per-expert counts on the host (a device sync), which a
+        # captured graph cannot do: with it, decode steps run eagerly.
+        self.supports_graph_capture = self._fused_moe is not reference_ops.fused_moe
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, hidden]
         router_logits = self.gate(hidden)  # [T, num_experts]
