@@ -256,19 +256,6 @@ def test_reshape_and_cache_skips_negative_slots(
     assert torch.equal(on_device.cpu(), expected)
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_GPU else []))
-def test_module_level_reshape_and_cache(device: str, generator: torch.Generator) -> None:
-    # What the attention backend imports: the kernel on a GPU, the reference on the CPU.
-    key, value = (randn((5, 2, 16), torch.float32, generator) for _ in range(2))
-    slot_mapping = torch.tensor([3, -1, 17, 0, 9])
-    kv_cache = randn((2, 3, 8, 2, 16), torch.float32, generator)
-    expected = kv_cache.clone()
-    ref.reshape_and_cache(key, value, expected, slot_mapping)
-    on_device = kv_cache.to(device, copy=True)
-    ops.reshape_and_cache(key.to(device), value.to(device), on_device, slot_mapping.to(device))
-    assert torch.equal(on_device.cpu(), expected)
-
-
 # -- sampling --------------------------------------------------------------------------
 
 SAMPLING_VARIANTS = ["top_k", "top_p", "min_p", "top_k_top_p", "all"]

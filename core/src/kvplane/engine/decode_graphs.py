@@ -60,7 +60,6 @@ class DecodeGraphs:
     ) -> None:
         self.model = model
         self.graph_runner = graph_runner
-        self.block_size = block_size
         self.max_model_len = max_model_len
         self.sizes = bucket_sizes(max_num_seqs)
         max_size = self.sizes[-1]
@@ -81,6 +80,7 @@ class DecodeGraphs:
         self._staging = [_Staging(max_size, max_blocks, pin_memory) for _ in range(2)]
         self._next_staging = 0
         self._metadata = {size: self._bucket_metadata(size) for size in self.sizes}
+        self._steps = {size: self._step_function(size) for size in self.sizes}
 
     def bucket_for(self, host: HostStepInputs) -> int | None:
         """The bucket a step runs in, or ``None`` if it must run eagerly."""
@@ -95,7 +95,7 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             if self.graph_runner.can_run(size):
                 self._stage_padding(size)
-                self.graph_runner.run(size, self._step_function(size))
+                self.graph_runner.run(size, self._steps[size])
         logger.info(
             "captured decode graphs for %d batch sizes (up to %d) in %.1f s",
             len(self.sizes),
@@ -115,7 +115,7 @@ class DecodeGraphs:
         self._upload(staging, size)
         if fixup is not None:
             fixup.apply(self.token_ids[: host.num_seqs])
-        hidden = self.graph_runner.run(size, self._step_function(size))
+        hidden = self.graph_runner.run(size, self._steps[size])
         return hidden[: host.num_seqs]
 
     # -- internals -----------------------------------------------------------------------
@@ -133,6 +133,7 @@ class DecodeGraphs:
         )
 
     def _step_function(self, size: int) -> Callable[[], torch.Tensor]:
+        """The forward of bucket ``size`` over the static buffers (what gets captured)."""
         metadata = self._metadata[size]
         token_ids, positions = self.token_ids[:size], self.positions[:size]
 

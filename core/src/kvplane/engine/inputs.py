@@ -3,7 +3,8 @@
 Done in two stages so the graph path can reuse the first: :func:`build_host_inputs` makes
 host arrays (no device work), :func:`to_device_inputs` copies them into fresh device
 tensors for an eager step. The decode graphs copy the same host arrays into their static
-buffers instead (:mod:`kvplane.engine.decode_graphs`).
+buffers instead (:mod:`kvplane.engine.decode_graphs`). :class:`PlaceholderFixup` fills
+input tokens that are still on the device (overlapped steps).
 """
 
 from __future__ import annotations
@@ -69,13 +70,12 @@ class HostStepInputs:
 
 @dataclass(frozen=True, slots=True)
 class StepInputs:
+    """An eager step's inputs on the device."""
+
     token_ids: torch.Tensor  # [num_tokens] int64
     positions: torch.Tensor  # [num_tokens] int64
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [num_logit_rows] int64, token index of each row
-    sample_request_ids: tuple[str, ...]
-    sample_rows: tuple[int, ...]
-    prompt_logprobs: tuple[PromptLogprobsSlice, ...]
 
 
 def build_host_inputs(
@@ -182,7 +182,7 @@ class PlaceholderFixup:
     sampled: torch.Tensor  # [num_previous_rows] int64, the previous step's tokens
 
     def apply(self, token_ids: torch.Tensor) -> None:  # [num_tokens] int64, in place
-        rows = self.source_rows[: len(token_ids)]
+        rows = self.source_rows
         taken = self.sampled.index_select(0, rows.clamp(min=0))
         token_ids.copy_(torch.where(rows >= 0, taken, token_ids))
 
@@ -218,17 +218,4 @@ def to_device_inputs(
         positions=to_device(host.positions, torch.int64),
         metadata=metadata,
         logits_indices=to_device(host.logits_indices, torch.int64),
-        sample_request_ids=host.sample_request_ids,
-        sample_rows=host.sample_rows,
-        prompt_logprobs=host.prompt_logprobs,
     )
-
-
-def prepare_inputs(
-    output: SchedulerOutput,
-    block_size: int,
-    device: torch.device,
-    prompt_logprobs_ids: frozenset[str] = frozenset(),
-) -> StepInputs:
-    """Flatten ``output`` into one batch of device tensors."""
-    return to_device_inputs(build_host_inputs(output, block_size, prompt_logprobs_ids), device)

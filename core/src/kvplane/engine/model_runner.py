@@ -231,7 +231,7 @@ class ModelRunner:
         for token_index, seq_index in zip(placeholders, seq_indices, strict=True):
             request_id = output.scheduled[seq_index].request.request_id
             source_rows[token_index] = row_of_request[request_id]
-        return PlaceholderFixup(to_device(source_rows.tolist(), torch.int64, self.device), sampled)
+        return PlaceholderFixup(to_device(source_rows, torch.int64, self.device), sampled)
 
     def _forward(
         self, host: HostStepInputs, fixup: PlaceholderFixup | None

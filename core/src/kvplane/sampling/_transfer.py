@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 # Device types whose tensors could not be filled from pinned memory (tried once each).
@@ -11,7 +12,7 @@ _NO_PINNING: set[str] = set()
 
 
 def to_device(
-    values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device
+    values: Sequence[int] | Sequence[float] | np.ndarray, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:  # [len(values)]
     """``torch.tensor(values)`` on ``device``, copied asynchronously where possible.
 

@@ -108,12 +108,10 @@ class PendingSamples:
         sampled: torch.Tensor,  # [num_seqs] int64, on the device
         logprobs: LogprobTensors | None,
         logprob_rows: list[int],
-        num_seqs: int,
     ) -> None:
         self.sampled = sampled
         self._logprobs = logprobs
         self._logprob_rows = logprob_rows
-        self._num_seqs = num_seqs
         self._host = copy_to_host_async(sampled)
         self._result: SamplerOutput | None = None
 
@@ -124,7 +122,7 @@ class PendingSamples:
 
     def _collect(self) -> SamplerOutput:
         token_ids: list[int] = self._host.wait().tolist()
-        logprobs: list[SampleLogprobs | None] = [None] * self._num_seqs
+        logprobs: list[SampleLogprobs | None] = [None] * len(token_ids)
         if self._logprobs is not None:
             entries = self._logprobs.to_entries()
             for row, entry in zip(self._logprob_rows, entries, strict=True):
@@ -176,7 +174,7 @@ class Sampler:
                 f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}"
             )
         if num_seqs == 0:
-            return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [], 0)
+            return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [])
         raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
         work = raw_logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size], mutated
         self._apply_bias_and_allowed(work, states)
@@ -192,7 +190,7 @@ class Sampler:
             logprobs = LogprobTensors.compute(
                 raw_logits.index_select(0, index), sampled.index_select(0, index), num_top
             )
-        return PendingSamples(sampled, logprobs, rows, num_seqs)
+        return PendingSamples(sampled, logprobs, rows)
 
     # ----------------------------------------------------------------------------------
     # Logits processing (in place on the float32 working copy)

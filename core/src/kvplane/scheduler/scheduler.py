@@ -210,32 +210,34 @@ class Scheduler:
                 )
             if not scheduled.is_sampling and request.request_id in sampled_token_ids:
                 raise ValueError(f"request {request.request_id!r} was not sampling this step")
+        self.commit(output)
         for scheduled in output.scheduled:
-            request = scheduled.request
-            if request.status is not RequestStatus.RUNNING:
-                continue
-            request.num_computed_tokens += scheduled.num_new_tokens
-            self._append_sampled(request, sampled_token_ids)
+            if scheduled.request.status is RequestStatus.RUNNING:
+                self._append_sampled(scheduled.request, sampled_token_ids)
         for forked in output.forked:
             if forked.child.status is RequestStatus.RUNNING:
                 self._append_sampled(forked.child, sampled_token_ids)
+        self.cache_blocks(output)
 
     def commit(self, output: SchedulerOutput) -> None:
-        """Advance the scheduled requests' computed tokens as soon as the step is
-        launched (overlapped steps: the next step is scheduled before this one's tokens
-        are back). Their sampled tokens then arrive through :meth:`cache_blocks` after the
-        engine resolved each placeholder; :meth:`update_from_output` is not called."""
+        """Advance the scheduled requests' computed tokens.
+
+        Part of :meth:`update_from_output`; with overlapped steps the engine calls it alone
+        as soon as the step is launched (the next step is scheduled before this one's
+        tokens are back), appends placeholders, and calls :meth:`cache_blocks` once the
+        tokens are known."""
         for scheduled in output.scheduled:
             request = scheduled.request
             if request.status is RequestStatus.RUNNING:
                 request.num_computed_tokens += scheduled.num_new_tokens
 
     def cache_blocks(self, output: SchedulerOutput) -> None:
-        """Enter the newly full blocks of ``output``'s requests into the prefix cache,
-        once their tokens are known (overlapped steps)."""
-        for scheduled in output.scheduled:
-            if scheduled.request.status is RequestStatus.RUNNING:
-                self.block_manager.cache_full_blocks(scheduled.request)
+        """Enter the newly full blocks of ``output``'s requests (and forked children) into
+        the prefix cache, once their tokens are known."""
+        requests = [s.request for s in output.scheduled] + [f.child for f in output.forked]
+        for request in requests:
+            if request.status is RequestStatus.RUNNING:
+                self.block_manager.cache_full_blocks(request)
 
     # ---------------------------------------------------------------- queries
 
@@ -313,7 +315,6 @@ class Scheduler:
         token_id = sampled_token_ids.get(request.request_id)
         if token_id is not None:
             request.append_output_token(token_id)
-        self.block_manager.cache_full_blocks(request)
 
     def _num_seats_taken(self) -> int:
         """Running requests plus the seats reserved for their unforked children."""

@@ -1,7 +1,7 @@
 """Paged attention for CUDA with Triton kernels (:mod:`kvplane_cuda.kernels.paged_attention`).
 
-Per layer and step: the new keys and values go into the cache with
-:func:`kvplane_cuda.ops.reshape_and_cache`, then
+Per layer and step: the new keys and values go into the cache with the
+``reshape_and_cache`` kernel (:mod:`kvplane_cuda.kernels.cache`), then
 
 - a batch with at most one new token per sequence (``max_query_len <= 1``) runs the
   split-KV decode kernel (context partitions spread over the SMs, then a reduce);
@@ -32,7 +32,6 @@ import torch
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.plugins.types import AttentionSpec
-from kvplane_cuda.ops import reshape_and_cache
 
 #: Dtypes the kernels load and multiply (``tl.dot`` operands).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,10 +72,11 @@ class TritonAttentionImpl(AttentionImpl):
     lets :func:`~kvplane_cuda.kernels.decode_attention.choose_num_splits` pick it."""
 
     def __init__(self, spec: AttentionSpec, num_splits: int | None = None) -> None:
-        from kvplane_cuda.kernels import decode_attention, paged_attention  # imports triton
+        from kvplane_cuda.kernels import cache, decode_attention, paged_attention  # triton
 
         self.spec = spec
         self.num_splits = num_splits
+        self._write_kv_cache = cache.reshape_and_cache
         self._decode = decode_attention.decode_attention
         self._unified = paged_attention.unified_attention
 
@@ -88,7 +88,7 @@ class TritonAttentionImpl(AttentionImpl):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
-        reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+        self._write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         if query.stride(-1) != 1:
             query = query.contiguous()
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)

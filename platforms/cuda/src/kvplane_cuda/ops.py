@@ -12,10 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from kvplane.ops import reference
-
 
 def cuda_ops() -> dict[str, Callable[..., Any]]:
     """The Triton ops keyed by stable name; the others fall back to the reference.
@@ -34,23 +30,3 @@ def cuda_ops() -> dict[str, Callable[..., Any]]:
         "reshape_and_cache": cache.reshape_and_cache,
         "top_k_top_p_sample": sampling.top_k_top_p_sample,
     }
-
-
-def reshape_and_cache(
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64; slot = block * block_size + offset
-) -> None:
-    """Write each token's key and value at its slot, in place; slots < 0 are skipped.
-
-    The attention backend's cache write: the Triton kernel for a cache on a GPU, the
-    reference for one in host memory (its host sync costs nothing there, and the
-    backend's CPU tests need no Triton interpreter).
-    """
-    if kv_cache.is_cuda:
-        from kvplane_cuda.kernels.cache import reshape_and_cache as write_kv_cache
-
-        write_kv_cache(key, value, kv_cache, slot_mapping)
-    else:
-        reference.reshape_and_cache(key, value, kv_cache, slot_mapping)
