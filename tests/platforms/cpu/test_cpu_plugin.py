@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import mmap
 
 import pytest
 import torch
@@ -94,8 +95,12 @@ def test_profile_memory_sees_the_peak_of_a_freed_allocation() -> None:
     size = 64 * 2**20
 
     def run_forward() -> None:
-        scratch = torch.ones(size // 4)  # touched, so resident
-        del scratch  # freed again before the profile ends
+        # Fresh pages from the kernel (a malloc could reuse a region that earlier tests
+        # left resident, and RSS would not grow), touched so they count, then unmapped.
+        scratch = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            scratch[offset] = 1
+        scratch.close()
 
     profile = plugin.kvplane_profile_memory(
         request=MemoryProfileRequest(torch.device("cpu"), run_forward)
