@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     engine.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     engine.add_argument(
+        "--max-mixed-graph-tokens",
+        type=int,
+        default=512,
+        help="largest mixed step replayed from a graph (0: mixed steps eager)",
+    )
+    engine.add_argument(
         "--async-scheduling",
         choices=("auto", "on", "off"),
         default="auto",

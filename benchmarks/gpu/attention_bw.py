@@ -6,7 +6,13 @@ Bytes = KV read (2 * ctx * kv_heads * head_size * element size per sequence) + q
 bytes; ``GBps`` = bytes read / median time. It is compared with the copy's
 (read+write)/time (primary), the copy's one-way rate and the read-only rate (env section).
 Timing: ``triton.testing.do_bench`` (warm-up, L2 flushed between runs, median), eager and,
-when the forward captures, as a CUDA-graph replay (device time without launch overhead).
+when the forward captures, as a CUDA-graph replay of one call (``graph``: one graph
+launch per call) and as a graph of :data:`NUM_GRAPH_LAYERS` calls, each on its own KV
+cache and block table like the layers of a model's decode step (``layers``: time per
+call; the graph launch is paid once per step in a model, and no layer's keys are in L2).
+At batch 1 the rows also hold each kernel's device time from ``torch.profiler``
+(``kernel_us``) and the ``layers`` rate with the split reduction in its own kernel
+(``unfused_layers_GBps``), next to the default fused one.
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ from benchmarks.gpu.common import Suite, free_memory, median_seconds
 from benchmarks.gpu.env import memory_rates
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_SIZE, BLOCK_SIZE = 16, 8, 128, 16
+#: Calls (each on its own cache: "layers") captured together for the ``layers`` timing.
+NUM_GRAPH_LAYERS = 8
+#: Memory the extra layers' caches may take, in bytes.
+LAYERS_MEMORY_BYTES = 16 * 2**30
 
 
 def make_backend(name: str) -> Any:
@@ -105,13 +115,67 @@ def bench_decode(
 ) -> dict[str, Any]:
     import torch
 
+    layer = _decode_layer(spec, batch, context, device)
+    query = layer[0]
+
+    def forward() -> Any:
+        return impl.forward(*layer)
+
+    output = forward()  # [batch, num_heads, head_size]
+    if tuple(output.shape) != tuple(query.shape) or not bool(torch.isfinite(output).all()):
+        raise RuntimeError(f"bad output: shape {tuple(output.shape)}, or not finite")
+    element = query.element_size()
+    row: dict[str, Any] = {
+        "batch": batch,
+        "context": context,
+        "bytes_read": batch * context * 2 * spec.num_kv_heads * spec.head_size * element
+        + query.numel() * element,
+        "bytes_written": output.numel() * element + 2 * layer[1].numel() * element,
+        "eager_seconds": _time(forward, device),
+    }
+    if not use_graphs:
+        return row
+    try:
+        row["graph_seconds"] = _time(_captured([forward]), device)
+        layers = _more_layers(layer, spec, batch, context, device)
+        forwards = [lambda inputs=inputs: impl.forward(*inputs) for inputs in layers]
+        num_layers = row["graph_layers"] = len(layers)
+        row["layers_seconds"] = _time(_captured(forwards), device) / num_layers
+        if batch == 1 and hasattr(impl, "fused_reduce"):
+            row["kernel_us"] = _kernel_times(forward)
+            chosen = impl.fused_reduce
+            try:
+                impl.fused_reduce = False
+                unfused = _time(_captured(forwards), device) / num_layers
+                row["unfused_layers_GBps"] = row["bytes_read"] / unfused / 1e9
+            finally:
+                impl.fused_reduce = chosen
+    except Exception as error:
+        row["graph_error"] = f"{type(error).__name__}: {error}"[:500]
+    return row
+
+
+def _more_layers(
+    layer: tuple[Any, ...], spec: Any, batch: int, context: int, device: str
+) -> list[tuple[Any, ...]]:
+    """``layer`` plus up to ``NUM_GRAPH_LAYERS - 1`` others (within the memory cap)."""
+    cache_bytes = layer[3].numel() * layer[3].element_size()
+    num_layers = max(1, min(NUM_GRAPH_LAYERS, LAYERS_MEMORY_BYTES // cache_bytes))
+    return [layer] + [_decode_layer(spec, batch, context, device) for _ in range(num_layers - 1)]
+
+
+def _decode_layer(spec: Any, batch: int, context: int, device: str) -> tuple[Any, ...]:
+    """``impl.forward`` arguments of one decode step of one layer: ``batch`` sequences of
+    ``context`` tokens whose blocks are scattered over the cache."""
+    import torch
+
     from kvplane.attention.metadata import AttentionMetadata
 
     blocks_per_seq = math.ceil(context / spec.block_size)
     num_blocks = batch * blocks_per_seq
     shape = (2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
     kv_cache = torch.empty(shape, dtype=spec.dtype, device=device).normal_()
-    # [batch, blocks_per_seq]: every sequence's blocks scattered over the cache
+    # [batch, blocks_per_seq]
     block_tables = torch.randperm(num_blocks, device=device).view(batch, blocks_per_seq).int()
     last = context - 1  # position of the new token
     slot_mapping = block_tables[:, last // spec.block_size].long() * spec.block_size
@@ -128,43 +192,46 @@ def bench_decode(
     )
     query = torch.randn(batch, spec.num_heads, spec.head_size, dtype=spec.dtype, device=device)
     key = torch.randn(batch, spec.num_kv_heads, spec.head_size, dtype=spec.dtype, device=device)
-    value = torch.randn_like(key)
+    return query, key, torch.randn_like(key), kv_cache, metadata
 
-    def forward() -> Any:
-        return impl.forward(query, key, value, kv_cache, metadata)
 
-    output = forward()  # [batch, num_heads, head_size]
-    if tuple(output.shape) != tuple(query.shape) or not bool(torch.isfinite(output).all()):
-        raise RuntimeError(f"bad output: shape {tuple(output.shape)}, or not finite")
-    element = query.element_size()
-    row: dict[str, Any] = {
-        "batch": batch,
-        "context": context,
-        "bytes_read": batch * context * 2 * spec.num_kv_heads * spec.head_size * element
-        + query.numel() * element,
-        "bytes_written": output.numel() * element + 2 * key.numel() * element,
-        "eager_seconds": _time(forward, device),
-    }
-    if use_graphs:
-        try:
-            row["graph_seconds"] = _time(_captured(forward), device)
-        except Exception as error:
-            row["graph_error"] = f"{type(error).__name__}: {error}"[:500]
-    return row
+def _kernel_times(forward: Any, runs: int = 20) -> dict[str, float]:
+    """Median device time of each kernel ``forward`` launches (``torch.profiler``), with
+    the L2 flushed before every run."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    for _ in range(3):
+        forward()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            flush.zero_()
+            forward()
+        torch.cuda.synchronize()
+    durations: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type.name != "CUDA" or "elementwise" in event.name:
+            continue  # the flush's fill kernel
+        durations.setdefault(event.name[:60], []).append(event.time_range.elapsed_us())
+    return {name: sorted(times)[len(times) // 2] for name, times in durations.items()}
 
 
 def sweep_splits(impl: Any, spec: Any, batch: int, context: int, device: str) -> dict[str, Any]:
-    """Graph-replay GB/s of the decode kernel at forced split counts (to tune the
-    split heuristic); the impl's own choice is restored afterwards."""
+    """``layers`` GB/s of the decode kernel at forced split counts (to tune the split
+    heuristic); the impl's own choice is restored afterwards."""
     sweep: dict[str, Any] = {}
+    layers = _more_layers(_decode_layer(spec, batch, context, device), spec, batch, context, device)
+    forwards = [lambda inputs=inputs: impl.forward(*inputs) for inputs in layers]
+    bytes_read = batch * context * 2 * spec.num_kv_heads * spec.head_size * 2
     chosen = impl.num_splits
     try:
         for num_splits in (8, 16, 32, 64, 128, 256):
             impl.num_splits = num_splits
             try:
-                row = bench_decode(impl, spec, batch, context, device, use_graphs=True)
-                seconds = row.get("graph_seconds") or row["eager_seconds"]
-                sweep[str(num_splits)] = row["bytes_read"] / seconds / 1e9
+                seconds = _time(_captured(forwards), device) / len(layers)
+                sweep[str(num_splits)] = bytes_read / seconds / 1e9
             except Exception as error:
                 sweep[str(num_splits)] = f"{type(error).__name__}: {error}"[:200]
     finally:
@@ -172,19 +239,21 @@ def sweep_splits(impl: Any, spec: Any, batch: int, context: int, device: str) ->
     return sweep
 
 
-def _captured(forward: Any) -> Any:
-    """``forward`` captured once in a CUDA graph; returns the replay function."""
+def _captured(forwards: list[Any]) -> Any:
+    """``forwards`` captured once, in order, in a CUDA graph; returns the replay function."""
     import torch
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up off the default stream, as capture needs
         for _ in range(2):
-            forward()
+            for forward in forwards:
+                forward()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        forward()
+        for forward in forwards:
+            forward()
     torch.cuda.synchronize()
     return graph.replay
 
@@ -198,7 +267,7 @@ def _time(fn: Any, device: str) -> float:
 
 
 def _add_fractions(row: dict[str, Any], rates: dict[str, Any]) -> None:
-    for mode in ("eager", "graph"):
+    for mode in ("eager", "graph", "layers"):
         seconds = row.get(f"{mode}_seconds")
         if not seconds:
             continue
@@ -216,7 +285,7 @@ def _describe(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"{head} error {row['error'].strip().splitlines()[-1]}"
     parts = [head]
-    for mode in ("eager", "graph"):
+    for mode in ("eager", "graph", "layers"):
         if f"{mode}_us" in row:
             parts.append(
                 f"{mode} {row[f'{mode}_us']:.1f} us {row[f'{mode}_GBps']:.0f} GB/s "

@@ -234,6 +234,7 @@ def engine_options(suite: Suite) -> dict[str, Any]:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.disable_prefix_caching,
         enforce_eager=args.enforce_eager,
+        max_mixed_graph_tokens=args.max_mixed_graph_tokens,
         async_scheduling={"auto": None, "on": True, "off": False}[args.async_scheduling],
         seed=args.seed,
     )
@@ -305,10 +306,11 @@ def engine_info(llm: Any, options: dict[str, Any], load_seconds: float) -> dict[
         "max_model_len": engine.model_config.max_model_len,
         "enable_prefix_caching": config.enable_prefix_caching,
         "enforce_eager": config.enforce_eager,
+        "max_mixed_graph_tokens": config.max_mixed_graph_tokens,
         "async_scheduling": getattr(engine, "_overlap", None),
         "platform_graph_capture": has_graphs,
-        # Decode graphs are captured at engine start when platform and backends allow.
-        "cuda_graphs": getattr(runner, "decode_graphs", None) is not None,
+        # Step graphs are captured at engine start when platform and layers allow.
+        "cuda_graphs": [graphs.kind for graphs in getattr(runner, "step_graphs", ())],
         "gpu_memory_utilization": options.get("gpu_memory_utilization"),
         "kv_cache_memory_bytes": options.get("kv_cache_memory_bytes"),
         "num_kv_blocks": block_manager.num_blocks,

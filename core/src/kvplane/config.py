@@ -48,6 +48,10 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     seed: int = 0
     enforce_eager: bool = False
+    #: Largest step, in tokens, that is not a pure decode and still replays from a
+    #: captured graph (0: such steps always run eagerly). Pure decodes are captured up to
+    #: ``max_num_seqs`` sequences.
+    max_mixed_graph_tokens: int = 512
     #: Overlap the host's work for step k + 1 with the device's run of step k (None: on
     #: where the platform runs asynchronously). Sequences with penalties or a grammar
     #: still run step by step, since they need their tokens on the host.
@@ -64,6 +68,10 @@ class EngineConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.max_mixed_graph_tokens < 0:
+            raise ValueError(
+                f"max_mixed_graph_tokens must be >= 0, got {self.max_mixed_graph_tokens}"
             )
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")

@@ -73,10 +73,41 @@ def run_both(
 def assert_matches(
     spec: AttentionSpec, batch: PagedBatch, device: str, num_splits: int | None = None
 ) -> None:
-    actual, expected = run_both(spec, batch, device, num_splits)
-    assert not actual.isnan().any(), "the kernel read a slot it must not read"
-    tolerance = TOLERANCES[batch.query.dtype]
+    assert_close_to_reference(*run_both(spec, batch, device, num_splits))
+
+
+def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert not actual.isnan().any(), "the kernel read a slot it must not read (or wrote no row)"
+    tolerance = TOLERANCES[actual.dtype]
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
+
+
+def decode_directly(
+    spec: AttentionSpec,
+    batch: PagedBatch,
+    device: str,
+    num_splits: int,
+    fused_reduce: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(decode_attention output, reference output)``, the kernel called directly to pick
+    its reduction. The output starts as NaN, so a row that no program writes shows."""
+    from kvplane_cuda.kernels.decode_attention import decode_attention
+
+    on_device = batch_to(batch, torch.device(device))
+    metadata = on_device.metadata
+    kv_cache = on_device.kv_cache.clone()  # the reference writes the new tokens into it
+    expected = (
+        ReferenceAttentionBackend()
+        .make_impl(spec)
+        .forward(on_device.query, on_device.key, on_device.value, kv_cache, metadata)
+    )
+    actual = torch.full_like(on_device.query, float("nan"))
+    decode_attention(
+        actual, on_device.query, kv_cache, metadata.block_tables, metadata.seq_lens,
+        metadata.query_start_loc, metadata.max_seq_len, spec.scale, spec.sliding_window,
+        spec.logit_softcap, num_splits, fused_reduce=fused_reduce,
+    )  # fmt: skip
+    return actual, expected
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -104,6 +135,61 @@ def test_decode_batches_match_reference(
     cached_lens = [0, 3, 16, 47, 95]
     batch = make_paged_batch(spec, [1] * len(cached_lens), cached_lens, generator)
     assert_matches(spec, batch, device, num_splits)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec_id", ["gqa-d64-b16", "gqa3-d80-b16", "window-softcap-b16"])
+@pytest.mark.parametrize("num_splits", [3, 8])
+def test_fused_and_separate_reductions_agree(
+    device: str, spec_id: str, num_splits: int, generator: torch.Generator
+) -> None:
+    """The merge in the split kernel (the last program of a group reduces) and the
+    separate reduce kernel, on the same inputs: a sequence without a new token, one
+    without context, and empty partitions."""
+    spec = SPECS[spec_id]
+    batch = make_paged_batch(spec, [1, 0, 1, 1, 1], [0, 9, 16, 47, 95], generator)
+    outputs = []
+    for fused_reduce in (True, False):
+        actual, expected = decode_directly(spec, batch, device, num_splits, fused_reduce)
+        assert_close_to_reference(actual, expected)
+        outputs.append(actual)
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_reduce_leaves_its_counters_at_zero(device: str, generator: torch.Generator) -> None:
+    """Launches in a row: the merging program resets its group's counter (else the next
+    launch would elect no merger and leave NaN rows), and a sequence without a new
+    token never touches its counter."""
+    from kvplane_cuda.kernels.decode_attention import split_counters
+
+    spec = SPECS["window-softcap-b16"]
+    first = make_paged_batch(spec, [1, 0, 1], [40, 12, 5], generator)
+    second = make_paged_batch(spec, [1, 1, 0, 1], [3, 90, 0, 33], generator)
+    for batch in (first, first, second):
+        assert_close_to_reference(*decode_directly(spec, batch, device, 4, fused_reduce=True))
+        assert not split_counters(torch.device(device), 1).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_reduce_grows_its_counters(
+    device: str, generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More (sequence, KV head) groups than counters: a larger zeroed buffer replaces the
+    buffer, which stays allocated (captured graphs may still replay on it)."""
+    from kvplane_cuda.kernels import decode_attention as kernels
+
+    monkeypatch.setattr(kernels, "COUNTER_SLOTS", 4)
+    monkeypatch.setattr(kernels, "_counters", {})
+    monkeypatch.setattr(kernels, "_retired_counters", [])
+    spec = SPECS["gqa-d64-b16"]  # 2 KV heads
+    for num_seqs in (2, 7):  # 4 groups: the initial buffer; then 14
+        cached_lens = torch.randint(0, 80, (num_seqs,), generator=generator).tolist()
+        batch = make_paged_batch(spec, [1] * num_seqs, cached_lens, generator)
+        assert_close_to_reference(*decode_directly(spec, batch, device, 3, fused_reduce=True))
+    counters = kernels.split_counters(torch.device(device), 14)
+    assert counters.numel() == 16 and not counters.any()
+    assert [c.numel() for c in kernels._retired_counters] == [4]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -276,6 +362,41 @@ def test_decode_replays_in_a_cuda_graph(generator: torch.Generator) -> None:
         )
         torch.testing.assert_close(output, expected, atol=3e-2, rtol=3e-2)
         torch.testing.assert_close(static.kv_cache, reference_cache, equal_nan=True)
+
+
+@needs_gpu
+def test_capture_without_counters_reduces_separately(
+    generator: torch.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A capture that would have to allocate the counters (whose zeroing would not be
+    replayed before the first use) merges in the separate reduce kernel instead."""
+    from kvplane_cuda.kernels import decode_attention as kernels
+
+    monkeypatch.setattr(kernels, "_counters", {})
+    spec = SPECS["gqa-d64-b16"]
+    batch = batch_to(make_paged_batch(spec, [1, 1, 1], [40, 7, 90], generator), "cuda")
+    metadata = batch.metadata
+    kv_cache = batch.kv_cache.clone()
+    expected = (
+        ReferenceAttentionBackend()
+        .make_impl(spec)
+        .forward(batch.query, batch.key, batch.value, kv_cache, metadata)
+    )
+    output = torch.empty_like(batch.query)
+    arguments = (
+        output, batch.query, kv_cache, metadata.block_tables, metadata.seq_lens,
+        metadata.query_start_loc, metadata.max_seq_len, spec.scale, None, None, 4,
+    )  # fmt: skip
+    kernels.decode_attention(*arguments, fused_reduce=False)  # compiles outside the capture
+    output.fill_(float("nan"))
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        kernels.decode_attention(*arguments)
+    assert not kernels._counters
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_to_reference(output, expected)
 
 
 # --------------------------------------------------------------------------------------

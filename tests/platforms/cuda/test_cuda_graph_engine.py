@@ -1,4 +1,5 @@
-"""Decode graphs end to end with the CUDA platform's Triton attention, on the CPU.
+"""Step graphs (decode and mixed) end to end with the CUDA platform's Triton attention,
+on the CPU.
 
 A test platform pairs the ``cuda-triton`` backend (run by Triton's interpreter on CPU
 tensors) with a graph runner that "replays" by calling the first step function it saw
@@ -28,7 +29,7 @@ from kvplane.plugins.types import (
     ProbeResult,
 )
 from kvplane.testing.models import save_random_model, tiny_llama_config
-from tests.core.engine.test_decode_graphs import ReplayingRunner
+from tests.core.engine.test_step_graphs import ReplayingRunner
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in the interpreter"
@@ -46,7 +47,7 @@ def platform(runners: list[ReplayingRunner]) -> Iterator[str]:
     from kvplane_cuda.attention import TritonAttentionBackend
 
     module = types.ModuleType("triton_graphs_on_cpu")
-    module.KVPLANE_PLUGIN_API = "1.2"
+    module.KVPLANE_PLUGIN_API = "1.3"
 
     @hookimpl
     def kvplane_platform_probe() -> ProbeResult:
@@ -117,19 +118,33 @@ def generate(model_dir: Path, platform: str, **options: object) -> list[list[int
         for i in range(len(prompts))
     ]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    assert llm.engine.runner.decode_graphs is not None or options.get("enforce_eager")
+    assert llm.engine.runner.step_graphs or options.get("enforce_eager")
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
-def test_replayed_decode_steps_give_the_eager_tokens(
+def test_replayed_steps_give_the_eager_tokens(
     model_dir: Path, platform: str, runners: list[ReplayingRunner], async_scheduling: bool
 ) -> None:
     eager = generate(model_dir, platform, enforce_eager=True, async_scheduling=async_scheduling)
     graphed = generate(model_dir, platform, async_scheduling=async_scheduling)
     assert graphed == eager
-    assert runners and set(runners[-1].captured) == {1, 2, 4, 8}
-    assert runners[-1].num_runs > 2 * len(runners[-1].captured)  # decode steps replayed
+    decode_runner, mixed_runner = runners[-2:]
+    assert set(decode_runner.captured) == {1, 2, 4, 8}
+    assert decode_runner.num_runs > 2 * len(decode_runner.captured)  # decode steps replayed
+    # Prompt chunks next to decodes (budget 48 tokens) replay from the mixed graphs.
+    assert set(mixed_runner.captured) == {16, 32, 48}
+    assert mixed_runner.num_runs > len(mixed_runner.captured) + 3
+
+
+def test_decode_graphs_alone_when_mixed_capture_is_off(
+    model_dir: Path, platform: str, runners: list[ReplayingRunner]
+) -> None:
+    eager = generate(model_dir, platform, enforce_eager=True)
+    num_runners = len(runners)
+    graphed = generate(model_dir, platform, max_mixed_graph_tokens=0)
+    assert graphed == eager
+    assert len(runners) == num_runners + 1 and set(runners[-1].captured) == {1, 2, 4, 8}
 
 
 def test_moe_with_the_reference_fused_moe_runs_eagerly(
@@ -155,7 +170,7 @@ def test_moe_with_the_reference_fused_moe_runs_eagerly(
     save_random_model(config, tmp_path)
     with caplog.at_level("INFO", logger="kvplane.engine.llm_engine"):
         llm = LLM(model=str(tmp_path), device=platform, dtype="float32", skip_tokenizer_init=True)  # type: ignore[arg-type]
-    assert llm.engine.runner.decode_graphs is None
+    assert llm.engine.runner.step_graphs == ()
     assert "FusedMoE cannot be captured" in caplog.text
     params = SamplingParams(temperature=0.0, max_tokens=3, detokenize=False)
     output = llm.generate({"prompt_token_ids": [5, 6, 7]}, params)

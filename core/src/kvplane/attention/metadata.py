@@ -13,8 +13,9 @@ class AttentionMetadata:
 
     Sequence ``i`` contributes the new tokens ``query_start_loc[i]:query_start_loc[i+1]``;
     they are the *last* ``query_len`` tokens of its ``seq_lens[i]`` tokens, the earlier ones
-    being already in the KV cache. Built once per step by the model runner and shared by
-    every layer; backends must not mutate it.
+    being already in the KV cache. A sequence may have no new token (padding under
+    captured graphs): it produces no output. Built once per step by the model runner and
+    shared by every layer; backends must not mutate it.
     """
 
     slot_mapping: torch.Tensor  # [num_tokens] int64, cache slot of each new token (-1: skip)

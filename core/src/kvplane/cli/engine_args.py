@@ -30,6 +30,8 @@ _HELP = {
     "kv_cache_memory_bytes": "KV-cache size in bytes (overrides gpu_memory_utilization)",
     "seed": "seed of the engine's random state",
     "enforce_eager": "never capture graphs",
+    "max_mixed_graph_tokens": "largest mixed (prefill + decode) step replayed from a "
+    "captured graph, in tokens (0: run them eagerly)",
     "async_scheduling": "overlap host work for the next step with the device's run of "
     "this one (default: where the platform runs asynchronously)",
     "skip_tokenizer_init": "load no tokenizer (token-id prompts only)",

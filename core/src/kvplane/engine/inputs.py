@@ -2,8 +2,8 @@
 
 Done in two stages so the graph path can reuse the first: :func:`build_host_inputs` makes
 host arrays (no device work), :func:`to_device_inputs` copies them into fresh device
-tensors for an eager step. The decode graphs copy the same host arrays into their static
-buffers instead (:mod:`kvplane.engine.decode_graphs`). :class:`PlaceholderFixup` fills
+tensors for an eager step. The step graphs copy the same host arrays into their static
+buffers instead (:mod:`kvplane.engine.step_graphs`). :class:`PlaceholderFixup` fills
 input tokens that are still on the device (overlapped steps).
 """
 

@@ -15,10 +15,14 @@ from typing import Any
 import torch
 
 from kvplane.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
-from kvplane.engine.decode_graphs import DecodeGraphs, bucket_sizes
 from kvplane.engine.model_runner import ModelRunner, PendingStep, StepResult
 from kvplane.engine.output_processor import OutputProcessor
 from kvplane.engine.outputs import RequestOutput
+from kvplane.engine.step_graphs import (
+    StepGraphs,
+    graph_families,
+    layers_that_cannot_be_captured,
+)
 from kvplane.kv_cache.block_manager import BlockManager
 from kvplane.models.config import load_tokenizer, resolve_model_config
 from kvplane.models.layers.context import BuildContext
@@ -90,7 +94,7 @@ class LLMEngine:
         )
         num_blocks = self._num_kv_blocks()
         self.runner.initialize_kv_cache(num_blocks)
-        self._capture_decode_graphs(model)
+        self._capture_graphs(model)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
             num_blocks,
@@ -127,39 +131,34 @@ class LLMEngine:
 
     # -- graphs ---------------------------------------------------------------------------
 
-    def _capture_decode_graphs(self, model: torch.nn.Module) -> None:
-        """Capture decode steps when the platform can and the user did not forbid it."""
-        if self.config.enforce_eager or not self.platform.has_capability(
-            capabilities.GRAPH_CAPTURE
-        ):
+    def _capture_graphs(self, model: torch.nn.Module) -> None:
+        """Capture decode steps and small mixed steps when the platform can and the user
+        did not forbid it."""
+        config = self.config
+        if config.enforce_eager or not self.platform.has_capability(capabilities.GRAPH_CAPTURE):
             return
-        # Layers flag what a graph cannot hold (an attention backend reading host copies,
-        # an op that reads device values on the host).
-        eager_layers = sorted(
-            {
-                _describe_layer(module)
-                for module in model.modules()
-                if getattr(module, "supports_graph_capture", True) is False
-            }
-        )
+        eager_layers = layers_that_cannot_be_captured(model)
         if eager_layers:
-            logger.info("no decode graphs: %s cannot be captured", ", ".join(eager_layers))
+            logger.info("no graphs: %s cannot be captured", ", ".join(eager_layers))
             return
-        sizes = bucket_sizes(self.config.max_num_seqs)
-        graph_runner = self.platform.graph_runner(GraphCaptureRequest(self.device, sizes))
-        if not any(graph_runner.can_run(size) for size in sizes):
-            return
-        self.runner.use_decode_graphs(
-            DecodeGraphs(
-                model,
-                graph_runner,
-                self.device,
-                self.config.block_size,
-                self.model_config.max_model_len,
-                self.config.max_num_seqs,
-                pin_memory=self.platform.has_capability(capabilities.PINNED_MEMORY),
+        step_graphs: list[StepGraphs] = []
+        for graphs_class, sizes in graph_families(config):
+            request = GraphCaptureRequest(self.device, sizes, step_kind=graphs_class.step_kind)
+            graph_runner = self.platform.graph_runner(request)
+            if graph_runner is None or not any(graph_runner.can_run(size) for size in sizes):
+                continue
+            step_graphs.append(
+                graphs_class(
+                    model,
+                    graph_runner,
+                    self.device,
+                    config.block_size,
+                    self.model_config.max_model_len,
+                    sizes,
+                    pin_memory=self.platform.has_capability(capabilities.PINNED_MEMORY),
+                )
             )
-        )
+        self.runner.use_step_graphs(tuple(step_graphs))
 
     # -- KV-cache sizing -----------------------------------------------------------------
 
@@ -382,9 +381,3 @@ class LLMEngine:
             if status is not None:
                 self._finish(request_id, status)
         return self.output_processor.collect_outputs(self.scheduler.stats())
-
-
-def _describe_layer(module: torch.nn.Module) -> str:
-    """A layer's class, with its attention backend when it has one."""
-    backend = getattr(module, "backend_name", None)
-    return f"{type(module).__name__} ({backend})" if backend else type(module).__name__

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvplane.engine.decode_graphs import DecodeGraphs
 from kvplane.engine.inputs import (
     HostStepInputs,
     PlaceholderFixup,
     build_host_inputs,
     to_device_inputs,
 )
+from kvplane.engine.step_graphs import StepGraphs
 from kvplane.engine.step_timer import StepTimer
 from kvplane.models.layers.attention import Attention
 from kvplane.plugins import capabilities
@@ -68,8 +68,8 @@ class ModelRunner:
         self.sampler = sampler
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.kv_caches: tuple[torch.Tensor, ...] = ()
-        # Set by :meth:`use_decode_graphs` once the KV cache is bound (None: all eager).
-        self.decode_graphs: DecodeGraphs | None = None
+        # Set by :meth:`use_step_graphs` once the KV cache is bound (empty: all eager).
+        self.step_graphs: tuple[StepGraphs, ...] = ()
         self.timer = StepTimer()
         self._pin_memory = platform.has_capability(capabilities.PINNED_MEMORY)
         # The last launch's sampled tokens (device) and each sampled request's row in them,
@@ -154,14 +154,15 @@ class ModelRunner:
 
     # -- graphs ---------------------------------------------------------------------------
 
-    def use_decode_graphs(self, decode_graphs: DecodeGraphs) -> None:
-        """Run decode steps through ``decode_graphs`` from now on, capturing them now
-        (the KV cache must be bound: capture runs the forward)."""
+    def use_step_graphs(self, step_graphs: tuple[StepGraphs, ...]) -> None:
+        """Run the steps each of ``step_graphs`` takes through it from now on, capturing
+        them now (the KV cache must be bound: capture runs the forward)."""
         if not self.kv_caches:
-            raise RuntimeError("bind the KV cache before capturing decode graphs")
+            raise RuntimeError("bind the KV cache before capturing graphs")
         with torch.inference_mode():
-            decode_graphs.capture()
-        self.decode_graphs = decode_graphs
+            for graphs in step_graphs:
+                graphs.capture()
+        self.step_graphs = step_graphs
 
     # -- a step --------------------------------------------------------------------------
 
@@ -237,11 +238,10 @@ class ModelRunner:
         self, host: HostStepInputs, fixup: PlaceholderFixup | None
     ) -> torch.Tensor:  # [num_logit_rows, hidden]
         """Hidden states of the rows whose logits the step needs."""
-        bucket = self.decode_graphs.bucket_for(host) if self.decode_graphs else None
-        if bucket is not None:
-            assert self.decode_graphs is not None
-            # Pure decode: logits row i is sequence i's only token.
-            return self.decode_graphs.run(host, bucket, fixup)
+        for graphs in self.step_graphs:
+            bucket = graphs.bucket_for(host)
+            if bucket is not None:
+                return graphs.run(host, bucket, fixup)
         inputs = to_device_inputs(host, self.device, self._pin_memory)
         if fixup is not None:
             fixup.apply(inputs.token_ids)

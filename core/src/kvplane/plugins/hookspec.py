@@ -1,7 +1,7 @@
 """Hook specifications: the contract between kvplane's core and platform plugins.
 
 A platform is a Python module registered in the entry-point group ``kvplane.platforms``.
-It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.2"`` and
+It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.3"`` and
 implements some of the hooks below with ``@kvplane.plugins.hookimpl``. Each platform gets
 its own :class:`pluggy.PluginManager`; the core's reference implementations are registered
 in it as a built-in plugin with ``trylast=True``, so whatever a platform leaves out falls
@@ -24,6 +24,11 @@ Plugin API version history:
   :class:`~kvplane.attention.backend.AttentionBackend`); ``rotary_embedding`` may rotate
   in place. A 1.1 plugin still loads: its backends default to ``supports_graph_capture =
   False``, so its steps run eagerly.
+- **1.3**: mixed-step graphs. :func:`kvplane_graph_runner` is called once more, with
+  ``GraphCaptureRequest.step_kind == "mixed"``, for small steps that are not pure decodes
+  (buckets count tokens; ``max_query_len`` is an upper bound and padding sequences may
+  have no token). A 1.2 platform's runner captures them too unless it returns ``None``
+  for that kind.
 """
 
 from __future__ import annotations
@@ -240,17 +245,21 @@ def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
 def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner:
     """Return a runner that captures and replays fixed-shape steps (e.g. CUDA graphs).
 
-    Called once at start-up, after the KV cache is allocated, when the platform lists
+    Called at start-up, after the KV cache is allocated, when the platform lists
     ``capabilities.GRAPH_CAPTURE``, the user did not ask for ``enforce_eager`` and every
-    attention backend in the model sets ``supports_graph_capture``. The engine then calls
-    ``runner.run(batch_size, step)`` once per bucket in ``request.batch_sizes`` (largest
-    first: capture) and on every decode step padded to a bucket (replay); ``step`` reads
-    only static device buffers and returns the hidden states. See
-    :mod:`kvplane.engine.decode_graphs` for what a captured step's metadata holds.
+    layer of the model (its attention backend first) sets ``supports_graph_capture``:
+    once per family of steps, ``request.step_kind`` ``"decode"`` (buckets = sequences)
+    then ``"mixed"`` (buckets = tokens; since 1.3). Return a new runner per call. The
+    engine then calls ``runner.run(bucket, step)`` once per bucket in
+    ``request.batch_sizes`` (largest first: capture) and on every step padded to a
+    bucket (replay); ``step`` reads only static device buffers and returns the hidden
+    states. See :mod:`kvplane.engine.step_graphs` for what a captured step's metadata
+    holds (``max_query_len`` and ``max_seq_len`` are upper bounds, padding sequences).
 
     Return ``None`` when the platform cannot capture; the reference runs every step
     eagerly. Stops at first non-None result. **Optional.**
 
     .. versionadded:: 1.0
     .. versionchanged:: 1.2 called by the engine for decode steps.
+    .. versionchanged:: 1.3 called a second time for small mixed steps.
     """

@@ -217,8 +217,12 @@ class GraphCaptureRequest:
 
     ``batch_sizes`` are the buckets the engine wants captured; ``enabled`` is false when
     the user asked for eager execution (a platform then returns ``None``).
+    ``step_kind`` says what a bucket counts (since 1.3): ``"decode"`` steps (one token per
+    sequence) are bucketed by sequences, ``"mixed"`` steps (prefill chunks with decodes)
+    by tokens; a platform may return ``None`` for a kind it does not want captured.
     """
 
     device: "torch.device"
     batch_sizes: tuple[int, ...] = field(default_factory=tuple)
     enabled: bool = True
+    step_kind: str = "decode"

@@ -39,7 +39,7 @@ from kvplane_cpu.communication import GlooCommunicator
 from kvplane_cpu.ops import cpu_ops
 from kvplane_cpu.quantization import Int8WeightOnlyMethod
 
-KVPLANE_PLUGIN_API = "1.2"
+KVPLANE_PLUGIN_API = "1.3"
 
 #: Below any accelerator's score: the CPU is chosen only when nothing better is there.
 PROBE_SCORE = 10

@@ -68,14 +68,21 @@ class TritonAttentionBackend(AttentionBackend):
 
 
 class TritonAttentionImpl(AttentionImpl):
-    """One layer. ``num_splits`` forces the decode partition count (tests); ``None``
-    lets :func:`~kvplane_cuda.kernels.decode_attention.choose_num_splits` pick it."""
+    """One layer. ``num_splits`` forces the decode partition count and ``fused_reduce``
+    where the partitions are merged (tests, benchmarks); ``None`` lets
+    :mod:`~kvplane_cuda.kernels.decode_attention` choose."""
 
-    def __init__(self, spec: AttentionSpec, num_splits: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        num_splits: int | None = None,
+        fused_reduce: bool | None = None,
+    ) -> None:
         from kvplane_cuda.kernels import cache, decode_attention, paged_attention  # triton
 
         self.spec = spec
         self.num_splits = num_splits
+        self.fused_reduce = fused_reduce
         self._write_kv_cache = cache.reshape_and_cache
         self._decode = decode_attention.decode_attention
         self._unified = paged_attention.unified_attention
@@ -111,6 +118,7 @@ class TritonAttentionImpl(AttentionImpl):
                 spec.sliding_window,
                 spec.logit_softcap,
                 self.num_splits,
+                fused_reduce=self.fused_reduce,
             )
         else:
             self._unified(

@@ -40,7 +40,7 @@ from kvplane_cuda.communication import NcclCommunicator
 from kvplane_cuda.graphs import CudaGraphRunner
 from kvplane_cuda.ops import cuda_ops
 
-KVPLANE_PLUGIN_API = "1.2"
+KVPLANE_PLUGIN_API = "1.3"
 
 
 @hookimpl

@@ -4,8 +4,26 @@ See :mod:`.paged_attention` for the cache layout and the shared tile helpers. Gr
 ``(num_seqs, num_kv_heads, num_splits)``: each program attends the group's query heads
 (padded to 16 rows for ``tl.dot``) over one partition of the visible context, computed on
 the device from the real ``seq_len`` (partitions may be empty), and writes a float32
-partial output plus its log-sum-exp; a reduce kernel merges the partitions. With one
-split the partition kernel writes the output directly.
+partial output plus its log-sum-exp. With one split the program writes the output
+directly.
+
+The partitions are merged in the same launch ("last program reduces"): after its partial
+stores a program increments its (sequence, KV head) counter, an int32 in a per-device
+buffer (acquire-release, GPU scope, after a CTA barrier); the program that arrives last
+reads every partition of the group's heads, writes their output rows and resets the
+counter to 0, so the buffer is clean for the next launch and for CUDA-graph replays. This
+saves the second launch (the separate reduce took 3.2 us at batch 1 and 32 splits on an
+H200, 22 us at 256, its 16 programs each looping over every split), and each group's
+merge starts as soon as its own partitions are done. The counters assume that decode
+launches on one device do not overlap (one stream, or streams ordered by events). When a
+CUDA-graph capture would have to allocate or grow the counter buffer, the launch merges
+in that separate reduce kernel instead (``fused_reduce=False`` forces it, for
+benchmarks).
+
+The launch's dependent global loads are kept short: ``query_start_loc`` and ``seq_len``
+are read together before any branch, a sequence without a new token is masked (it
+attends nothing and touches no counter) rather than branched on, and the query row and
+the first block ids only wait for those three values.
 """
 
 from __future__ import annotations
@@ -38,49 +56,81 @@ MIN_KEYS_PER_SPLIT = 256
 #: Upper bound on decode partitions (batch 1 at 32k keys: 64 splits 2.42 TB/s, 128 splits
 #: 2.16 TB/s, 256 splits 1.82 TB/s).
 MAX_SPLITS = 64
+#: Partial-output elements a merging program loads per step (32 float32 registers a
+#: thread at 4 warps), so its registers stay bounded whatever the split count.
+MERGE_TILE_ELEMENTS = 4096
+#: Arrival counters allocated per device on first use, one per (sequence, KV head): 64Ki
+#: serve e.g. 8,192 sequences of 8 KV heads before the buffer must grow.
+COUNTER_SLOTS = 1 << 16
+
+# fmt: off
+# (Kernels keep Triton's usual dense argument lists.)
+
+
+@triton.jit
+def _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq, first_head, num_heads, token,
+                    stride_ot, stride_oh, NUM_ROWS: tl.constexpr, ROWS: tl.constexpr,
+                    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    # Output rows of heads ``first_head + [0, NUM_ROWS)`` of ``token``: the partial outputs
+    # weighted by their share of the softmax mass (base-2 log-sum-exps). Partitions with
+    # lse -inf (empty) weigh 0; a row whose partitions are all empty comes out 0. Loads
+    # are ``.cg`` (L2 only): the partials come from other SMs, and the L1 must not serve
+    # stale lines of them.
+    offs_r = tl.arange(0, ROWS)
+    offs_s = tl.arange(0, SPLIT_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    r_mask = offs_r < NUM_ROWS
+    d_mask = offs_d < HEAD_SIZE
+    heads = first_head + offs_r  # [R]
+    base = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS  # [R]
+    lse = tl.load(partial_lse_ptr + base[:, None] + offs_s[None, :],
+                  mask=r_mask[:, None] & (offs_s < NUM_SPLITS)[None, :], other=float("-inf"),
+                  cache_modifier=".cg")  # [R, SPLIT_PAD]
+    lse_max = tl.max(lse, axis=1)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # [R]
+    total = tl.sum(tl.exp2(lse - lse_max[:, None]), axis=1)  # [R]
+    acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
+    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):  # chunks bound the registers
+        splits = first + tl.arange(0, SPLIT_CHUNK)  # [C]
+        rc_mask = r_mask[:, None] & (splits < NUM_SPLITS)[None, :]  # [R, C]
+        parts = base[:, None] + splits[None, :]  # [R, C]
+        weights = tl.exp2(tl.load(partial_lse_ptr + parts, mask=rc_mask, other=float("-inf"),
+                                  cache_modifier=".cg") - lse_max[:, None])  # [R, C]
+        values = tl.load(partial_out_ptr + parts[:, :, None] * HEAD_SIZE + offs_d[None, None, :],
+                         mask=rc_mask[:, :, None] & d_mask[None, None, :], other=0.0,
+                         cache_modifier=".cg")  # [R, C, HEAD_PAD]
+        acc += tl.sum(values * weights[:, :, None], axis=1)
+    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
 def _decode_split_kernel(
-    out_ptr,
-    partial_out_ptr,
-    partial_lse_ptr,
-    query_ptr,
-    key_cache_ptr,
-    value_cache_ptr,
-    block_tables_ptr,
-    seq_lens_ptr,
-    query_start_loc_ptr,
-    sm_scale,
-    softcap,
-    window,
-    stride_qt,
-    stride_qh,
-    stride_ot,
-    stride_oh,
-    stride_block,
-    stride_slot,
-    stride_head,
-    stride_table,
-    GROUP_SIZE: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, query_ptr, key_cache_ptr,
+    value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
+    sm_scale, softcap, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_block, stride_slot, stride_head, stride_table,
+    GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
+    HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr,
+    SPLIT_CHUNK: tl.constexpr, FUSED_REDUCE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # Everything below waits on these three loads: one round trip, before any branch.
     q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 0:  # a sequence without a new token has no output row
-        return
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
     seq_len = tl.load(seq_lens_ptr + seq)
+    # A sequence without a new token has no output row. It is masked rather than branched
+    # on, so the query and block-id loads need not wait for the test: it attends no key,
+    # stores nothing and never touches its counter (all its splits agree on that).
+    has_token = q_end > q_start
+    seq_len = tl.where(has_token, seq_len, 0)
     kv_begin = 0
     if HAS_WINDOW:
         kv_begin = tl.maximum(seq_len - window, 0)
@@ -94,13 +144,10 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, HEAD_PAD)
     d_mask = offs_d < HEAD_SIZE
     heads = kv_head * GROUP_SIZE + offs_g  # [G]
-    row_mask = (offs_g < GROUP_SIZE)[:, None] & d_mask[None, :]
-    token = (q_start + q_len - 1).to(tl.int64)
-    q = tl.load(
-        query_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-        mask=row_mask,
-        other=0.0,
-    )  # [G, HEAD_PAD]
+    row_mask = (offs_g < GROUP_SIZE)[:, None] & d_mask[None, :] & has_token  # [G, HEAD_PAD]
+    token = (q_end - 1).to(tl.int64)  # the sequence's only new token (-1 without one)
+    q = tl.load(query_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask, other=0.0)  # [G, HEAD_PAD]
 
     table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
@@ -109,87 +156,59 @@ def _decode_split_kernel(
     for start in range(split_begin, split_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = (key_pos < split_end) & (key_pos >= kv_begin)
-        rows = cache_rows(
-            table_row_ptr,
-            key_pos,
-            key_valid,
-            kv_head,
-            stride_block,
-            stride_slot,
-            stride_head,
-            BLOCK_SIZE,
-        )
+        rows = cache_rows(table_row_ptr, key_pos, key_valid, kv_head, stride_block, stride_slot,
+                          stride_head, BLOCK_SIZE)
         kv_offsets = rows[:, None] + offs_d[None, :]
         kv_mask = key_valid[:, None] & d_mask[None, :]
         k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
         v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        m_i, l_i, acc = attend_tile(
-            q, k, v, key_valid[None, :], m_i, l_i, acc, sm_scale, softcap, HAS_SOFTCAP, PRECISION
-        )
+        m_i, l_i, acc = attend_tile(q, k, v, key_valid[None, :], m_i, l_i, acc, sm_scale, softcap,
+                                    HAS_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     if NUM_SPLITS == 1:
-        tl.store(
-            out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_mask,
-        )
+        tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=row_mask)
     else:
-        # An empty partition stores lse -inf and zeros: the reduce gives it no weight.
+        # An empty partition stores lse -inf and zeros: the merge gives it no weight.
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
         num_heads = tl.num_programs(1) * GROUP_SIZE
         parts = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [G]
-        tl.store(partial_lse_ptr + parts, lse, mask=offs_g < GROUP_SIZE)
-        tl.store(partial_out_ptr + parts[:, None] * HEAD_SIZE + offs_d[None, :], out, mask=row_mask)
+        tl.store(partial_lse_ptr + parts, lse, mask=(offs_g < GROUP_SIZE) & has_token)
+        tl.store(partial_out_ptr + parts[:, None] * HEAD_SIZE + offs_d[None, :], out,
+                 mask=row_mask)
+        if FUSED_REDUCE:
+            # One thread performs the (scalar) atomic: the barrier orders every thread's
+            # partial stores before it, and its release (cumulative) publishes them all.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, mask=has_token, sem="acq_rel", scope="gpu")
+            if has_token & (arrived == NUM_SPLITS - 1):
+                # The last arrival: its acquire saw the other NUM_SPLITS - 1 releases, so
+                # every partial of the group is in L2 (read past the L1, see the merge).
+                _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq,
+                                kv_head * GROUP_SIZE, num_heads, token, stride_ot, stride_oh,
+                                GROUP_SIZE, MERGE_ROWS, HEAD_SIZE, HEAD_PAD, NUM_SPLITS,
+                                SPLIT_PAD, SPLIT_CHUNK)
+                # Every split has arrived, so nothing else touches the counter in this
+                # launch: a plain store leaves it 0 for the next launch or graph replay.
+                tl.store(counter, 0)
 
 
 @triton.jit
-def _decode_reduce_kernel(
-    out_ptr,
-    partial_out_ptr,
-    partial_lse_ptr,
-    query_start_loc_ptr,
-    stride_ot,
-    stride_oh,
-    HEAD_SIZE: tl.constexpr,
-    HEAD_PAD: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLIT_PAD: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr,
-):
+def _decode_reduce_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, query_start_loc_ptr,
+                          stride_ot, stride_oh, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+                          NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr,
+                          SPLIT_CHUNK: tl.constexpr):
+    # The fallback merge, a second launch: grid (num_seqs, num_heads), one head a program.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 0:
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    if q_end == q_start:
         return
-    base = (seq.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS
-    offs_s = tl.arange(0, SPLIT_PAD)
-    lse = tl.load(partial_lse_ptr + base + offs_s, mask=offs_s < NUM_SPLITS, other=float("-inf"))
-    lse_max = tl.max(lse, axis=0)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - lse_max), axis=0)
-    offs_d = tl.arange(0, HEAD_PAD)
-    d_mask = offs_d < HEAD_SIZE
-    acc = tl.zeros([HEAD_PAD], tl.float32)
-    for first in range(0, NUM_SPLITS, SPLIT_CHUNK):  # chunks bound the registers per program
-        splits = first + tl.arange(0, SPLIT_CHUNK)
-        s_mask = splits < NUM_SPLITS
-        weights = tl.exp2(
-            tl.load(partial_lse_ptr + base + splits, mask=s_mask, other=float("-inf")) - lse_max
-        )
-        parts = tl.load(
-            partial_out_ptr + (base + splits)[:, None] * HEAD_SIZE + offs_d[None, :],
-            mask=s_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        acc += tl.sum(parts * weights[:, None], axis=0)
-    out = acc / tl.where(total == 0.0, 1.0, total)
-    token = (q_start + q_len - 1).to(tl.int64)
-    tl.store(
-        out_ptr + token * stride_ot + head * stride_oh + offs_d,
-        out.to(out_ptr.dtype.element_ty),
-        mask=d_mask,
-    )
+    _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq, head, tl.num_programs(1),
+                    (q_end - 1).to(tl.int64), stride_ot, stride_oh, 1, 1, HEAD_SIZE, HEAD_PAD,
+                    NUM_SPLITS, SPLIT_PAD, SPLIT_CHUNK)
 
 
 # fmt: on
@@ -216,6 +235,35 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_visible_len: int, nu
     return max(1, min(wanted, useful, MAX_SPLITS))
 
 
+def merge_chunk(rows: int, head_pad: int, num_splits: int) -> int:
+    """Partitions a merging program loads per step for ``rows`` heads (a power of two)."""
+    return max(1, min(triton.next_power_of_2(num_splits), MERGE_TILE_ELEMENTS // (rows * head_pad)))
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+#: Outgrown counter buffers stay allocated: captured CUDA graphs may still replay on them.
+_retired_counters: list[torch.Tensor] = []
+
+
+def split_counters(device: torch.device, needed: int) -> torch.Tensor | None:
+    """``device``'s int32 arrival counters (all 0 between launches), at least ``needed``;
+    ``None`` when they would have to be allocated during a CUDA-graph capture (the buffer
+    would come from the graph's private pool, zeroed only when the graph replays)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    counters = _counters.get(device)
+    if counters is not None and counters.numel() >= needed:
+        return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    if counters is not None:
+        _retired_counters.append(counters)
+    size = max(COUNTER_SLOTS, triton.next_power_of_2(needed))
+    counters = torch.zeros(size, dtype=torch.int32, device=device)
+    _counters[device] = counters
+    return counters
+
+
 def decode_attention(
     out: torch.Tensor,  # [num_tokens, num_heads, head_size], written
     query: torch.Tensor,  # [num_tokens, num_heads, head_size]; at most 1 token a sequence
@@ -228,8 +276,13 @@ def decode_attention(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     num_splits: int | None = None,  # None: choose_num_splits
+    *,
+    fused_reduce: bool | None = None,  # None: in the split kernel when possible
 ) -> None:
-    """Split-KV attention of each sequence's single new token over its whole context."""
+    """Split-KV attention of each sequence's single new token over its whole context.
+
+    ``fused_reduce=False`` merges the partitions in a second launch; ``True`` requires the
+    fused merge (``RuntimeError`` when a capture would have to grow the counters)."""
     _, num_heads, head_size = query.shape
     num_seqs = seq_lens.shape[0]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -239,7 +292,9 @@ def decode_attention(
     if num_splits is None:
         visible = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, num_sms(query.device))
-    partial_out = partial_lse = out  # unused with one split: the kernel writes ``out``
+    # With one split the kernel writes ``out`` and never reads these.
+    partial_out = partial_lse = counters = out
+    fused = False
     if num_splits > 1:
         partial_out = torch.empty(
             (num_seqs, num_heads, num_splits, head_size), dtype=torch.float32, device=out.device
@@ -247,22 +302,32 @@ def decode_attention(
         partial_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=out.device
         )
+        if fused_reduce is not False:
+            found = split_counters(out.device, num_seqs * num_kv_heads)
+            if found is None and fused_reduce:
+                raise RuntimeError("decode counters cannot grow during a CUDA-graph capture")
+            fused = found is not None
+            counters = out if found is None else found
+    split_pad = triton.next_power_of_2(num_splits)
+    merge_rows = triton.next_power_of_2(group_size)
     with on_device(query.device):
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-            out, partial_out, partial_lse, query, kv_cache[0], kv_cache[1], block_tables,
-            seq_lens, query_start_loc, scale, logit_softcap or 0.0, sliding_window or 0,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            out, partial_out, partial_lse, counters, query, kv_cache[0], kv_cache[1],
+            block_tables, seq_lens, query_start_loc, scale, logit_softcap or 0.0,
+            sliding_window or 0, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
             *cache_strides(kv_cache, block_tables),
-            GROUP_SIZE=group_size, GROUP_PAD=tile.block_m, HEAD_SIZE=head_size,
-            HEAD_PAD=head_pad, BLOCK_SIZE=block_size, BLOCK_N=tile.block_n,
-            NUM_SPLITS=num_splits, HAS_WINDOW=sliding_window is not None,
-            HAS_SOFTCAP=logit_softcap is not None, PRECISION=dot_precision(query.dtype),
-            num_warps=tile.num_warps, num_stages=tile.num_stages,
+            GROUP_SIZE=group_size, GROUP_PAD=tile.block_m, MERGE_ROWS=merge_rows,
+            HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
+            BLOCK_N=tile.block_n, NUM_SPLITS=num_splits, SPLIT_PAD=split_pad,
+            SPLIT_CHUNK=merge_chunk(merge_rows, head_pad, num_splits), FUSED_REDUCE=fused,
+            HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
+            PRECISION=dot_precision(query.dtype), num_warps=tile.num_warps,
+            num_stages=tile.num_stages,
         )  # fmt: skip
-        if num_splits > 1:
-            split_pad = triton.next_power_of_2(num_splits)
+        if num_splits > 1 and not fused:
             _decode_reduce_kernel[(num_seqs, num_heads)](
                 out, partial_out, partial_lse, query_start_loc, out.stride(0), out.stride(1),
                 HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-                SPLIT_PAD=split_pad, SPLIT_CHUNK=min(split_pad, 16), num_warps=4,
+                SPLIT_PAD=split_pad, SPLIT_CHUNK=merge_chunk(1, head_pad, num_splits),
+                num_warps=4,
             )  # fmt: skip

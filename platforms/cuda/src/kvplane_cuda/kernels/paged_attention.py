@@ -16,8 +16,11 @@ module holds the first and the pieces both share; :mod:`.decode_attention` the s
   grid ``(num_seqs, num_kv_heads, num_splits)``; each program attends the group's query
   heads (padded to 16 rows for ``tl.dot``) over one partition of the visible context,
   computed on the device from the real ``seq_len`` (partitions may be empty), and writes
-  a float32 partial output plus its log-sum-exp; a reduce kernel merges the partitions.
-  With one split the partition kernel writes the output directly.
+  a float32 partial output plus its log-sum-exp. The same launch merges them: each
+  program then increments its (sequence, KV head) counter in a per-device buffer, and
+  the last to arrive merges the group's partitions, writes the output rows and resets
+  the counter to 0 (a separate reduce kernel when a CUDA-graph capture would have to
+  grow the buffer). With one split the program writes the output directly.
 
 Keys are gathered ``block_n`` at a time (several KV blocks per tile) through the block
 table. Softmax runs online in float32 in base 2; float32 inputs use exact ``ieee`` dots.
