@@ -56,9 +56,11 @@ MIN_KEYS_PER_SPLIT = 256
 #: Upper bound on decode partitions (batch 1 at 32k keys: 64 splits 2.42 TB/s, 128 splits
 #: 2.16 TB/s, 256 splits 1.82 TB/s).
 MAX_SPLITS = 64
-#: Partial-output elements a merging program loads per step (32 float32 registers a
-#: thread at 4 warps), so its registers stay bounded whatever the split count.
-MERGE_TILE_ELEMENTS = 4096
+#: Partial-output elements a merging program loads per step (64 float32 registers a
+#: thread at 4 warps, free again once the attention is done), so its registers stay
+#: bounded whatever the split count: batch 1 with 2 heads a group merges up to 32 splits
+#: of head size 128 in one round trip.
+MERGE_TILE_ELEMENTS = 8192
 #: Arrival counters allocated per device on first use, one per (sequence, KV head): 64Ki
 #: serve e.g. 8,192 sequences of 8 KV heads before the buffer must grow.
 COUNTER_SLOTS = 1 << 16
@@ -71,36 +73,39 @@ COUNTER_SLOTS = 1 << 16
 def _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq, first_head, num_heads, token,
                     stride_ot, stride_oh, NUM_ROWS: tl.constexpr, ROWS: tl.constexpr,
                     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    SPLIT_PAD: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+                    SPLIT_CHUNK: tl.constexpr):
     # Output rows of heads ``first_head + [0, NUM_ROWS)`` of ``token``: the partial outputs
-    # weighted by their share of the softmax mass (base-2 log-sum-exps). Partitions with
-    # lse -inf (empty) weigh 0; a row whose partitions are all empty comes out 0. Loads
-    # are ``.cg`` (L2 only): the partials come from other SMs, and the L1 must not serve
-    # stale lines of them.
+    # weighted by their share of the softmax mass (base-2 log-sum-exps), merged chunk by
+    # chunk with a running maximum, so each chunk's log-sum-exps and outputs are loaded
+    # together (one round trip a chunk; most merges are one chunk). Partitions with lse
+    # -inf (empty) weigh 0; a row whose partitions are all empty comes out 0. Loads are
+    # ``.cg`` (L2 only): the partials come from other SMs, and the L1 must not serve stale
+    # lines of them.
     offs_r = tl.arange(0, ROWS)
-    offs_s = tl.arange(0, SPLIT_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
     r_mask = offs_r < NUM_ROWS
     d_mask = offs_d < HEAD_SIZE
     heads = first_head + offs_r  # [R]
     base = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS  # [R]
-    lse = tl.load(partial_lse_ptr + base[:, None] + offs_s[None, :],
-                  mask=r_mask[:, None] & (offs_s < NUM_SPLITS)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")  # [R, SPLIT_PAD]
-    lse_max = tl.max(lse, axis=1)
-    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # [R]
-    total = tl.sum(tl.exp2(lse - lse_max[:, None]), axis=1)  # [R]
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    total = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
     for first in range(0, NUM_SPLITS, SPLIT_CHUNK):  # chunks bound the registers
         splits = first + tl.arange(0, SPLIT_CHUNK)  # [C]
         rc_mask = r_mask[:, None] & (splits < NUM_SPLITS)[None, :]  # [R, C]
         parts = base[:, None] + splits[None, :]  # [R, C]
-        weights = tl.exp2(tl.load(partial_lse_ptr + parts, mask=rc_mask, other=float("-inf"),
-                                  cache_modifier=".cg") - lse_max[:, None])  # [R, C]
+        lse = tl.load(partial_lse_ptr + parts, mask=rc_mask, other=float("-inf"),
+                      cache_modifier=".cg")  # [R, C]
         values = tl.load(partial_out_ptr + parts[:, :, None] * HEAD_SIZE + offs_d[None, None, :],
                          mask=rc_mask[:, :, None] & d_mask[None, None, :], other=0.0,
                          cache_modifier=".cg")  # [R, C, HEAD_PAD]
-        acc += tl.sum(values * weights[:, :, None], axis=1)
+        m_new = tl.maximum(m_i, tl.max(lse, axis=1))  # [R]
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)  # 0 while nothing was merged (m_i -inf)
+        weights = tl.exp2(lse - m_safe[:, None])  # [R, C]
+        total = total * alpha + tl.sum(weights, axis=1)
+        acc = acc * alpha[:, None] + tl.sum(values * weights[:, :, None], axis=1)
+        m_i = m_new
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
     tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=r_mask[:, None] & d_mask[None, :])
@@ -115,9 +120,9 @@ def _decode_split_kernel(
     stride_block, stride_slot, stride_head, stride_table,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr,
-    SPLIT_CHUNK: tl.constexpr, FUSED_REDUCE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -188,7 +193,7 @@ def _decode_split_kernel(
                 _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq,
                                 kv_head * GROUP_SIZE, num_heads, token, stride_ot, stride_oh,
                                 GROUP_SIZE, MERGE_ROWS, HEAD_SIZE, HEAD_PAD, NUM_SPLITS,
-                                SPLIT_PAD, SPLIT_CHUNK)
+                                SPLIT_CHUNK)
                 # Every split has arrived, so nothing else touches the counter in this
                 # launch: a plain store leaves it 0 for the next launch or graph replay.
                 tl.store(counter, 0)
@@ -197,8 +202,7 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, query_start_loc_ptr,
                           stride_ot, stride_oh, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-                          NUM_SPLITS: tl.constexpr, SPLIT_PAD: tl.constexpr,
-                          SPLIT_CHUNK: tl.constexpr):
+                          NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
     # The fallback merge, a second launch: grid (num_seqs, num_heads), one head a program.
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -208,7 +212,7 @@ def _decode_reduce_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, query_start
         return
     _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq, head, tl.num_programs(1),
                     (q_end - 1).to(tl.int64), stride_ot, stride_oh, 1, 1, HEAD_SIZE, HEAD_PAD,
-                    NUM_SPLITS, SPLIT_PAD, SPLIT_CHUNK)
+                    NUM_SPLITS, SPLIT_CHUNK)
 
 
 # fmt: on
@@ -308,7 +312,6 @@ def decode_attention(
                 raise RuntimeError("decode counters cannot grow during a CUDA-graph capture")
             fused = found is not None
             counters = out if found is None else found
-    split_pad = triton.next_power_of_2(num_splits)
     merge_rows = triton.next_power_of_2(group_size)
     with on_device(query.device):
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
@@ -318,7 +321,7 @@ def decode_attention(
             *cache_strides(kv_cache, block_tables),
             GROUP_SIZE=group_size, GROUP_PAD=tile.block_m, MERGE_ROWS=merge_rows,
             HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-            BLOCK_N=tile.block_n, NUM_SPLITS=num_splits, SPLIT_PAD=split_pad,
+            BLOCK_N=tile.block_n, NUM_SPLITS=num_splits,
             SPLIT_CHUNK=merge_chunk(merge_rows, head_pad, num_splits), FUSED_REDUCE=fused,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
             PRECISION=dot_precision(query.dtype), num_warps=tile.num_warps,
@@ -328,6 +331,6 @@ def decode_attention(
             _decode_reduce_kernel[(num_seqs, num_heads)](
                 out, partial_out, partial_lse, query_start_loc, out.stride(0), out.stride(1),
                 HEAD_SIZE=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-                SPLIT_PAD=split_pad, SPLIT_CHUNK=merge_chunk(1, head_pad, num_splits),
+                SPLIT_CHUNK=merge_chunk(1, head_pad, num_splits),
                 num_warps=4,
             )  # fmt: skip
