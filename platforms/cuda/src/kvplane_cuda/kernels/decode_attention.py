@@ -56,11 +56,12 @@ MIN_KEYS_PER_SPLIT = 256
 #: Upper bound on decode partitions (batch 1 at 32k keys: 64 splits 2.42 TB/s, 128 splits
 #: 2.16 TB/s, 256 splits 1.82 TB/s).
 MAX_SPLITS = 64
-#: Partial-output elements a merging program loads per step (64 float32 registers a
-#: thread at 4 warps, free again once the attention is done), so its registers stay
-#: bounded whatever the split count: batch 1 with 2 heads a group merges up to 32 splits
-#: of head size 128 in one round trip.
-MERGE_TILE_ELEMENTS = 8192
+#: Partial-output elements a merging program loads per step (32 float32 registers a
+#: thread at 4 warps), so its registers stay bounded whatever the split count. The
+#: kernel's register count is the maximum over attention and merge: 8192 here cost a
+#: quarter of the bandwidth at batch 1, 32k keys, 64 splits on an H200 (fewer programs
+#: per SM), for one round trip saved in the merge.
+MERGE_TILE_ELEMENTS = 4096
 #: Arrival counters allocated per device on first use, one per (sequence, KV head): 64Ki
 #: serve e.g. 8,192 sequences of 8 KV heads before the buffer must grow.
 COUNTER_SLOTS = 1 << 16
