@@ -89,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="overlap host and device steps (auto: where the platform is asynchronous)",
     )
     engine.add_argument("--disable-prefix-caching", action="store_true")
+    engine.add_argument(
+        "--decode-merge",
+        choices=("fused", "separate"),
+        default="fused",
+        help="cuda-triton split-KV decode: merge the partitions in the split kernel or in a "
+        "second launch",
+    )
     parser.add_argument(
         "--weights-dir",
         default=None,
@@ -227,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kvplane GPU suite: sections {args.sections}, models {args.models}, out {out_dir}")
     try:
         results["bootstrap"] = bootstrap_kvplane()
+        if args.device == "cuda":
+            from kvplane_cuda.kernels import decode_attention
+
+            decode_attention.FUSED_REDUCE = args.decode_merge == "fused"
         import torch
 
         if args.device == "cuda" and not torch.cuda.is_available():

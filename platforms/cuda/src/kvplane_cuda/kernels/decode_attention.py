@@ -65,6 +65,9 @@ MERGE_TILE_ELEMENTS = 4096
 #: Arrival counters allocated per device on first use, one per (sequence, KV head): 64Ki
 #: serve e.g. 8,192 sequences of 8 KV heads before the buffer must grow.
 COUNTER_SLOTS = 1 << 16
+#: Whether decode merges its partitions in the split kernel unless told otherwise (a
+#: module-level switch, so a benchmark can compare whole engine runs).
+FUSED_REDUCE = True
 
 # fmt: off
 # (Kernels keep Triton's usual dense argument lists.)
@@ -307,7 +310,8 @@ def decode_attention(
         partial_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=out.device
         )
-        if fused_reduce is not False:
+        wants_fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
+        if wants_fused:
             found = split_counters(out.device, num_seqs * num_kv_heads)
             if found is None and fused_reduce:
                 raise RuntimeError("decode counters cannot grow during a CUDA-graph capture")
