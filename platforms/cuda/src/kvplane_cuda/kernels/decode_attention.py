@@ -12,9 +12,10 @@ stores a program increments its (sequence, KV head) counter, an int32 in a per-d
 buffer (acquire-release, GPU scope, after a CTA barrier); the program that arrives last
 reads every partition of the group's heads, writes their output rows and resets the
 counter to 0, so the buffer is clean for the next launch and for CUDA-graph replays. This
-saves the second launch (the separate reduce took 3.2 us at batch 1 and 32 splits on an
-H200, 22 us at 256, its 16 programs each looping over every split), and each group's
-merge starts as soon as its own partitions are done. The counters assume that decode
+saves the second launch and each group's merge starts as soon as its own partitions are
+done. Measured on an H200 (docs/performance.md): workload C 2.9% faster than with the
+separate reduce; at batch 1 the last program's counter and partial loads cost about what
+the launch did (per layer within 1-2%). The counters assume that decode
 launches on one device do not overlap (one stream, or streams ordered by events). When a
 CUDA-graph capture would have to allocate or grow the counter buffer, the launch merges
 in that separate reduce kernel instead (``fused_reduce=False`` forces it, for
