@@ -102,16 +102,16 @@ def run_case(
         timings.update(timings_kv)
 
         started = time.perf_counter()
-        forced_top = teacher_forced_top(reference, prompts, kv_tokens)
+        forced_top, forced_gaps = teacher_forced_top(reference, prompts, kv_tokens)
         timings["hf_teacher_forced"] = time.perf_counter() - started
     finally:
         del reference
         shutil.rmtree(directory, ignore_errors=True)
 
     per_prompt = [
-        compare(len(p), h, k, ht, kt, ft)
-        for p, h, k, ht, kt, ft in zip(
-            prompts, hf_tokens, kv_tokens, hf_top, kv_top, forced_top, strict=True
+        compare(len(p), h, k, ht, kt, ft, fg)
+        for p, h, k, ht, kt, ft, fg in zip(
+            prompts, hf_tokens, kv_tokens, hf_top, kv_top, forced_top, forced_gaps, strict=True
         )
     ]
     identical = all(row["num_equal"] == num_tokens for row in per_prompt)
@@ -226,18 +226,27 @@ def kvplane_greedy(
 
 def teacher_forced_top(
     model: Any, prompts: list[list[int]], generated: list[list[int]]
-) -> list[list[list[int]]]:
-    """transformers' top-5 at each of ``generated``'s positions, given kvplane's prefix."""
+) -> tuple[list[list[list[int]]], list[list[tuple[float, float]]]]:
+    """transformers' top-5 at each of ``generated``'s positions, given kvplane's prefix,
+    and per position ``(logprob(argmax) - logprob(kvplane's token), logprob(argmax) -
+    logprob(5th))``: how far kvplane's choice is from transformers' own, next to how
+    flat transformers' top-5 is there (near-ties on random weights)."""
     import torch
 
     device = next(model.parameters()).device
-    tops = []
+    tops, gaps = [], []
     for prompt, tokens in zip(prompts, generated, strict=True):
         ids = torch.tensor([prompt + tokens], device=device)  # [1, prompt_len + num_tokens]
         with torch.inference_mode():
             logits = model(ids).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(tokens)]
-        tops.append(logits.float().topk(TOP_K, dim=-1).indices.tolist())
-    return tops
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [num_tokens, vocab]
+        top = logprobs.topk(TOP_K, dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+        to_chosen = (top.values[:, 0] - chosen).tolist()
+        spread = (top.values[:, 0] - top.values[:, -1]).tolist()
+        tops.append(top.indices.tolist())
+        gaps.append(list(zip(to_chosen, spread, strict=True)))
+    return tops, gaps
 
 
 def compare(
@@ -247,6 +256,7 @@ def compare(
     hf_top: list[list[int]],
     kv_top: list[set[int]],
     forced_top: list[list[int]],
+    forced_gaps: list[tuple[float, float]],
 ) -> dict[str, Any]:
     """Counts for one prompt; ``divergence_ok`` is the first-divergence check."""
     n = len(hf_tokens)
@@ -262,6 +272,8 @@ def compare(
         "forced_in_top5": sum(k in t for k, t in zip(kv_tokens, forced_top, strict=True)),
         "forced_argmax": sum(k == t[0] for k, t in zip(kv_tokens, forced_top, strict=True)),
         "divergence_ok": True,
+        # nats between transformers' argmax and kvplane's token, teacher-forced
+        "forced_max_gap_to_argmax": max((gap for gap, _ in forced_gaps), default=0.0),
     }
     if first is not None:
         kv_ok = kv_tokens[first] in hf_top[first]
@@ -271,6 +283,9 @@ def compare(
             "kvplane_token": kv_tokens[first],
             "kvplane_in_hf_top5": kv_ok,
             "hf_in_kvplane_top5": hf_ok,
+            # the same context as transformers' generation there (tokens equal so far)
+            "forced_gap_to_argmax": forced_gaps[first][0],
+            "forced_top5_spread": forced_gaps[first][1],
         }
         row["divergence_ok"] = kv_ok and hf_ok
     return row
