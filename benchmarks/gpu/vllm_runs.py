@@ -4,7 +4,9 @@ vLLM is never a dependency: it is unpacked under ``--vllm-site`` (``/tmp/site``)
 ``../shared/tools/vllm-baseline/setup_on_gpu.sh``, which also makes the model folders
 (config + synthetic tokenizer) under ``--vllm-models-dir``; weights are ``dummy``.
 Runs: ``C`` (``vllm_nano.py``), ``A-<m>`` (``bench throughput``, random 1024 -> 128),
-``lat<N>-<m>`` (``bench latency``, 128 -> 256 at batch N), ``<m>`` = qwen | llama.
+``lat<N>-<m>`` (``bench latency``, 128 -> 256 at batch N), ``<m>`` = qwen | llama, and
+``attn`` (vLLM's FlashAttention decode kernel on the attention section's inputs,
+:mod:`benchmarks.gpu.vllm_attention`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,16 @@ from benchmarks.gpu.common import REPO_ROOT, Suite, run_logged, tail_lines
 #: short name -> (suite model name, folder under --vllm-models-dir)
 MODELS = {"qwen": ("qwen3-0.6b", "qwen3-0.6b"), "llama": ("llama-3-8b", "llama3-8b")}
 DEFAULT_RUNS = "C,A-qwen,lat1-qwen,lat32-qwen,A-llama"
-ALL_RUNS = ("C", "A-qwen", "A-llama", "lat1-qwen", "lat32-qwen", "lat1-llama", "lat32-llama")
+ALL_RUNS = (
+    "C",
+    "A-qwen",
+    "A-llama",
+    "lat1-qwen",
+    "lat32-qwen",
+    "lat1-llama",
+    "lat32-llama",
+    "attn",
+)
 THROUGHPUT_LINE = re.compile(
     r"Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s"
 )
@@ -60,6 +71,8 @@ def run_one(suite: Suite, run: str, env: dict[str, str]) -> dict[str, Any]:
     args = suite.args
     out = suite.out_dir / "vllm"
     out.mkdir(parents=True, exist_ok=True)
+    if run == "attn":
+        return _run_attention(suite, out, env)
     if run == "C":
         model, folder = MODELS["qwen"]
     else:
@@ -130,6 +143,33 @@ def run_one(suite: Suite, run: str, env: dict[str, str]) -> dict[str, Any]:
         done["result"] = json.loads(json_path.read_text())
     done["comparison"] = compare(suite, run, done["result"])
     return done
+
+
+def _run_attention(suite: Suite, out: Path, env: dict[str, str]) -> dict[str, Any]:
+    json_path = out / "attn.json"
+    command = [sys.executable, "-m", "benchmarks.gpu.vllm_attention", "--out", str(json_path)]
+    done = run_logged(command, out / "attn.log", suite.args.vllm_timeout, env)
+    if done["returncode"] != 0:
+        done["tail"] = tail_lines(Path(done["log"]), 40)
+        return done
+    done["result"] = json.loads(json_path.read_text())
+    done["comparison"] = compare_attention(suite, done["result"])
+    return done
+
+
+def compare_attention(suite: Suite, vllm: dict[str, Any]) -> dict[str, Any] | None:
+    """kvplane / vLLM per-layer bandwidth of decode attention, per ``b<batch>/<context>``."""
+    entry = kvplane_sections(suite).get("attention") or {}
+    if entry.get("status") != "ok":
+        return None
+    backend = entry["result"]["backends"].get("triton") or {}
+    ours = {(row["batch"], row["context"]): row for row in backend.get("rows", [])}
+    ratios = {}
+    for row in vllm["rows"]:
+        mine = ours.get((row["batch"], row["context"]))
+        if mine and "layers_GBps" in mine and "layers_GBps" in row:
+            ratios[f"b{row['batch']}/{row['context']}"] = mine["layers_GBps"] / row["layers_GBps"]
+    return {"layers_GBps_ratio": ratios}
 
 
 def nano_script(path: str) -> Path:

@@ -173,3 +173,28 @@ def test_vllm_outputs_are_parsed_and_compared(tmp_path: Path) -> None:
         {"latency_ratio_kvplane_over_vllm": 2.0, "speedup_vs_vllm": 0.5}
     )
     assert vllm_runs.compare(suite, "C", {"out_tok_s": 1.0}) is None  # 64 != 256 sequences
+
+
+def test_vllm_attention_rows_are_compared_per_layer(tmp_path: Path) -> None:
+    rows = [
+        {"batch": 1, "context": 8192, "layers_GBps": 1600.0},
+        {"batch": 32, "context": 8192, "layers_GBps": 4000.0},
+    ]
+    results = {
+        "sections": {
+            "attention": {
+                "status": "ok",
+                "result": {"backends": {"triton": {"rows": rows}}},
+            }
+        }
+    }
+    suite = Suite(args=argparse.Namespace(), out_dir=tmp_path, results=results)
+    vllm = {
+        "rows": [
+            {"batch": 1, "context": 8192, "layers_GBps": 3200.0},
+            {"batch": 128, "context": 8192, "layers_GBps": 4400.0},  # kvplane has none
+            {"batch": 32, "context": 8192, "error": "Traceback ..."},
+        ]
+    }
+    assert vllm_runs.compare_attention(suite, vllm) == {"layers_GBps_ratio": {"b1/8192": 0.5}}
+    assert "attn" in vllm_runs.ALL_RUNS
