@@ -11,8 +11,10 @@ launch per call) and as a graph of :data:`NUM_GRAPH_LAYERS` calls, each on its o
 cache and block table like the layers of a model's decode step (``layers``: time per
 call; the graph launch is paid once per step in a model, and no layer's keys are in L2).
 At batch 1 the rows also hold each kernel's device time from ``torch.profiler``
-(``kernel_us``) and the ``layers`` rate with the split reduction in its own kernel
-(``unfused_layers_GBps``), next to the default fused one.
+(``kernel_us``), the ``layers`` rate with the split reduction in its own kernel
+(``unfused_layers_GBps``), next to the default fused one, and the per-launch time of
+cut-down probe kernels on the same grid (``breakdown_us``: launch, bookkeeping loads,
+streaming the keys and values, full kernel; :mod:`benchmarks.gpu.decode_breakdown`).
 """
 
 from __future__ import annotations
@@ -143,6 +145,7 @@ def bench_decode(
         row["layers_seconds"] = _time(_captured(forwards), device) / num_layers
         if batch == 1 and hasattr(impl, "fused_reduce"):
             row["kernel_us"] = _kernel_times(forward)
+            row["breakdown_us"] = _breakdown(impl, layers, device)
             chosen = impl.fused_reduce
             try:
                 impl.fused_reduce = False
@@ -153,6 +156,25 @@ def bench_decode(
     except Exception as error:
         row["graph_error"] = f"{type(error).__name__}: {error}"[:500]
     return row
+
+
+def _breakdown(impl: Any, layers: list[tuple[Any, ...]], device: str) -> dict[str, float]:
+    """Per-launch time of the decode kernel's cut-down probes on the impl's split count
+    (:mod:`benchmarks.gpu.decode_breakdown`)."""
+    from benchmarks.gpu.decode_breakdown import breakdown
+
+    from kvplane_cuda.kernels.decode_attention import choose_num_splits
+    from kvplane_cuda.kernels.paged_attention import num_sms
+
+    query, _, _, kv_cache, metadata = layers[0]
+    num_splits = impl.num_splits or choose_num_splits(
+        query.shape[0], kv_cache.shape[3], metadata.max_seq_len, num_sms(query.device)
+    )
+
+    def per_launch(functions: list[Any]) -> float:
+        return _time(_captured(functions), device) / len(functions)
+
+    return breakdown(layers, num_splits, per_launch)
 
 
 def _more_layers(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -198,3 +199,41 @@ def test_vllm_attention_rows_are_compared_per_layer(tmp_path: Path) -> None:
     }
     assert vllm_runs.compare_attention(suite, vllm) == {"layers_GBps_ratio": {"b1/8192": 0.5}}
     assert "attn" in vllm_runs.ALL_RUNS
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton interpreter")
+def test_decode_breakdown_probes_read_what_the_kernel_reads() -> None:
+    """The ``stream`` probe gathers each partition's keys and values through the block
+    table (checked against torch), so its time is the real kernel's traffic."""
+    import torch
+    from benchmarks.gpu.attention_bw import _decode_layer
+    from benchmarks.gpu.decode_breakdown import breakdown, probe_launcher
+
+    from kvplane.plugins.types import AttentionSpec
+    from kvplane_cuda.kernels.decode_attention import decode_tile
+
+    spec = AttentionSpec(
+        num_heads=4, num_kv_heads=2, head_size=16, dtype=torch.float32, block_size=16, scale=0.25
+    )
+    context, num_splits = 100, 3
+    layer = _decode_layer(spec, 2, context, "cpu")
+    query, _, _, kv_cache, metadata = layer
+    sums = probe_launcher(
+        "stream", query, kv_cache, metadata.block_tables, metadata.seq_lens,
+        metadata.query_start_loc, num_splits,
+    )()  # fmt: skip
+    # [seq, kv_head, split, head_size]: the probe's partition sums
+    sums = sums.view(2, spec.num_kv_heads, num_splits, spec.head_size)
+    block_n = decode_tile(spec.head_size, 2, 4).block_n  # keys per tile (float32)
+    keys_per_split = math.ceil(math.ceil(context / block_n) / num_splits) * block_n
+    for seq in range(2):
+        slots = [int(metadata.block_tables[seq, p // 16]) * 16 + p % 16 for p in range(context)]
+        keys = kv_cache[0].reshape(-1, spec.num_kv_heads, spec.head_size)[slots]
+        values = kv_cache[1].reshape(-1, spec.num_kv_heads, spec.head_size)[slots]
+        for split in range(num_splits):
+            part = slice(split * keys_per_split, min((split + 1) * keys_per_split, context))
+            expected = (keys[part] + values[part]).sum(0)  # [kv_heads, head_size]
+            expected = expected + query[seq].view(spec.num_kv_heads, -1, 16).sum(1)
+            torch.testing.assert_close(sums[seq, :, split], expected, rtol=1e-4, atol=1e-3)
+    times = breakdown([layer], num_splits, lambda functions: [f() for f in functions] and 1e-6)
+    assert set(times) == {"empty", "bookkeeping", "stream", "decode", "decode_separate"}
