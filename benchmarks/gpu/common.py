@@ -310,7 +310,7 @@ def engine_info(llm: Any, options: dict[str, Any], load_seconds: float) -> dict[
         "async_scheduling": getattr(engine, "_overlap", None),
         "platform_graph_capture": has_graphs,
         # Step graphs are captured at engine start when platform and layers allow.
-        "cuda_graphs": [graphs.kind for graphs in getattr(runner, "step_graphs", ())],
+        "cuda_graphs": [graphs.step_kind for graphs in getattr(runner, "step_graphs", ())],
         "gpu_memory_utilization": options.get("gpu_memory_utilization"),
         "kv_cache_memory_bytes": options.get("kv_cache_memory_bytes"),
         "num_kv_blocks": block_manager.num_blocks,

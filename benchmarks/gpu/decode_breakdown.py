@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvplane_cuda.kernels.decode_attention import decode_attention, decode_tile, partition_bounds
+from kvplane_cuda.kernels.paged_attention import cache_rows
+
 # fmt: off
 # (Kernels keep Triton's usual dense argument lists.)
 
@@ -46,9 +49,7 @@ def _probe_kernel(out_ptr, query_ptr, key_cache_ptr, value_cache_ptr, block_tabl
         q_start = tl.load(query_start_loc_ptr + seq)
         q_end = tl.load(query_start_loc_ptr + seq + 1)
         seq_len = tl.where(q_end > q_start, tl.load(seq_lens_ptr + seq), 0)
-        tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-        split_begin = split * tiles_per_split * BLOCK_N
-        split_end = tl.minimum(split_begin + tiles_per_split * BLOCK_N, seq_len)
+        split_begin, split_end = partition_bounds(seq_len, 0, split, NUM_SPLITS, BLOCK_N)
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_SIZE)
         heads = kv_head * GROUP_SIZE + offs_g
@@ -66,9 +67,8 @@ def _probe_kernel(out_ptr, query_ptr, key_cache_ptr, value_cache_ptr, block_tabl
             for start in range(split_begin, split_end, BLOCK_N):
                 positions = start + offs_n
                 valid = positions < split_end
-                block_ids = tl.load(table_row_ptr + positions // BLOCK_SIZE, mask=valid, other=0)
-                rows = (block_ids.to(tl.int64) * stride_block
-                        + (positions % BLOCK_SIZE) * stride_slot + kv_head * stride_head)
+                rows = cache_rows(table_row_ptr, positions, valid, kv_head, stride_block,
+                                  stride_slot, stride_head, BLOCK_SIZE)
                 mask = valid[:, None]
                 k = tl.load(key_cache_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
                 v = tl.load(value_cache_ptr + rows[:, None] + offs_d[None, :], mask=mask,
@@ -92,8 +92,6 @@ def probe_launcher(
     num_splits: int,
 ) -> Callable[[], Any]:
     """A function launching probe ``stage`` on the decode kernel's grid and tile."""
-    from kvplane_cuda.kernels.decode_attention import decode_tile
-
     num_seqs, num_heads, head_size = seq_lens.shape[0], query.shape[1], query.shape[2]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group_size = num_heads // num_kv_heads
@@ -121,8 +119,6 @@ def decode_launcher(
     layer: tuple[Any, ...], num_splits: int, fused_reduce: bool
 ) -> Callable[[], Any]:
     """A function running the production decode kernel (no cache write) on ``layer``."""
-    from kvplane_cuda.kernels.decode_attention import decode_attention
-
     query, _, _, kv_cache, metadata = layer
     out = torch.empty_like(query)
 

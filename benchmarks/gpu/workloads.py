@@ -95,33 +95,22 @@ def step_phases(llm: Any, into: dict[str, Any]) -> Iterator[None]:
 
 def run_c(suite: Suite) -> dict[str, Any]:
     from kvplane.bench.datasets import nano_requests
-    from kvplane.bench.throughput import run_kvplane
 
     num_seqs = 256 if not suite.args.quick else 64
     requests = nano_requests(num_seqs if suite.is_cuda else 4, seed=0)
     llm, info, warmup_s = _prepare(suite, C_MODEL)
     if not suite.is_cuda:
         requests = _shrink(requests, 16, llm.engine.model_config.hf_config.vocab_size)
-    phases: dict[str, Any] = {}
-    with step_phases(llm, phases):
-        result = run_kvplane(llm, requests, temperature=0.6, warmup=False)
-    expected = sum(r.output_len for r in requests)
-    out = {
-        **phases,
+    fields = {
         "model": C_MODEL,
         "num_requests": len(requests),
-        "expected_output_tokens": expected,
-        "warmup_seconds": warmup_s,
-        "kvplane": result,
-        "engine": info,
+        "expected_output_tokens": sum(r.output_len for r in requests),
     }
-    out.update(ceiling(suite, llm, info, requests, result["output_tokens_per_second"]))
-    return out
+    return _run_throughput(suite, llm, info, warmup_s, requests, 0.6, fields)
 
 
 def run_a(suite: Suite, model: str) -> dict[str, Any]:
     from kvplane.bench.datasets import random_requests
-    from kvplane.bench.throughput import run_kvplane
 
     llm, info, warmup_s = _prepare(suite, model)
     vocab = llm.engine.model_config.hf_config.vocab_size
@@ -130,16 +119,36 @@ def run_a(suite: Suite, model: str) -> dict[str, Any]:
     else:
         shape = (8, 64, 16)
     requests = random_requests(*shape, vocab_size=vocab, seed=suite.args.seed)
+    num_prompts, input_len, output_len = shape
+    fields = {
+        "model": model,
+        "num_prompts": num_prompts,
+        "input_len": input_len,
+        "output_len": output_len,
+    }
+    return _run_throughput(suite, llm, info, warmup_s, requests, 1.0, fields)
+
+
+def _run_throughput(
+    suite: Suite,
+    llm: Any,
+    info: dict[str, Any],
+    warmup_seconds: float,
+    requests: list[Any],
+    temperature: float,
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """One timed offline run of ``requests``: ``fields`` plus its step phases, result,
+    engine and roofline ceiling."""
+    from kvplane.bench.throughput import run_kvplane
+
     phases: dict[str, Any] = {}
     with step_phases(llm, phases):
-        result = run_kvplane(llm, requests, temperature=1.0, warmup=False)
+        result = run_kvplane(llm, requests, temperature=temperature, warmup=False)
     out = {
         **phases,
-        "model": model,
-        "num_prompts": shape[0],
-        "input_len": shape[1],
-        "output_len": shape[2],
-        "warmup_seconds": warmup_s,
+        **fields,
+        "warmup_seconds": warmup_seconds,
         "kvplane": result,
         "engine": info,
     }

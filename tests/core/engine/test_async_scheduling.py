@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from kvplane import LLM, SamplingParams
+from kvplane.engine.llm_engine import LLMEngine
 from kvplane.scheduler.request import PLACEHOLDER_TOKEN_ID
 from tests.core.engine.conftest import PROMPTS, assert_no_block_leak, make_llm
 
@@ -97,15 +98,21 @@ def test_requests_needing_host_tokens_run_step_by_step(engines: tuple[LLM, LLM])
     assert not overlap_llm.engine._host_token_request_ids
 
 
-def test_abort_while_a_step_is_in_flight(engines: tuple[LLM, LLM]) -> None:
-    _, overlap_llm = engines
-    engine = overlap_llm.engine
+def start_in_flight(llm: LLM, prefix: str, num_requests: int, num_steps: int) -> LLMEngine:
+    """Add ``num_requests`` long greedy requests and step until one is in flight."""
+    engine = llm.engine
     params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
-    for index, prompt in enumerate(PROMPTS[:4]):
-        engine.add_request(f"abort-{index}", prompt, params)
-    for _ in range(5):
+    for index, prompt in enumerate(PROMPTS[:num_requests]):
+        engine.add_request(f"{prefix}-{index}", prompt, params)
+    for _ in range(num_steps):
         engine.step()
     assert engine._in_flight is not None
+    return engine
+
+
+def test_abort_while_a_step_is_in_flight(engines: tuple[LLM, LLM]) -> None:
+    _, overlap_llm = engines
+    engine = start_in_flight(overlap_llm, "abort", num_requests=4, num_steps=5)
     running = [engine.scheduler.get_request(f"abort-{i}") for i in range(4)]
     assert all(r is not None and r.output_token_ids[-1] == PLACEHOLDER_TOKEN_ID for r in running)
     engine.abort_request(["abort-0", "abort-2"])
@@ -118,13 +125,7 @@ def test_aborting_everything_in_flight_leaves_nothing_to_wait_for(
     engines: tuple[LLM, LLM],
 ) -> None:
     _, overlap_llm = engines
-    engine = overlap_llm.engine
-    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
-    for index, prompt in enumerate(PROMPTS[:3]):
-        engine.add_request(f"all-{index}", prompt, params)
-    for _ in range(3):
-        engine.step()
-    assert engine._in_flight is not None
+    engine = start_in_flight(overlap_llm, "all", num_requests=3, num_steps=3)
     engine.abort_request([f"all-{i}" for i in range(3)])
     assert not engine.has_unfinished_requests()
     assert_no_block_leak(overlap_llm)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from kvplane import LLM, SamplingParams
 from kvplane.plugins import hookimpl, register_platform, unregister_platform
 from kvplane.plugins.types import MemoryInfo, MemoryProfile, PlatformInfo, ProbeResult
 from kvplane.testing.models import save_random_model, tiny_llama_config
+from tests.plugin_modules import platform_module
 
 MiB = 2**20
 PROFILE = MemoryProfile(total_bytes=100 * MiB, used_bytes=20 * MiB, peak_activation_bytes=10 * MiB)
@@ -29,8 +29,6 @@ def profiled_platform() -> Iterator[list[int]]:
     """A platform whose memory-profiling hook reports fixed figures; yields the number of
     times the profile ran a forward pass."""
     runs: list[int] = []
-    module = types.ModuleType("profiled_platform")
-    module.KVPLANE_PLUGIN_API = "1.0"
 
     @hookimpl
     def kvplane_platform_probe() -> ProbeResult:
@@ -50,13 +48,14 @@ def profiled_platform() -> Iterator[list[int]]:
         runs.append(1)
         return PROFILE
 
-    for hook in (
+    module = platform_module(
+        "profiled_platform",
         kvplane_platform_probe,
         kvplane_platform_info,
         kvplane_device_memory,
         kvplane_profile_memory,
-    ):
-        setattr(module, hook.__name__, hook)
+        api="1.0",
+    )
     register_platform("profiled", module)
     yield runs
     unregister_platform("profiled")

@@ -11,7 +11,6 @@ sequences and upper-bound lengths, would change them.
 from __future__ import annotations
 
 import os
-import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from kvplane.plugins.types import (
 )
 from kvplane.testing.models import save_random_model, tiny_llama_config
 from tests.core.engine.test_step_graphs import ReplayingRunner
+from tests.plugin_modules import platform_module
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="runs the kernels in the interpreter"
@@ -45,9 +45,6 @@ def runners() -> list[ReplayingRunner]:
 @pytest.fixture(scope="module")
 def platform(runners: list[ReplayingRunner]) -> Iterator[str]:
     from kvplane_cuda.attention import TritonAttentionBackend
-
-    module = types.ModuleType("triton_graphs_on_cpu")
-    module.KVPLANE_PLUGIN_API = "1.3"
 
     @hookimpl
     def kvplane_platform_probe() -> ProbeResult:
@@ -78,14 +75,14 @@ def platform(runners: list[ReplayingRunner]) -> Iterator[str]:
         runners.append(runner)
         return runner
 
-    for hook in (
+    module = platform_module(
+        "triton_graphs_on_cpu",
         kvplane_platform_probe,
         kvplane_platform_info,
         kvplane_device_memory,
         kvplane_attention_backends,
         kvplane_graph_runner,
-    ):
-        setattr(module, hook.__name__, hook)
+    )
     register_platform(NAME, module)
     yield NAME
     unregister_platform(NAME)

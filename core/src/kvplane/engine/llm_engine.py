@@ -145,7 +145,7 @@ class LLMEngine:
         for graphs_class, sizes in graph_families(config):
             request = GraphCaptureRequest(self.device, sizes, step_kind=graphs_class.step_kind)
             graph_runner = self.platform.graph_runner(request)
-            if graph_runner is None or not any(graph_runner.can_run(size) for size in sizes):
+            if not any(graph_runner.can_run(size) for size in sizes):
                 continue
             step_graphs.append(
                 graphs_class(

@@ -32,6 +32,7 @@ import bisect
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import numpy as np
@@ -104,17 +105,17 @@ def layers_that_cannot_be_captured(model: torch.nn.Module) -> list[str]:
     )
 
 
-class StepGraphs:
+class StepGraphs(ABC):
     """Static step inputs plus the graph runner that replays the model over them.
 
     Subclasses say which steps a bucket takes and how it is padded; a bucket of size
-    ``s`` holds ``num_bucket_tokens(s)`` tokens and ``num_bucket_seqs(s)`` sequences.
+    ``s`` holds ``s`` tokens and ``num_bucket_seqs(s)`` sequences.
     """
 
-    #: What the graphs hold, for logs.
-    kind = "step"
-    #: ``GraphCaptureRequest.step_kind`` of the family.
-    step_kind = "decode"
+    #: ``GraphCaptureRequest.step_kind`` of the family (also named in logs).
+    step_kind: str
+    #: Whether ``query_start_loc`` changes between steps (decode buckets keep 0, 1, 2, ...).
+    uploads_query_start_loc = True
 
     def __init__(
         self,
@@ -130,7 +131,7 @@ class StepGraphs:
         self.graph_runner = graph_runner
         self.max_model_len = max_model_len
         self.sizes = sizes
-        max_tokens = self.num_bucket_tokens(sizes[-1])
+        max_tokens = sizes[-1]
         max_seqs = self.num_bucket_seqs(sizes[-1])
         max_blocks = math.ceil(max_model_len / block_size)
 
@@ -153,25 +154,28 @@ class StepGraphs:
 
     # -- what subclasses define ----------------------------------------------------------
 
-    def num_bucket_tokens(self, size: int) -> int:
-        raise NotImplementedError
-
+    @abstractmethod
     def num_bucket_seqs(self, size: int) -> int:
-        raise NotImplementedError
+        """Sequences a bucket of ``size`` tokens holds, padding ones included."""
 
+    @abstractmethod
     def bucket_for(self, host: HostStepInputs) -> int | None:
         """The bucket a step runs in, or ``None`` if it must run eagerly."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _max_query_len(self, size: int) -> int:
-        raise NotImplementedError
+        """The captured metadata's ``max_query_len`` (an upper bound)."""
 
+    @abstractmethod
     def _pad(self, staging: _Staging, host: HostStepInputs | None, size: int) -> None:
         """Fill the bucket's rows after ``host``'s (all of them when ``host`` is None)."""
-        raise NotImplementedError
 
-    def _logit_rows(self, hidden: torch.Tensor, host: HostStepInputs) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _logit_rows(
+        self, hidden: torch.Tensor, host: HostStepInputs, staging: _Staging
+    ) -> torch.Tensor:
+        """The rows of ``hidden`` (the graph's output) that ``host`` takes logits of;
+        ``staging`` is the set the step was staged in."""
 
     # -- shared --------------------------------------------------------------------------
 
@@ -184,7 +188,7 @@ class StepGraphs:
                 self.graph_runner.run(size, self._steps[size])
         logger.info(
             "captured %s graphs for %d buckets (up to %d) in %.1f s",
-            self.kind,
+            self.step_kind,
             len(self.sizes),
             self.sizes[-1],
             time.perf_counter() - started,
@@ -197,55 +201,55 @@ class StepGraphs:
         rows ``[len(host.logits_indices), hidden_size]`` (may be a view of the graph's
         output: use it before the next run). ``fixup`` fills placeholder input tokens
         from the previous step's samples."""
-        self._stage(host, size)
+        staging = self._stage(host, size)
         if fixup is not None:
             fixup.apply(self.token_ids[: host.num_tokens])
         hidden = self.graph_runner.run(size, self._steps[size])
-        return self._logit_rows(hidden, host)
+        return self._logit_rows(hidden, host, staging)
 
     def _bucket_metadata(self, size: int) -> AttentionMetadata:
         num_seqs = self.num_bucket_seqs(size)
-        num_tokens = self.num_bucket_tokens(size)
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
+            slot_mapping=self.slot_mapping[:size],
             query_start_loc=self.query_start_loc[: num_seqs + 1],
             seq_lens=self.seq_lens[:num_seqs],
             block_tables=self.block_tables[:num_seqs],
             max_query_len=self._max_query_len(size),
             max_seq_len=self.max_model_len,
             # Placeholders; their last entry still counts the bucket's tokens.
-            query_start_loc_cpu=tuple(min(i, num_tokens) for i in range(num_seqs + 1)),
+            query_start_loc_cpu=tuple(min(i, size) for i in range(num_seqs + 1)),
             seq_lens_cpu=(1,) * num_seqs,
         )
 
     def _step_function(self, size: int) -> Callable[[], torch.Tensor]:
         """The forward of bucket ``size`` over the static buffers (what gets captured)."""
         metadata = self._metadata[size]
-        num_tokens = self.num_bucket_tokens(size)
-        token_ids, positions = self.token_ids[:num_tokens], self.positions[:num_tokens]
+        token_ids, positions = self.token_ids[:size], self.positions[:size]
 
-        def step() -> torch.Tensor:  # [num_tokens, hidden_size]
+        def step() -> torch.Tensor:  # [size, hidden_size]
             return self.model(token_ids, positions, metadata)
 
         return step
 
-    def _stage(self, host: HostStepInputs | None, size: int) -> None:
-        """Write ``host`` (or padding only) into the next staging set and upload it."""
+    def _stage(self, host: HostStepInputs | None, size: int) -> _Staging:
+        """Write ``host`` (or padding only) into the next staging set and upload it.
+
+        A set is refilled only two steps later, once its copies have run (the engine
+        waits for each step's tokens before it launches the step after the next)."""
         staging = self._staging[self._next_staging]
         self._next_staging ^= 1
         if host is not None:
             staging.fill(host)
         self._pad(staging, host, size)
         self._upload(staging, size)
+        return staging
 
     def _upload(self, staging: _Staging, size: int) -> None:
-        num_tokens, num_seqs = self.num_bucket_tokens(size), self.num_bucket_seqs(size)
+        num_seqs = self.num_bucket_seqs(size)
         for name in ("token_ids", "positions", "slot_mapping"):
-            getattr(self, name)[:num_tokens].copy_(
-                getattr(staging, name)[:num_tokens], non_blocking=True
-            )
+            getattr(self, name)[:size].copy_(getattr(staging, name)[:size], non_blocking=True)
         self.seq_lens[:num_seqs].copy_(staging.seq_lens[:num_seqs], non_blocking=True)
-        if self._uploads_query_start_loc:
+        if self.uploads_query_start_loc:
             self.query_start_loc[: num_seqs + 1].copy_(
                 staging.query_start_loc[: num_seqs + 1], non_blocking=True
             )
@@ -254,18 +258,12 @@ class StepGraphs:
             staging.block_tables[:num_seqs, :num_cols], non_blocking=True
         )
 
-    #: Decode buckets keep ``query_start_loc`` = 0, 1, 2, ... and never upload it.
-    _uploads_query_start_loc = True
-
 
 class DecodeGraphs(StepGraphs):
     """Pure decode steps (one token per sequence, each a logit row), by sequence count."""
 
-    kind = "decode"
-    _uploads_query_start_loc = False
-
-    def num_bucket_tokens(self, size: int) -> int:
-        return size
+    step_kind = "decode"
+    uploads_query_start_loc = False
 
     def num_bucket_seqs(self, size: int) -> int:
         return size
@@ -288,18 +286,16 @@ class DecodeGraphs(StepGraphs):
         arrays["seq_lens"][first:size] = 1
         arrays["block_tables"][first:size, : staging.num_cols] = 0
 
-    def _logit_rows(self, hidden: torch.Tensor, host: HostStepInputs) -> torch.Tensor:
+    def _logit_rows(
+        self, hidden: torch.Tensor, host: HostStepInputs, staging: _Staging
+    ) -> torch.Tensor:
         return hidden[: host.num_seqs]  # logits row i is sequence i's only token
 
 
 class MixedGraphs(StepGraphs):
     """Steps that are not pure decodes, of at most ``sizes[-1]`` tokens, by token count."""
 
-    kind = "mixed-step"
     step_kind = "mixed"
-
-    def num_bucket_tokens(self, size: int) -> int:
-        return size
 
     def num_bucket_seqs(self, size: int) -> int:
         return size + 1  # every sequence has a token, plus the padding tokens' own
@@ -328,10 +324,10 @@ class MixedGraphs(StepGraphs):
         arrays["seq_lens"][num_seqs + 1 : size + 1] = 0
         arrays["block_tables"][num_seqs : size + 1, : staging.num_cols] = 0
 
-    def _logit_rows(self, hidden: torch.Tensor, host: HostStepInputs) -> torch.Tensor:
-        # Outside the graph: the rows' count varies within a bucket. The staging set this
-        # step used is not refilled before the step after next, when this copy is done.
-        staging = self._staging[self._next_staging ^ 1]
+    def _logit_rows(
+        self, hidden: torch.Tensor, host: HostStepInputs, staging: _Staging
+    ) -> torch.Tensor:
+        # Outside the graph: the rows' count varies within a bucket.
         indices = staging.logits_indices[: len(host.logits_indices)]
         return hidden.index_select(0, indices.to(hidden.device, non_blocking=True))
 

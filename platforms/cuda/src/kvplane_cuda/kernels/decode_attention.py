@@ -51,11 +51,11 @@ from kvplane_cuda.kernels.paged_attention import (
 #: bandwidth at 8k-32k keys) and falls off past 4,000.
 PROGRAMS_PER_SM = 16
 #: Shortest decode partition (four 64-key tiles): at batch 1 shorter ones cost more in
-#: per-program set-up and partial outputs than they gain (8k keys: 32 splits 1.26 TB/s,
-#: 128 splits 1.07 TB/s).
+#: per-program set-up and merging than they gain (H200, per layer, 8k keys: 32 splits
+#: 1.64 TB/s, 64 splits 1.67, 128 splits 1.28).
 MIN_KEYS_PER_SPLIT = 256
-#: Upper bound on decode partitions (batch 1 at 32k keys: 64 splits 2.42 TB/s, 128 splits
-#: 2.16 TB/s, 256 splits 1.82 TB/s).
+#: Upper bound on decode partitions (batch 1 at 32k keys: 32 splits 2.85 TB/s, 64 splits
+#: 3.11, 128 splits 2.65, 256 splits 2.16).
 MAX_SPLITS = 64
 #: Partial-output elements a merging program loads per step (32 float32 registers a
 #: thread at 4 warps), so its registers stay bounded whatever the split count. The
@@ -117,6 +117,18 @@ def _merge_partials(out_ptr, partial_out_ptr, partial_lse_ptr, seq, first_head, 
 
 
 @triton.jit
+def partition_bounds(seq_len, kv_begin, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Keys [begin, end) of partition ``split`` of the visible keys [kv_begin, seq_len):
+    # whole BLOCK_N tiles, aligned so a tile never straddles more blocks than it must
+    # (the first one may start before kv_begin: callers mask those keys). May be empty.
+    tiles_begin = kv_begin // BLOCK_N * BLOCK_N
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - tiles_begin, BLOCK_N), NUM_SPLITS)
+    split_begin = tiles_begin + split * tiles_per_split * BLOCK_N
+    split_end = tl.minimum(split_begin + tiles_per_split * BLOCK_N, seq_len)
+    return split_begin, split_end
+
+
+@triton.jit
 def _decode_split_kernel(
     out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, query_ptr, key_cache_ptr,
     value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
@@ -144,11 +156,7 @@ def _decode_split_kernel(
     kv_begin = 0
     if HAS_WINDOW:
         kv_begin = tl.maximum(seq_len - window, 0)
-    # Whole BLOCK_N tiles, aligned so a tile never straddles more blocks than it must.
-    tiles_begin = kv_begin // BLOCK_N * BLOCK_N
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - tiles_begin, BLOCK_N), NUM_SPLITS)
-    split_begin = tiles_begin + split * tiles_per_split * BLOCK_N
-    split_end = tl.minimum(split_begin + tiles_per_split * BLOCK_N, seq_len)
+    split_begin, split_end = partition_bounds(seq_len, kv_begin, split, NUM_SPLITS, BLOCK_N)
 
     offs_g = tl.arange(0, GROUP_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -224,10 +232,10 @@ def _decode_reduce_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, query_start
 
 
 def decode_tile(head_size: int, group_size: int, element_size: int) -> Tile:
-    """The tile of :func:`decode_attention`: the group padded to 16 rows, 64 keys (8+
-    KV blocks of 16 per load), 3 stages = one shared K/V buffer plus the block ids
-    prefetched (~39 KiB, ~126 registers: 4 programs per Hopper SM, ~128 KiB of loads in
-    flight per SM). float32 (FMA dots) takes 8 warps and fewer keys to avoid spills."""
+    """The tile of :func:`decode_attention`: the group padded to 16 rows, 64 keys (4+
+    KV blocks of 16 per load), 4 warps. Measured on an H200 (2026-11-30, batch 1-32,
+    8k-32k keys): 1 to 4 stages and 32 to 128 keys come within 5% of each other, 8 warps
+    lose up to 45%. float32 (FMA dots) takes 8 warps and fewer keys to avoid spills."""
     head_pad = padded_head_size(head_size)
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(group_size))
     if element_size <= 2:

@@ -19,6 +19,18 @@ _CHUNK = 4096
 
 
 @triton.jit
+def _load_summed(x_row, residual_row, sum_row, offsets, mask, HAS_RESIDUAL: tl.constexpr):
+    # The row chunk in float32: x, or x + residual rounded to the sum's dtype (as the
+    # reference rounds it) and stored there for the caller.
+    x = tl.load(x_row + offsets, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_row + offsets, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_row.dtype.element_ty)
+        tl.store(sum_row + offsets, x, mask=mask)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr,
     x_row_stride,
@@ -43,12 +55,7 @@ def _rms_norm_kernel(
     cols = tl.arange(0, BLOCK)
     if SINGLE_BLOCK:
         mask = cols < hidden_size
-        x = tl.load(x_row + cols, mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            residual = tl.load(residual_row + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-            tl.store(sum_row + cols, x, mask=mask)
-        x = x.to(tl.float32)
+        x = _load_summed(x_row, residual_row, sum_row, cols, mask, HAS_RESIDUAL)
         variance = tl.sum(x * x, axis=0) / hidden_size
         normed = x * tl.math.rsqrt(variance + eps)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -59,12 +66,7 @@ def _rms_norm_kernel(
         for start in range(0, hidden_size, BLOCK):
             offsets = start + cols
             mask = offsets < hidden_size
-            x = tl.load(x_row + offsets, mask=mask, other=0.0)
-            if HAS_RESIDUAL:
-                residual = tl.load(residual_row + offsets, mask=mask, other=0.0)
-                x = (x.to(tl.float32) + residual.to(tl.float32)).to(sum_ptr.dtype.element_ty)
-                tl.store(sum_row + offsets, x, mask=mask)
-            x = x.to(tl.float32)
+            x = _load_summed(x_row, residual_row, sum_row, offsets, mask, HAS_RESIDUAL)
             squares += x * x
         rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / hidden_size + eps)
         # Pass 2: normalise; the same threads read back the sum they stored in pass 1.
