@@ -102,13 +102,16 @@ def run_attention(suite: Suite) -> dict[str, Any]:
                 free_memory(suite.device)
                 if "graph_error" in row:
                     use_graphs = False  # a failed capture may leave the stream unusable
-                elif use_graphs and batch <= 32 and context >= 8192 and hasattr(impl, "num_splits"):
-                    row["split_sweep_GBps"] = sweep_splits(impl, spec, batch, context, suite.device)
+                elif use_graphs and hasattr(impl, "num_splits") and (batch == 1 or context == 8192):
+                    row["tile_sweep_GBps"] = sweep_tiles(impl, spec, batch, context, suite.device)
                     free_memory(suite.device)
                 _add_fractions(row, rates)
                 rows.append(row)
                 suite.partial("attention", result)
                 print(f"[attention] {name} {_describe(row)}", flush=True)
+        if use_graphs and hasattr(impl, "num_splits"):
+            result["backends"][name]["prefill_tile_sweep_TFLOPs"] = _sweep_prefill(spec, suite)
+            free_memory(suite.device)
     return result
 
 
@@ -145,7 +148,10 @@ def bench_decode(
         row["layers_seconds"] = _time(_captured(forwards), device) / num_layers
         if batch == 1 and hasattr(impl, "fused_reduce"):
             row["kernel_us"] = _kernel_times(forward)
-            row["breakdown_us"] = _breakdown(impl, layers, device)
+            row["breakdown_us"] = _breakdown(impl, layers)
+            from benchmarks.gpu.kernel_sweeps import copy_same_bytes
+
+            row["copy_same_bytes"] = copy_same_bytes(row["bytes_read"], num_layers, _per_launch)
             chosen = impl.fused_reduce
             try:
                 impl.fused_reduce = False
@@ -158,23 +164,23 @@ def bench_decode(
     return row
 
 
-def _breakdown(impl: Any, layers: list[tuple[Any, ...]], device: str) -> dict[str, float]:
+def _breakdown(impl: Any, layers: list[tuple[Any, ...]]) -> dict[str, float]:
     """Per-launch time of the decode kernel's cut-down probes on the impl's split count
     (:mod:`benchmarks.gpu.decode_breakdown`)."""
     from benchmarks.gpu.decode_breakdown import breakdown
 
+    return breakdown(layers, _num_splits(impl, layers[0]), _per_launch)
+
+
+def _num_splits(impl: Any, layer: tuple[Any, ...]) -> int:
+    """The decode partitions ``impl`` uses on ``layer`` (forced, or the heuristic's)."""
     from kvplane_cuda.kernels.decode_attention import choose_num_splits
     from kvplane_cuda.kernels.paged_attention import num_sms
 
-    query, _, _, kv_cache, metadata = layers[0]
-    num_splits = impl.num_splits or choose_num_splits(
+    query, _, _, kv_cache, metadata = layer
+    return impl.num_splits or choose_num_splits(
         query.shape[0], kv_cache.shape[3], metadata.max_seq_len, num_sms(query.device)
     )
-
-    def per_launch(functions: list[Any]) -> float:
-        return _time(_captured(functions), device) / len(functions)
-
-    return breakdown(layers, num_splits, per_launch)
 
 
 def _more_layers(
@@ -240,25 +246,33 @@ def _kernel_times(forward: Any, runs: int = 20) -> dict[str, float]:
     return {name: sorted(times)[len(times) // 2] for name, times in durations.items()}
 
 
-def sweep_splits(impl: Any, spec: Any, batch: int, context: int, device: str) -> dict[str, Any]:
-    """``layers`` GB/s of the decode kernel at forced split counts (to tune the split
-    heuristic); the impl's own choice is restored afterwards."""
-    sweep: dict[str, Any] = {}
+def sweep_tiles(impl: Any, spec: Any, batch: int, context: int, device: str) -> dict[str, Any]:
+    """``layers`` GB/s of the decode kernel per candidate tile
+    (:func:`benchmarks.gpu.kernel_sweeps.decode_tile_sweep`): at batch 1 for 16, 32 and 64
+    splits, else for the impl's split count."""
+    from benchmarks.gpu.kernel_sweeps import decode_tile_sweep
+
     layers = _more_layers(_decode_layer(spec, batch, context, device), spec, batch, context, device)
-    forwards = [lambda inputs=inputs: impl.forward(*inputs) for inputs in layers]
-    bytes_read = batch * context * 2 * spec.num_kv_heads * spec.head_size * 2
-    chosen = impl.num_splits
+    bytes_read = batch * context * 2 * spec.num_kv_heads * spec.head_size * spec.dtype.itemsize
+    split_counts = (16, 32, 64) if batch == 1 else (_num_splits(impl, layers[0]),)
+    return decode_tile_sweep(layers, bytes_read, split_counts, _per_launch)
+
+
+def _sweep_prefill(spec: Any, suite: Suite) -> dict[str, Any]:
+    from benchmarks.gpu.kernel_sweeps import prefill_tile_sweep
+
     try:
-        for num_splits in (8, 16, 32, 64, 128, 256):
-            impl.num_splits = num_splits
-            try:
-                seconds = _time(_captured(forwards), device) / len(layers)
-                sweep[str(num_splits)] = bytes_read / seconds / 1e9
-            except Exception as error:
-                sweep[str(num_splits)] = f"{type(error).__name__}: {error}"[:200]
-    finally:
-        impl.num_splits = chosen
-    return sweep
+        return prefill_tile_sweep(
+            spec.num_heads, spec.num_kv_heads, spec.head_size, spec.block_size, spec.dtype,
+            _per_launch,
+        )  # fmt: skip
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
+def _per_launch(functions: list[Any]) -> float:
+    """Seconds per function of ``functions`` replayed as one CUDA graph."""
+    return _time(_captured(functions), "cuda") / len(functions)
 
 
 def _captured(forwards: list[Any]) -> Any:

@@ -1,7 +1,8 @@
 """Where a batch-1 decode-attention launch spends its time: cut-down kernels, same grid.
 
 The production split-KV kernel (:mod:`kvplane_cuda.kernels.decode_attention`) at batch 1
-takes about 10 us more than streaming its keys and values at the copy rate would. These
+takes several microseconds more than streaming its keys and values at the copy rate
+would (8k keys on an H200: 16.6 us against 7.6). These
 probe kernels run on the same grid ``(num_seqs, num_kv_heads, num_splits)`` and the same
 inputs, each doing a prefix of its work, so their differences split that time up:
 
@@ -9,7 +10,10 @@ inputs, each doing a prefix of its work, so their differences split that time up
 - ``bookkeeping``: + the dependent loads before any key (``query_start_loc``,
   ``seq_len``, the partition bounds, the query row, the first block ids);
 - ``stream``: + every key and value tile of the partition, gathered through the block
-  table as the real kernel does, reduced by a plain sum (no dots, no softmax);
+  table as the real kernel does, reduced by a plain sum (no dots, no softmax). Triton
+  does not software-pipeline loads that feed no ``tl.dot``, so this probe waits for each
+  tile in turn: since the production kernel keeps two tiles in flight it is the slower
+  of the two (H200: 20 vs 16.6 us at 8k keys), and it shows what one tile in flight costs;
 - ``decode``: the production kernel with its merge in the same launch;
 - ``decode_separate``: the production kernel with the merge in a second launch.
 
@@ -28,7 +32,7 @@ import triton
 import triton.language as tl
 
 from kvplane_cuda.kernels.decode_attention import decode_attention, decode_tile, partition_bounds
-from kvplane_cuda.kernels.paged_attention import cache_rows
+from kvplane_cuda.kernels.paged_attention import Tile, cache_rows
 
 # fmt: off
 # (Kernels keep Triton's usual dense argument lists.)
@@ -67,7 +71,7 @@ def _probe_kernel(out_ptr, query_ptr, key_cache_ptr, value_cache_ptr, block_tabl
             for start in range(split_begin, split_end, BLOCK_N):
                 positions = start + offs_n
                 valid = positions < split_end
-                rows = cache_rows(table_row_ptr, positions, valid, kv_head, stride_block,
+                rows = cache_rows(table_row_ptr, positions, split_end, kv_head, stride_block,
                                   stride_slot, stride_head, BLOCK_SIZE)
                 mask = valid[:, None]
                 k = tl.load(key_cache_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
@@ -116,7 +120,10 @@ def probe_launcher(
 
 
 def decode_launcher(
-    layer: tuple[Any, ...], num_splits: int, fused_reduce: bool
+    layer: tuple[Any, ...],
+    num_splits: int,
+    fused_reduce: bool | None = None,
+    tile: Tile | None = None,
 ) -> Callable[[], Any]:
     """A function running the production decode kernel (no cache write) on ``layer``."""
     query, _, _, kv_cache, metadata = layer
@@ -126,7 +133,7 @@ def decode_launcher(
         decode_attention(
             out, query, kv_cache, metadata.block_tables, metadata.seq_lens,
             metadata.query_start_loc, metadata.max_seq_len, query.shape[-1] ** -0.5,
-            num_splits=num_splits, fused_reduce=fused_reduce,
+            num_splits=num_splits, fused_reduce=fused_reduce, tile=tile,
         )  # fmt: skip
         return out
 

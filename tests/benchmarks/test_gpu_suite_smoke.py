@@ -237,3 +237,44 @@ def test_decode_breakdown_probes_read_what_the_kernel_reads() -> None:
             torch.testing.assert_close(sums[seq, :, split], expected, rtol=1e-4, atol=1e-3)
     times = breakdown([layer], num_splits, lambda functions: [f() for f in functions] and 1e-6)
     assert set(times) == {"empty", "bookkeeping", "stream", "decode", "decode_separate"}
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton interpreter")
+def test_kernel_sweeps_run_every_candidate() -> None:
+    """The tile sweeps launch every candidate without error (on the interpreter, where
+    warps and stages are ignored but tile sizes are not), and the copy moves its bytes."""
+    import torch
+    from benchmarks.gpu.attention_bw import _decode_layer
+    from benchmarks.gpu.kernel_sweeps import (
+        DECODE_CANDIDATES,
+        PREFILL_CANDIDATES,
+        copy_same_bytes,
+        decode_tile_sweep,
+        prefill_tile_sweep,
+    )
+
+    from kvplane.plugins.types import AttentionSpec
+
+    def per_launch(functions: list) -> float:
+        for function in functions:
+            function()
+        return 1e-6
+
+    spec = AttentionSpec(
+        num_heads=4, num_kv_heads=2, head_size=16, dtype=torch.float32, block_size=16, scale=0.25
+    )
+    layer = _decode_layer(spec, 1, 100, "cpu")
+    decode = decode_tile_sweep([layer], 10_000, (1, 2), per_launch)
+    assert len(decode) == 2 * len(DECODE_CANDIDATES)
+    assert all(rate == pytest.approx(10_000 / 1e-6 / 1e9) for rate in decode.values()), decode
+    prefill = prefill_tile_sweep(
+        4, 2, 16, 16, torch.float32, per_launch, num_launches=1, shapes=((2, 20, 17),),
+        device="cpu",
+    )  # fmt: skip
+    rates = prefill["s2q20c17"]
+    assert len(rates) == 1 + len(PREFILL_CANDIDATES)
+    assert all(isinstance(rate, float) and rate > 0 for rate in rates.values()), rates
+    assert copy_same_bytes(4096, 2, per_launch, device="cpu") == {
+        "us": pytest.approx(1.0),
+        "read_write_GBps": pytest.approx(4096 / 1e-6 / 1e9),
+    }

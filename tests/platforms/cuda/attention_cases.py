@@ -19,6 +19,7 @@ from kvplane.attention.metadata import AttentionMetadata
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins.types import AttentionSpec
 from kvplane_cuda.attention import TritonAttentionImpl
+from kvplane_cuda.kernels.paged_attention import Tile
 from tests.platforms.paged_batches import PagedBatch, batch_to, make_spec
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -75,30 +76,41 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor) -> N
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
 
 
+def reference_with_cache(
+    spec: AttentionSpec, batch: PagedBatch, device: str
+) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+    """``(batch on device, its cache with the new tokens written, reference output)``: the
+    inputs of a kernel called directly, which does not write the cache itself."""
+    on_device = batch_to(batch, torch.device(device))
+    kv_cache = on_device.kv_cache.clone()
+    expected = (
+        ReferenceAttentionBackend()
+        .make_impl(spec)
+        .forward(on_device.query, on_device.key, on_device.value, kv_cache, on_device.metadata)
+    )
+    return on_device, kv_cache, expected
+
+
 def decode_directly(
     spec: AttentionSpec,
     batch: PagedBatch,
     device: str,
     num_splits: int,
     fused_reduce: bool | None,
+    tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(decode_attention output, reference output)``, the kernel called directly to pick
-    its reduction. The output starts as NaN, so a row that no program writes shows."""
+    its reduction (and tile). The output starts as NaN, so a row that no program writes
+    shows."""
     from kvplane_cuda.kernels.decode_attention import decode_attention
 
-    on_device = batch_to(batch, torch.device(device))
+    on_device, kv_cache, expected = reference_with_cache(spec, batch, device)
     metadata = on_device.metadata
-    kv_cache = on_device.kv_cache.clone()  # the reference writes the new tokens into it
-    expected = (
-        ReferenceAttentionBackend()
-        .make_impl(spec)
-        .forward(on_device.query, on_device.key, on_device.value, kv_cache, metadata)
-    )
     actual = torch.full_like(on_device.query, float("nan"))
     decode_attention(
         actual, on_device.query, kv_cache, metadata.block_tables, metadata.seq_lens,
         metadata.query_start_loc, metadata.max_seq_len, spec.scale, spec.sliding_window,
-        spec.logit_softcap, num_splits, fused_reduce=fused_reduce,
+        spec.logit_softcap, num_splits, fused_reduce=fused_reduce, tile=tile,
     )  # fmt: skip
     return actual, expected
 

@@ -18,9 +18,11 @@ from kvplane_cuda.attention import TritonAttentionBackend, TritonAttentionImpl, 
 from tests.platforms.cuda.attention_cases import (
     DEVICES,
     SPECS,
+    assert_close_to_reference,
     assert_matches,
     needs_gpu,
     pad_with_scratch_sequences,
+    reference_with_cache,
 )
 from tests.platforms.paged_batches import (
     batch_to,
@@ -53,6 +55,38 @@ def test_prefill_batches_match_reference(
     spec = SPECS[spec_id]
     batch = make_paged_batch(spec, [21, 1, 40, 2], [0, 0, 0, 0], generator)
     assert_matches(spec, batch, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec_id", ["gqa-d64-b16", "window-softcap-b16"])
+@pytest.mark.parametrize(
+    ("block_m", "block_n", "num_warps", "num_stages"),
+    [(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 4), (16, 16, 4, 3)],
+)
+def test_unified_tiles_match_reference(
+    device: str,
+    spec_id: str,
+    block_m: int,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    generator: torch.Generator,
+) -> None:
+    """Every tile the benchmarks sweep, called directly: long chunks over cached context,
+    each key tile's block ids loaded one iteration ahead."""
+    from kvplane_cuda.kernels.paged_attention import Tile, unified_attention
+
+    spec = SPECS[spec_id]
+    batch = make_paged_batch(spec, [70, 1, 33], [90, 130, 0], generator)
+    batch, kv_cache, expected = reference_with_cache(spec, batch, device)
+    metadata = batch.metadata
+    actual = torch.full_like(batch.query, float("nan"))
+    unified_attention(
+        actual, batch.query, kv_cache, metadata.block_tables, metadata.seq_lens,
+        metadata.query_start_loc, metadata.max_query_len, spec.scale, spec.sliding_window,
+        spec.logit_softcap, tile=Tile(block_m, block_n, num_warps, num_stages),
+    )  # fmt: skip
+    assert_close_to_reference(actual, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

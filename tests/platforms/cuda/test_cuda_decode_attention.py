@@ -106,6 +106,33 @@ def test_fused_reduce_grows_its_counters(
     assert [c.numel() for c in kernels._retired_counters] == [4]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec_id", ["gqa-d64-b16", "window-softcap-b16"])
+@pytest.mark.parametrize(
+    ("block_n", "num_warps", "num_stages"),
+    [(64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (32, 4, 5), (16, 8, 2)],
+)
+def test_decode_tiles_match_reference(
+    device: str,
+    spec_id: str,
+    block_n: int,
+    num_warps: int,
+    num_stages: int,
+    generator: torch.Generator,
+) -> None:
+    """Every tile the benchmarks sweep: partitions of many key tiles, each tile's block
+    ids loaded one iteration ahead (the last partition's run past its end), and the
+    pipeline stages that keep more tiles in flight."""
+    from kvplane_cuda.kernels.paged_attention import Tile
+
+    spec = SPECS[spec_id]
+    batch = make_paged_batch(spec, [1] * 4, [0, 70, 201, 333], generator)
+    tile = Tile(16, block_n, num_warps, num_stages)
+    for num_splits in (1, 3):
+        actual, expected = decode_directly(spec, batch, device, num_splits, None, tile)
+        assert_close_to_reference(actual, expected)
+
+
 def test_num_splits_fill_the_gpu_only_when_needed() -> None:
     from kvplane_cuda.kernels.decode_attention import choose_num_splits
 
@@ -114,8 +141,9 @@ def test_num_splits_fill_the_gpu_only_when_needed() -> None:
     assert choose_num_splits(32, 8, 8192, 132) == 9
     assert choose_num_splits(128, 8, 8192, 132) == 3
     assert choose_num_splits(1024, 8, 8192, 132) == 1
-    assert choose_num_splits(1, 8, 300, 132) == 2  # never shorter than 256 keys
-    assert choose_num_splits(1, 8, 40960, 132) == 64  # capped; an upper bound is fine
+    assert choose_num_splits(1, 8, 1024, 132) == 16  # never shorter than one 64-key tile
+    assert choose_num_splits(1, 8, 100, 132) == 2
+    assert choose_num_splits(1, 8, 40960, 132) == 32  # capped; an upper bound is fine
 
 
 @needs_gpu

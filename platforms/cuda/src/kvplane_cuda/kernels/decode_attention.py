@@ -37,12 +37,13 @@ from kvplane_cuda.kernels.paged_attention import (
     MIN_DOT_ROWS,
     Tile,
     attend_tile,
-    cache_rows,
     cache_strides,
     dot_precision,
     num_sms,
     on_device,
     padded_head_size,
+    slot_rows,
+    table_block_ids,
 )
 
 #: Decode launches aim for this many programs per SM, so that small batches keep enough
@@ -50,13 +51,14 @@ from kvplane_cuda.kernels.paged_attention import (
 #: 2026-11-30), 8 KV heads: batch 32 peaks at ~2,000 programs (8 splits, 94-103% of copy
 #: bandwidth at 8k-32k keys) and falls off past 4,000.
 PROGRAMS_PER_SM = 16
-#: Shortest decode partition (four 64-key tiles): at batch 1 shorter ones cost more in
-#: per-program set-up and merging than they gain (H200, per layer, 8k keys: 32 splits
-#: 1.64 TB/s, 64 splits 1.67, 128 splits 1.28).
-MIN_KEYS_PER_SPLIT = 256
-#: Upper bound on decode partitions (batch 1 at 32k keys: 32 splits 2.85 TB/s, 64 splits
-#: 3.11, 128 splits 2.65, 256 splits 2.16).
-MAX_SPLITS = 64
+#: Shortest decode partition (one 64-key tile). Batch 1 on an H200 (2026-11-30, kernel
+#: alone, graph of 8 layers), once the key/value copies ran two tiles ahead: 1k keys
+#: 558 GB/s with 16 splits, 499 with 32, 389 with 64 (4 splits, the old 256-key minimum,
+#: reached 367 with the cache write).
+MIN_KEYS_PER_SPLIT = 64
+#: Upper bound on decode partitions (batch 1, same run: 8k keys 2,023 GB/s with 32 splits,
+#: 1,981 with 16, 1,586 with 64; 32k keys 3,365 with 32, 2,914 with 16, 2,695 with 64).
+MAX_SPLITS = 32
 #: Partial-output elements a merging program loads per step (32 float32 registers a
 #: thread at 4 warps), so its registers stay bounded whatever the split count. The
 #: kernel's register count is the maximum over attention and merge: 8192 here cost a
@@ -171,11 +173,19 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
+    # The next tile's block ids are loaded one iteration ahead, in registers. Gathered in
+    # the iteration that uses them, the id load and the key/value copies take two of the
+    # software pipeline's stages, so 3 stages kept one tile in flight (and 4 did too);
+    # carried, the copies run ``num_stages - 1`` tiles ahead (Triton 3.6's TTGIR for sm_90).
+    next_ids = table_block_ids(table_row_ptr, split_begin + tl.arange(0, BLOCK_N), split_end,
+                               BLOCK_SIZE)  # [N]
     for start in range(split_begin, split_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = (key_pos < split_end) & (key_pos >= kv_begin)
-        rows = cache_rows(table_row_ptr, key_pos, key_valid, kv_head, stride_block, stride_slot,
-                          stride_head, BLOCK_SIZE)
+        block_ids = next_ids
+        next_ids = table_block_ids(table_row_ptr, key_pos + BLOCK_N, split_end, BLOCK_SIZE)
+        rows = slot_rows(block_ids, key_pos, kv_head, stride_block, stride_slot, stride_head,
+                         BLOCK_SIZE)
         kv_offsets = rows[:, None] + offs_d[None, :]
         kv_mask = key_valid[:, None] & d_mask[None, :]
         k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
@@ -233,9 +243,11 @@ def _decode_reduce_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, query_start
 
 def decode_tile(head_size: int, group_size: int, element_size: int) -> Tile:
     """The tile of :func:`decode_attention`: the group padded to 16 rows, 64 keys (4+
-    KV blocks of 16 per load), 4 warps. Measured on an H200 (2026-11-30, batch 1-32,
-    8k-32k keys): 1 to 4 stages and 32 to 128 keys come within 5% of each other, 8 warps
-    lose up to 45%. float32 (FMA dots) takes 8 warps and fewer keys to avoid spills."""
+    KV blocks of 16 per load), 4 warps, 3 stages (key/value copies two tiles ahead).
+    Measured on an H200 (2026-11-30, kernel alone): 64 keys x 3 stages is best or within
+    1.5% of it at batch 1 (8k, 32k keys), 32 and 128; 2 stages (one tile ahead) lose 12%
+    at batch 1, 8k, and 4-5 stages lose 4-8% (shared memory limits the programs per SM).
+    float32 (FMA dots) takes 8 warps and fewer keys to avoid spills."""
     head_pad = padded_head_size(head_size)
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(group_size))
     if element_size <= 2:
@@ -295,6 +307,7 @@ def decode_attention(
     num_splits: int | None = None,  # None: choose_num_splits
     *,
     fused_reduce: bool | None = None,  # None: in the split kernel when possible
+    tile: Tile | None = None,  # None: decode_tile (benchmarks sweep others)
 ) -> None:
     """Split-KV attention of each sequence's single new token over its whole context.
 
@@ -305,7 +318,8 @@ def decode_attention(
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     group_size = num_heads // num_kv_heads
     head_pad = padded_head_size(head_size)
-    tile = decode_tile(head_size, group_size, query.element_size())
+    if tile is None:
+        tile = decode_tile(head_size, group_size, query.element_size())
     if num_splits is None:
         visible = max_seq_len if sliding_window is None else min(max_seq_len, sliding_window)
         num_splits = choose_num_splits(num_seqs, num_kv_heads, visible, num_sms(query.device))
