@@ -10,9 +10,7 @@ as NaN in the output.
 from __future__ import annotations
 
 import dataclasses
-import os
 
-import pytest
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
@@ -22,12 +20,7 @@ from kvplane_cuda.attention import TritonAttentionImpl
 from kvplane_cuda.kernels.paged_attention import Tile
 from tests.platforms.paged_batches import PagedBatch, batch_to, make_spec
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_GPU = torch.cuda.is_available() and not INTERPRET
-# The interpreter runs CPU tensors; real kernels need a GPU (and no interpreter).
-DEVICES = (["cpu"] if INTERPRET else []) + (["cuda"] if HAS_GPU else [])
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
-needs_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA device, not the interpreter")
 
 
 SPECS = {

@@ -16,14 +16,13 @@ import torch
 
 from kvplane_cuda.attention import TritonAttentionBackend, TritonAttentionImpl, decode_bytes_read
 from tests.platforms.cuda.attention_cases import (
-    DEVICES,
     SPECS,
     assert_close_to_reference,
     assert_matches,
-    needs_gpu,
     pad_with_scratch_sequences,
     reference_with_cache,
 )
+from tests.platforms.cuda.devices import DEVICES, needs_gpu
 from tests.platforms.paged_batches import (
     batch_to,
     make_paged_batch,

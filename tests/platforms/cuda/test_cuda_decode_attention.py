@@ -19,15 +19,14 @@ import torch
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane_cuda.attention import TritonAttentionImpl
 from tests.platforms.cuda.attention_cases import (
-    DEVICES,
     SPECS,
     assert_close_to_reference,
     assert_matches,
     clone_batch,
     decode_directly,
-    needs_gpu,
     reshaped,
 )
+from tests.platforms.cuda.devices import DEVICES, needs_gpu
 from tests.platforms.paged_batches import (
     batch_to,
     make_paged_batch,
