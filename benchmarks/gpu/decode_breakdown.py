@@ -10,10 +10,11 @@ inputs, each doing a prefix of its work, so their differences split that time up
 - ``bookkeeping``: + the dependent loads before any key (``query_start_loc``,
   ``seq_len``, the partition bounds, the query row, the first block ids);
 - ``stream``: + every key and value tile of the partition, gathered through the block
-  table as the real kernel does, reduced by a plain sum (no dots, no softmax). Triton
-  does not software-pipeline loads that feed no ``tl.dot``, so this probe waits for each
-  tile in turn: since the production kernel keeps two tiles in flight it is the slower
-  of the two (H200: 20 vs 16.6 us at 8k keys), and it shows what one tile in flight costs;
+  table by the kernel's own ``gather_kv_tile``, reduced by a plain sum (no dots, no
+  softmax). Triton does not software-pipeline loads that feed no ``tl.dot`` (no async
+  copies in its sm_90 TTGIR), so this probe waits for each tile in turn and is slower
+  than the production kernel, which keeps two tiles in flight (H200, 8k keys: 20 vs
+  16.6 us): it shows what one tile in flight costs;
 - ``decode``: the production kernel with its merge in the same launch;
 - ``decode_separate``: the production kernel with the merge in a second launch.
 
@@ -32,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kvplane_cuda.kernels.decode_attention import decode_attention, decode_tile, partition_bounds
-from kvplane_cuda.kernels.paged_attention import Tile, cache_rows
+from kvplane_cuda.kernels.paged_attention import Tile, gather_kv_tile, table_block_ids
 
 # fmt: off
 # (Kernels keep Triton's usual dense argument lists.)
@@ -61,22 +62,20 @@ def _probe_kernel(out_ptr, query_ptr, key_cache_ptr, value_cache_ptr, block_tabl
                     + offs_d[None, :], mask=(offs_g < GROUP_SIZE)[:, None], other=0.0)
         total += tl.sum(q.to(tl.float32), axis=0)
         table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
-        offs_n = tl.arange(0, BLOCK_N)
+        # The first tile's block ids, as the kernel loads them before its loop.
+        block_ids = table_block_ids(table_row_ptr, split_begin + tl.arange(0, BLOCK_N),
+                                    split_end, BLOCK_SIZE)
         if STAGE == 1:
-            first = split_begin + offs_n
-            block_ids = tl.load(table_row_ptr + first // BLOCK_SIZE, mask=first < split_end,
-                                other=0)
             total += tl.sum(block_ids.to(tl.float32), axis=0)
         else:  # stream
+            d_mask = offs_d < HEAD_SIZE
             for start in range(split_begin, split_end, BLOCK_N):
-                positions = start + offs_n
-                valid = positions < split_end
-                rows = cache_rows(table_row_ptr, positions, split_end, kv_head, stride_block,
-                                  stride_slot, stride_head, BLOCK_SIZE)
-                mask = valid[:, None]
-                k = tl.load(key_cache_ptr + rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
-                v = tl.load(value_cache_ptr + rows[:, None] + offs_d[None, :], mask=mask,
-                            other=0.0)
+                key_pos = start + tl.arange(0, BLOCK_N)
+                k, v, block_ids = gather_kv_tile(key_cache_ptr, value_cache_ptr, table_row_ptr,
+                                                 block_ids, key_pos, key_pos < split_end,
+                                                 split_end, kv_head, offs_d, d_mask,
+                                                 stride_block, stride_slot, stride_head,
+                                                 BLOCK_N, BLOCK_SIZE)
                 total += tl.sum(k.to(tl.float32) + v.to(tl.float32), axis=0)
     tl.store(out_ptr + program * HEAD_SIZE + tl.arange(0, HEAD_SIZE), total)
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from benchmarks.gpu.decode_breakdown import decode_launcher
 
+from kvplane_cuda.kernels.decode_attention import decode_tile
 from kvplane_cuda.kernels.paged_attention import Tile, unified_attention
 
 PerLaunch = Callable[[list[Callable[[], Any]]], float]
@@ -44,7 +45,9 @@ def decode_tile_sweep(
 ) -> dict[str, Any]:
     """GB/s read per candidate ``n<keys>w<warps>s<stages>/splits<count>`` on ``layers``
     (``impl.forward`` argument tuples of one shape); errors are reported, not raised."""
-    group_rows = max(16, layers[0][0].shape[1] // layers[0][3].shape[3])
+    query, kv_cache = layers[0][0], layers[0][3]
+    group_size = query.shape[1] // kv_cache.shape[3]
+    group_rows = decode_tile(query.shape[2], group_size, query.element_size()).block_m
     sweep: dict[str, Any] = {}
     for block_n, num_warps, num_stages in DECODE_CANDIDATES:
         tile = Tile(group_rows, block_n, num_warps, num_stages)

@@ -108,6 +108,24 @@ def decode_directly(
     return actual, expected
 
 
+def unified_directly(
+    spec: AttentionSpec, batch: PagedBatch, device: str, tile: Tile | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unified_attention output, reference output)``, the kernel called directly to pick
+    its tile; the output starts as NaN, as in :func:`decode_directly`."""
+    from kvplane_cuda.kernels.paged_attention import unified_attention
+
+    on_device, kv_cache, expected = reference_with_cache(spec, batch, device)
+    metadata = on_device.metadata
+    actual = torch.full_like(on_device.query, float("nan"))
+    unified_attention(
+        actual, on_device.query, kv_cache, metadata.block_tables, metadata.seq_lens,
+        metadata.query_start_loc, metadata.max_query_len, spec.scale, spec.sliding_window,
+        spec.logit_softcap, tile=tile,
+    )  # fmt: skip
+    return actual, expected
+
+
 def pad_with_scratch_sequences(batch: PagedBatch, num_padding: int) -> PagedBatch:
     """Append ``num_padding`` sequences of length 1 whose block-table rows all point at a
     new zeroed scratch block and whose token is not written (slot -1)."""

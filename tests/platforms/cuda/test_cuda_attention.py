@@ -20,7 +20,7 @@ from tests.platforms.cuda.attention_cases import (
     assert_close_to_reference,
     assert_matches,
     pad_with_scratch_sequences,
-    reference_with_cache,
+    unified_directly,
 )
 from tests.platforms.cuda.devices import DEVICES, needs_gpu
 from tests.platforms.paged_batches import (
@@ -73,18 +73,12 @@ def test_unified_tiles_match_reference(
 ) -> None:
     """Every tile the benchmarks sweep, called directly: long chunks over cached context,
     each key tile's block ids loaded one iteration ahead."""
-    from kvplane_cuda.kernels.paged_attention import Tile, unified_attention
+    from kvplane_cuda.kernels.paged_attention import Tile
 
     spec = SPECS[spec_id]
     batch = make_paged_batch(spec, [70, 1, 33], [90, 130, 0], generator)
-    batch, kv_cache, expected = reference_with_cache(spec, batch, device)
-    metadata = batch.metadata
-    actual = torch.full_like(batch.query, float("nan"))
-    unified_attention(
-        actual, batch.query, kv_cache, metadata.block_tables, metadata.seq_lens,
-        metadata.query_start_loc, metadata.max_query_len, spec.scale, spec.sliding_window,
-        spec.logit_softcap, tile=Tile(block_m, block_n, num_warps, num_stages),
-    )  # fmt: skip
+    tile = Tile(block_m, block_n, num_warps, num_stages)
+    actual, expected = unified_directly(spec, batch, device, tile)
     assert_close_to_reference(actual, expected)
 
 

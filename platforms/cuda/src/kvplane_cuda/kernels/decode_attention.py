@@ -39,10 +39,10 @@ from kvplane_cuda.kernels.paged_attention import (
     attend_tile,
     cache_strides,
     dot_precision,
+    gather_kv_tile,
     num_sms,
     on_device,
     padded_head_size,
-    slot_rows,
     table_block_ids,
 )
 
@@ -52,12 +52,12 @@ from kvplane_cuda.kernels.paged_attention import (
 #: bandwidth at 8k-32k keys) and falls off past 4,000.
 PROGRAMS_PER_SM = 16
 #: Shortest decode partition (one 64-key tile). Batch 1 on an H200 (2026-11-30, kernel
-#: alone, graph of 8 layers), once the key/value copies ran two tiles ahead: 1k keys
-#: 558 GB/s with 16 splits, 499 with 32, 389 with 64 (4 splits, the old 256-key minimum,
-#: reached 367 with the cache write).
+#: alone, graph of 8 layers, docs/performance.md "third session"), with the key/value
+#: copies two tiles ahead: 1k keys 542 GB/s with 16 splits, 491 with 32, 367 with 64
+#: (the old 256-key minimum gave 4 splits: 367 GB/s per layer with the cache write).
 MIN_KEYS_PER_SPLIT = 64
-#: Upper bound on decode partitions (batch 1, same run: 8k keys 2,023 GB/s with 32 splits,
-#: 1,981 with 16, 1,586 with 64; 32k keys 3,365 with 32, 2,914 with 16, 2,695 with 64).
+#: Upper bound on decode partitions (batch 1, same run: 8k keys 2,040 GB/s with 32 splits,
+#: 1,988 with 16, 1,589 with 64; 32k keys 3,416 with 32, 2,913 with 16, 2,693 with 64).
 MAX_SPLITS = 32
 #: Partial-output elements a merging program loads per step (32 float32 registers a
 #: thread at 4 warps), so its registers stay bounded whatever the split count. The
@@ -173,23 +173,15 @@ def _decode_split_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-    # The next tile's block ids are loaded one iteration ahead, in registers. Gathered in
-    # the iteration that uses them, the id load and the key/value copies take two of the
-    # software pipeline's stages, so 3 stages kept one tile in flight (and 4 did too);
-    # carried, the copies run ``num_stages - 1`` tiles ahead (Triton 3.6's TTGIR for sm_90).
-    next_ids = table_block_ids(table_row_ptr, split_begin + tl.arange(0, BLOCK_N), split_end,
-                               BLOCK_SIZE)  # [N]
+    block_ids = table_block_ids(table_row_ptr, split_begin + tl.arange(0, BLOCK_N), split_end,
+                                BLOCK_SIZE)  # [N], carried a tile ahead (gather_kv_tile)
     for start in range(split_begin, split_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = (key_pos < split_end) & (key_pos >= kv_begin)
-        block_ids = next_ids
-        next_ids = table_block_ids(table_row_ptr, key_pos + BLOCK_N, split_end, BLOCK_SIZE)
-        rows = slot_rows(block_ids, key_pos, kv_head, stride_block, stride_slot, stride_head,
-                         BLOCK_SIZE)
-        kv_offsets = rows[:, None] + offs_d[None, :]
-        kv_mask = key_valid[:, None] & d_mask[None, :]
-        k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        k, v, block_ids = gather_kv_tile(key_cache_ptr, value_cache_ptr, table_row_ptr, block_ids,
+                                         key_pos, key_valid, split_end, kv_head, offs_d, d_mask,
+                                         stride_block, stride_slot, stride_head, BLOCK_N,
+                                         BLOCK_SIZE)
         m_i, l_i, acc = attend_tile(q, k, v, key_valid[None, :], m_i, l_i, acc, sm_scale, softcap,
                                     HAS_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]

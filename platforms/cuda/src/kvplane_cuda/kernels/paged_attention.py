@@ -63,22 +63,23 @@ def table_block_ids(table_row_ptr, positions, end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def slot_rows(block_ids, positions, kv_head, stride_block, stride_slot, stride_head,
-              BLOCK_SIZE: tl.constexpr):
-    # Offsets (int64, in elements) of the slots holding ``positions`` in ``block_ids``.
-    return (block_ids.to(tl.int64) * stride_block + (positions % BLOCK_SIZE) * stride_slot
-            + kv_head * stride_head)
-
-
-@triton.jit
-def cache_rows(table_row_ptr, positions, end, kv_head, stride_block, stride_slot, stride_head,
-               BLOCK_SIZE: tl.constexpr):
-    # Offsets of the slots holding ``positions`` (block 0 from ``end`` on), in one step:
-    # for probes. The attention loops carry the next tile's block ids instead (see
-    # ``_paged_attention_kernel``).
-    block_ids = table_block_ids(table_row_ptr, positions, end, BLOCK_SIZE)
-    return slot_rows(block_ids, positions, kv_head, stride_block, stride_slot, stride_head,
-                     BLOCK_SIZE)
+def gather_kv_tile(key_cache_ptr, value_cache_ptr, table_row_ptr, block_ids, key_pos, key_valid,
+                   end, kv_head, offs_d, d_mask, stride_block, stride_slot, stride_head,
+                   BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # Keys and values [N, HEAD_PAD] at ``key_pos`` of one sequence, from ``block_ids``
+    # (this tile's, loaded one tile earlier), and the next tile's block ids for the next
+    # call. The attention loops carry the ids so: gathered in the iteration that uses them,
+    # the id load and the key/value copies take two of the software pipeline's stages, and
+    # 1 to 4 stages all kept one tile in flight; carried, the copies run ``num_stages - 1``
+    # tiles ahead (Triton 3.6's TTGIR for sm_90; 12-27% on an H200, docs/performance.md).
+    next_ids = table_block_ids(table_row_ptr, key_pos + BLOCK_N, end, BLOCK_SIZE)
+    rows = (block_ids.to(tl.int64) * stride_block + (key_pos % BLOCK_SIZE) * stride_slot
+            + kv_head * stride_head)  # [N]
+    offsets = rows[:, None] + offs_d[None, :]
+    mask = key_valid[:, None] & d_mask[None, :]
+    k = tl.load(key_cache_ptr + offsets, mask=mask, other=0.0)
+    v = tl.load(value_cache_ptr + offsets, mask=mask, other=0.0)
+    return k, v, next_ids
 
 
 @triton.jit
@@ -86,6 +87,8 @@ def attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
                  HAS_SOFTCAP: tl.constexpr, PRECISION: tl.constexpr):
     # One online-softmax step over a key tile; scores in base 2. Rows that see no key
     # yet keep m = -inf: subtracting 0 instead keeps exp2 at 0 rather than NaN.
+    k = k.to(q.dtype)  # a cache dtype other than the query's
+    v = v.to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [M, N]
     if HAS_SOFTCAP:
         scores = soft_cap(scores * sm_scale, softcap) * LOG2E
@@ -154,20 +157,15 @@ def _unified_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    # The next tile's block ids are loaded one iteration ahead (see the decode kernel).
-    next_ids = table_block_ids(table_row_ptr, kv_begin + tl.arange(0, BLOCK_N), kv_end,
-                               BLOCK_SIZE)  # [N]
+    block_ids = table_block_ids(table_row_ptr, kv_begin + tl.arange(0, BLOCK_N), kv_end,
+                                BLOCK_SIZE)  # [N], carried a tile ahead (gather_kv_tile)
     for start in range(kv_begin, kv_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = key_pos < kv_end
-        block_ids = next_ids
-        next_ids = table_block_ids(table_row_ptr, key_pos + BLOCK_N, kv_end, BLOCK_SIZE)
-        rows = slot_rows(block_ids, key_pos, kv_head, stride_block, stride_slot, stride_head,
-                         BLOCK_SIZE)
-        kv_offsets = rows[:, None] + offs_d[None, :]
-        kv_mask = key_valid[:, None] & d_mask[None, :]
-        k = tl.load(key_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(value_cache_ptr + kv_offsets, mask=kv_mask, other=0.0).to(q.dtype)
+        k, v, block_ids = gather_kv_tile(key_cache_ptr, value_cache_ptr, table_row_ptr, block_ids,
+                                         key_pos, key_valid, kv_end, kv_head, offs_d, d_mask,
+                                         stride_block, stride_slot, stride_head, BLOCK_N,
+                                         BLOCK_SIZE)
         allowed = key_valid[None, :] & (key_pos[None, :] <= query_pos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (key_pos[None, :] > query_pos[:, None] - window)
@@ -205,9 +203,9 @@ def unified_tile(head_size: int, group_size: int, max_query_len: int, element_si
     16-bit: up to 128 rows x 64 keys (head <= 128) with 3 stages, the flash-attention
     shape that Hopper runs on wgmma; with the block ids carried a tile ahead, 3 stages
     keep two K/V tiles in flight (128 KiB shared memory, no spills). On an H200
-    (2026-11-30, Qwen3-0.6B heads, bf16) that gave 269 TFLOP/s on 4 fresh 2,048-token
-    prompts and 322 on a 2,048-token chunk over 8k cached keys, against 227 / 252 with 2
-    stages, 260 / 317 with 64 rows x 4 warps, 185 / 262 with 64 rows x 4 stages. Head 256
+    (2026-11-30, Qwen3-0.6B heads, bf16) that gave 267 TFLOP/s on 4 fresh 2,048-token
+    prompts and 320 on a 2,048-token chunk over 8k cached keys, against 225 / 249 with 2
+    stages, 257 / 317 with 64 rows x 4 warps, 185 / 262 with 64 rows x 4 stages. Head 256
     halves rows and keys (not measured). float32 dots run on FMA units, whose operands live in
     registers: 32 rows x 16 keys avoids spills. Rows shrink with ``max_query_len`` (at
     least 16, the smallest ``tl.dot``, and at least the group) so decode-heavy batches
