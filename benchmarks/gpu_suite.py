@@ -233,11 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(args=args, out_dir=out_dir, results=results)
     print(f"kvplane GPU suite: sections {args.sections}, models {args.models}, out {out_dir}")
     try:
-        results["bootstrap"] = bootstrap_kvplane()
-        if args.device == "cuda":
-            from kvplane_cuda.kernels import decode_attention
-
-            decode_attention.FUSED_REDUCE = args.decode_merge == "fused"
+        fused_decode_merge = args.device != "cuda" or args.decode_merge == "fused"
+        results["bootstrap"] = bootstrap_kvplane(fused_decode_merge)
         import torch
 
         if args.device == "cuda" and not torch.cuda.is_available():

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run every test: the repository's tests, the template
-# plugin's tests, and the conformance kit against the cpu and the template platform.
+# Set up (scripts/setup.sh) and run every test: lint and type checks, the repository's
+# tests, the template plugin's tests, and the conformance kit against the cpu platform,
+# the template platform and the CUDA platform emulated on the CPU (its Triton kernels in
+# Triton's interpreter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PY=.venv/bin/python
 .venv/bin/ruff check core platforms plugins_template tests benchmarks
+.venv/bin/mypy core/src platforms/cpu/src platforms/cuda/src plugins_template/src
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider
+$PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cuda --kvplane-emulate -p no:cacheprovider
 $PY -m pytest -q tests plugins_template/tests

@@ -33,11 +33,11 @@ NUM_GRAPH_LAYERS = 8
 LAYERS_MEMORY_BYTES = 16 * 2**30
 
 
-def make_backend(name: str) -> Any:
+def make_backend(name: str, fused_decode_merge: bool = True) -> Any:
     if name == "triton":
         from kvplane_cuda.attention import TritonAttentionBackend
 
-        return TritonAttentionBackend()
+        return TritonAttentionBackend(fused_reduce=fused_decode_merge)
     if name == "reference":  # the core's torch reference: plumbing checks, not speed
         from kvplane.attention.reference import ReferenceAttentionBackend
 
@@ -82,7 +82,7 @@ def run_attention(suite: Suite) -> dict[str, Any]:
     }
     for name in suite.args.attention_backends:
         try:
-            backend = make_backend(name)
+            backend = make_backend(name, suite.args.decode_merge == "fused")
             reason = backend.cannot_serve(spec)
             if reason is not None:
                 raise ValueError(f"{name} cannot serve the spec: {reason}")
@@ -147,18 +147,17 @@ def bench_decode(
         num_layers = row["graph_layers"] = len(layers)
         row["layers_seconds"] = _time(_captured(forwards), device) / num_layers
         if batch == 1 and hasattr(impl, "fused_reduce"):
-            row["kernel_us"] = _kernel_times(forward)
-            row["breakdown_us"] = _breakdown(impl, layers)
             from benchmarks.gpu.kernel_sweeps import copy_same_bytes
 
+            from kvplane_cuda.attention import TritonAttentionImpl
+
+            row["kernel_us"] = _kernel_times(forward)
+            row["breakdown_us"] = _breakdown(impl, layers)
             row["copy_same_bytes"] = copy_same_bytes(row["bytes_read"], num_layers, _per_launch)
-            chosen = impl.fused_reduce
-            try:
-                impl.fused_reduce = False
-                unfused = _time(_captured(forwards), device) / num_layers
-                row["unfused_layers_GBps"] = row["bytes_read"] / unfused / 1e9
-            finally:
-                impl.fused_reduce = chosen
+            separate = TritonAttentionImpl(impl.spec, impl.num_splits, fused_reduce=False)
+            unfused = [lambda inputs=inputs: separate.forward(*inputs) for inputs in layers]
+            seconds = _time(_captured(unfused), device) / num_layers
+            row["unfused_layers_GBps"] = row["bytes_read"] / seconds / 1e9
     except Exception as error:
         row["graph_error"] = f"{type(error).__name__}: {error}"[:500]
     return row
@@ -255,7 +254,7 @@ def sweep_tiles(impl: Any, spec: Any, batch: int, context: int, device: str) -> 
     layers = _more_layers(_decode_layer(spec, batch, context, device), spec, batch, context, device)
     bytes_read = batch * context * 2 * spec.num_kv_heads * spec.head_size * spec.dtype.itemsize
     split_counts = (16, 32, 64) if batch == 1 else (_num_splits(impl, layers[0]),)
-    return decode_tile_sweep(layers, bytes_read, split_counts, _per_launch)
+    return decode_tile_sweep(layers, bytes_read, split_counts, _per_launch, impl.fused_reduce)
 
 
 def _sweep_prefill(spec: Any, suite: Suite) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TextIO
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,9 +46,11 @@ TINY_SHAPE: dict[str, Any] = dict(
 )
 
 
-def bootstrap_kvplane() -> dict[str, Any]:
+def bootstrap_kvplane(fused_decode_merge: bool = True) -> dict[str, Any]:
     """Make ``kvplane`` and ``kvplane_cuda`` importable and the ``cuda`` platform
-    discoverable, installed or not. Returns what was done (recorded in the JSON)."""
+    discoverable, installed or not. With ``fused_decode_merge=False`` the ``cuda``
+    platform is registered in-process from :func:`cuda_plugin_with_separate_merge`
+    (``--decode-merge separate``). Returns what was done (recorded in the JSON)."""
     done: dict[str, Any] = {"added_source_paths": [], "registered_cuda_in_process": False}
     for module, path in SOURCE_PATHS.items():
         if importlib.util.find_spec(module) is None:
@@ -58,15 +61,41 @@ def bootstrap_kvplane() -> dict[str, Any]:
             done["added_source_paths"].append(str(path))
     from kvplane.plugins.discovery import discover_platforms, register_platform
 
-    if "cuda" not in {platform.name for platform in discover_platforms()}:
-        try:
-            import kvplane_cuda.plugin as cuda_plugin
-        except ImportError as error:
-            done["cuda_import_error"] = repr(error)
-        else:
-            register_platform("cuda", cuda_plugin)
-            done["registered_cuda_in_process"] = True
+    if fused_decode_merge and "cuda" in {platform.name for platform in discover_platforms()}:
+        return done
+    try:
+        import kvplane_cuda.plugin as cuda_plugin
+    except ImportError as error:
+        done["cuda_import_error"] = repr(error)
+        return done
+    if not fused_decode_merge:
+        cuda_plugin = cuda_plugin_with_separate_merge()
+        done["cuda_decode_merge"] = "separate"
+    register_platform("cuda", cuda_plugin)  # in-process platforms win over entry points
+    done["registered_cuda_in_process"] = True
     return done
+
+
+def cuda_plugin_with_separate_merge() -> ModuleType:
+    """A copy of the ``cuda`` platform's plugin module whose attention backend builds
+    layers that merge the split-KV decode partitions in a second launch
+    (``TritonAttentionBackend(fused_reduce=False)``); every other hook is the platform's."""
+    import kvplane_cuda.plugin as cuda_plugin
+    from kvplane.attention.backend import AttentionBackend
+    from kvplane.plugins import hookimpl
+    from kvplane.plugins.types import AttentionSpec
+    from kvplane_cuda.attention import TritonAttentionBackend
+
+    @hookimpl
+    def kvplane_attention_backends(spec: AttentionSpec) -> list[AttentionBackend]:
+        return [TritonAttentionBackend(fused_reduce=False)]
+
+    module = ModuleType(f"{cuda_plugin.__name__}_separate_decode_merge")
+    module.__dict__.update(
+        (name, value) for name, value in vars(cuda_plugin).items() if not name.startswith("__")
+    )
+    module.kvplane_attention_backends = kvplane_attention_backends  # type: ignore[attr-defined]
+    return module
 
 
 class Tee:

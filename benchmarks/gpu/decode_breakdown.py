@@ -121,7 +121,7 @@ def probe_launcher(
 def decode_launcher(
     layer: tuple[Any, ...],
     num_splits: int,
-    fused_reduce: bool | None = None,
+    fused_reduce: bool = True,
     tile: Tile | None = None,
 ) -> Callable[[], Any]:
     """A function running the production decode kernel (no cache write) on ``layer``."""

@@ -42,9 +42,11 @@ def decode_tile_sweep(
     bytes_read: int,
     split_counts: Sequence[int],
     per_launch: PerLaunch,
+    fused_reduce: bool = True,
 ) -> dict[str, Any]:
     """GB/s read per candidate ``n<keys>w<warps>s<stages>/splits<count>`` on ``layers``
-    (``impl.forward`` argument tuples of one shape); errors are reported, not raised."""
+    (``impl.forward`` argument tuples of one shape), the partitions merged as
+    ``fused_reduce`` says; errors are reported, not raised."""
     query, kv_cache = layers[0][0], layers[0][3]
     group_size = query.shape[1] // kv_cache.shape[3]
     group_rows = decode_tile(query.shape[2], group_size, query.element_size()).block_m
@@ -53,7 +55,7 @@ def decode_tile_sweep(
         tile = Tile(group_rows, block_n, num_warps, num_stages)
         for num_splits in split_counts:
             name = f"n{block_n}w{num_warps}s{num_stages}/splits{num_splits}"
-            launches = [decode_launcher(layer, num_splits, tile=tile) for layer in layers]
+            launches = [decode_launcher(layer, num_splits, fused_reduce, tile) for layer in layers]
             try:
                 sweep[name] = bytes_read / per_launch(launches) / 1e9
             except Exception as error:

@@ -9,37 +9,45 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
-from kvplane.attention.metadata import AttentionMetadata
 from kvplane.attention.reference import ReferenceAttentionBackend
-from kvplane.plugins import PlatformSelectionError, discovery, register_platform, select_platform
+from kvplane.plugins import (
+    PlatformSelectionError,
+    register_platform,
+    select_platform,
+    unregister_platform,
+)
 from kvplane.plugins.types import AttentionSpec
-from kvplane_acme import plugin
+from kvplane.testing.helpers import make_attention_spec, make_paged_batch_for
+from kvplane_acme import plugin, probe
 from kvplane_acme.attention import AcmeAttentionBackend
 
 
 @pytest.fixture(autouse=True)
-def acme_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+def acme_registered() -> Iterator[None]:
     """Make ``acme`` discoverable even when the package is not pip-installed."""
-    monkeypatch.setattr(discovery, "_registered", dict(discovery._registered))
     register_platform("acme", plugin)
+    yield
+    unregister_platform("acme")
 
 
 def test_probe_available_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(plugin.AVAILABLE_ENV, raising=False)
+    monkeypatch.delenv(probe.AVAILABLE_ENV, raising=False)
     result = plugin.kvplane_platform_probe()
     assert result.available
-    assert result.score == plugin.PROBE_SCORE
+    assert result.score == probe.PROBE_SCORE
 
 
 def test_probe_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(plugin.AVAILABLE_ENV, "0")
+    monkeypatch.setenv(probe.AVAILABLE_ENV, "0")
     result = plugin.kvplane_platform_probe()
     assert not result.available
-    assert plugin.AVAILABLE_ENV in result.reason
+    assert probe.AVAILABLE_ENV in result.reason
     with pytest.raises(PlatformSelectionError, match="Acme driver not found"):
         select_platform("acme")
 
@@ -47,7 +55,7 @@ def test_probe_unavailable_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_select_acme_resolves_hooks_with_reference_fallbacks(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.delenv(plugin.AVAILABLE_ENV, raising=False)
+    monkeypatch.delenv(probe.AVAILABLE_ENV, raising=False)
     with caplog.at_level(logging.INFO):
         platform = select_platform("acme")
     assert platform.name == "acme"
@@ -65,50 +73,9 @@ def test_select_acme_resolves_hooks_with_reference_fallbacks(
     assert platform.attention_backend(windowed).name == "reference"
 
 
-def _spec(**changes: object) -> AttentionSpec:
-    base = AttentionSpec(
-        num_heads=8,
-        num_kv_heads=2,
-        head_size=64,
-        dtype=torch.float32,
-        block_size=4,
-        scale=64**-0.5,
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def _random_batch(
-    generator: torch.Generator,
-    spec: AttentionSpec,
-    query_lens: list[int],
-    cached_lens: list[int],
-) -> tuple[AttentionMetadata, int]:
-    """Sequences with ``cached_lens`` tokens already cached and ``query_lens`` new ones,
-    their blocks scattered at random in the cache."""
-    seq_lens = [q + c for q, c in zip(query_lens, cached_lens, strict=True)]
-    blocks_per_seq = [-(-n // spec.block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 2
-    free_blocks = torch.randperm(num_blocks, generator=generator).tolist()
-    tables, slots = [], []
-    for seq_len, query_len, num in zip(seq_lens, query_lens, blocks_per_seq, strict=True):
-        table = [free_blocks.pop() for _ in range(num)]
-        tables.append(table + [0] * (max(blocks_per_seq) - num))
-        for pos in range(seq_len - query_len, seq_len):
-            slots.append(table[pos // spec.block_size] * spec.block_size + pos % spec.block_size)
-    starts = [0]
-    for query_len in query_lens:
-        starts.append(starts[-1] + query_len)
-    metadata = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
-        max_query_len=max(query_lens),
-        max_seq_len=max(seq_lens),
-        query_start_loc_cpu=tuple(starts),
-        seq_lens_cpu=tuple(seq_lens),
-    )
-    return metadata, num_blocks
+def _spec(**changes: Any) -> AttentionSpec:
+    """The kit's small GQA spec with a head size Acme serves, and ``changes``."""
+    return make_attention_spec(**{"head_size": 64, "scale": 64**-0.5, **changes})
 
 
 @pytest.mark.parametrize(
@@ -121,30 +88,25 @@ def test_attention_matches_reference(
 ) -> None:
     generator = torch.Generator().manual_seed(0)
     spec = _spec(dtype=dtype)
-    metadata, num_blocks = _random_batch(generator, spec, query_lens, cached_lens)
-    num_tokens = sum(query_lens)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=generator).to(dtype)
-
-    query = randn(num_tokens, spec.num_heads, spec.head_size)
-    key = randn(num_tokens, spec.num_kv_heads, spec.head_size)
-    value = randn(num_tokens, spec.num_kv_heads, spec.head_size)
-    cache = randn(2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
-    reference_cache, acme_cache = cache.clone(), cache.clone()
+    # Sequences with ``cached_lens`` tokens already cached and ``query_lens`` new ones,
+    # their blocks scattered at random in a cache whose other slots hold NaN: attention
+    # that reads anything outside a sequence returns NaN.
+    batch = make_paged_batch_for(spec, cached_lens, query_lens, generator)
+    inputs = (batch.query, batch.key, batch.value)
+    reference_cache, acme_cache = batch.kv_cache.clone(), batch.kv_cache.clone()
 
     expected = (
         ReferenceAttentionBackend()
         .make_impl(spec)
-        .forward(query, key, value, reference_cache, metadata)
+        .forward(*inputs, reference_cache, batch.metadata)
     )
     backend = AcmeAttentionBackend()
     assert backend.cannot_serve(spec) is None
-    actual = backend.make_impl(spec).forward(query, key, value, acme_cache, metadata)
+    actual = backend.make_impl(spec).forward(*inputs, acme_cache, batch.metadata)
 
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
-    torch.testing.assert_close(acme_cache, reference_cache, atol=0, rtol=0)
+    torch.testing.assert_close(acme_cache, reference_cache, atol=0, rtol=0, equal_nan=True)
 
 
 def test_attention_declines_what_it_cannot_serve() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from benchmarks.gpu import roofline, tests_run, vllm_runs
-from benchmarks.gpu.common import REPO_ROOT, Suite
+from benchmarks.gpu.common import REPO_ROOT, Suite, bootstrap_kvplane
 from benchmarks.gpu_suite import DEFAULT_SECTIONS, parse_args
 
 
@@ -93,6 +93,33 @@ def test_default_sections_and_flags() -> None:
     assert parse_args(["--sections", "env,C"]).sections == ["env", "C"]
     with pytest.raises(SystemExit):
         parse_args(["--sections", "env,nope"])
+
+
+def test_decode_merge_separate_registers_the_cuda_platform_with_that_backend() -> None:
+    """``--decode-merge separate`` selects the merge through the platform's attention
+    backend, registered in-process; no module state of the kernels changes."""
+    cuda_plugin = pytest.importorskip("kvplane_cuda.plugin")
+    import torch
+
+    from kvplane.plugins import discovery
+    from kvplane.plugins.types import AttentionSpec
+
+    before = {platform.name: platform for platform in discovery.discover_platforms()}
+    spec = AttentionSpec(
+        num_heads=4, num_kv_heads=2, head_size=64, dtype=torch.float32, block_size=16, scale=1.0
+    )
+    try:
+        done = bootstrap_kvplane(fused_decode_merge=False)
+        cuda = {platform.name: platform for platform in discovery.discover_platforms()}["cuda"]
+        assert done["cuda_decode_merge"] == "separate" and cuda.module is not None
+        [backend] = cuda.module.kvplane_attention_backends(spec=spec)
+        assert backend.name == "cuda-triton" and backend.fused_reduce is False
+        assert cuda.module.kvplane_ops is cuda_plugin.kvplane_ops  # the other hooks as-is
+    finally:
+        discovery.unregister_platform("cuda")
+        previous = before.get("cuda")
+        if previous is not None and previous.distribution == "(in-process)" and previous.module:
+            discovery.register_platform("cuda", previous.module, previous.version)
 
 
 def test_roofline_by_hand() -> None:

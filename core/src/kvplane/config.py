@@ -35,6 +35,10 @@ class EngineConfig:
 
     model: str | None = None
     device: str | None = None
+    #: Run the platform of this name through its emulation (a host without its
+    #: hardware, e.g. the CUDA platform's Triton kernels in Triton's interpreter); it is
+    #: then the selected platform, as if named by ``device``.
+    emulate: str | None = None
     dtype: str = "auto"
     quantization: str = "none"
     load_format: str = "auto"
@@ -59,6 +63,12 @@ class EngineConfig:
     skip_tokenizer_init: bool = False
 
     def __post_init__(self) -> None:
+        if self.emulate is not None and self.device is not None:
+            if self.device.split(":")[0] != self.emulate:
+                raise ValueError(
+                    f"emulate={self.emulate!r} selects that platform, but device="
+                    f"{self.device!r} names another; give one of them"
+                )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -1,14 +1,16 @@
 """Acme's attention backend: the first hook a new platform implements.
 
 Deliberately simple: one sequence at a time, the sequence's keys and values read out of
-the paged cache, then a masked softmax. A real vendor calls its paged-attention kernel
-in :meth:`AcmeAttentionImpl.forward` instead; the contract stays the same:
+the paged cache, then a masked softmax. A real vendor calls its kernels instead; the
+contract stays the same (:class:`kvplane.attention.backend.AttentionImpl`):
 
 - the KV cache of a layer is ``[2, num_blocks, block_size, num_kv_heads, head_size]``
   (0 keys, 1 values), and the slot of a token is ``block * block_size + offset``;
-- ``forward`` first writes the new keys and values at ``metadata.slot_mapping``, then
-  attends each new query causally over all of its sequence's tokens (the cached ones
-  and the new ones, which are the last ``query_len`` of ``seq_len``).
+- the core's ``forward`` first writes the new keys and values at
+  ``metadata.slot_mapping`` with the writer given to ``__init__`` (here
+  :func:`write_kv`), then calls :meth:`AcmeAttentionImpl.attend`, which attends each new
+  query causally over all of its sequence's tokens (the cached ones and the new ones,
+  which are the last ``query_len`` of ``seq_len``).
 
 :meth:`AcmeAttentionBackend.cannot_serve` shows how a backend declines what it does not
 support: kvplane logs the reason and uses the next candidate (here the core's reference).
@@ -38,9 +40,7 @@ class AcmeAttentionBackend(AttentionBackend):
             return "Acme attention does not support logit_softcap yet"
         if spec.head_size not in SUPPORTED_HEAD_SIZES:
             return f"head_size {spec.head_size} not in {SUPPORTED_HEAD_SIZES}"
-        if spec.num_heads % spec.num_kv_heads != 0:
-            return f"num_heads {spec.num_heads} not a multiple of {spec.num_kv_heads}"
-        return None
+        return super().cannot_serve(spec)  # what every backend checks (GQA grouping)
 
     def make_impl(self, spec: AttentionSpec) -> AttentionImpl:
         return AcmeAttentionImpl(spec)
@@ -48,28 +48,21 @@ class AcmeAttentionBackend(AttentionBackend):
 
 class AcmeAttentionImpl(AttentionImpl):
     def __init__(self, spec: AttentionSpec) -> None:
-        self.spec = spec
-        self.group_size = spec.num_heads // spec.num_kv_heads
+        super().__init__(spec, write_kv)  # the core's forward writes with it, then attends
 
-    def forward(
-        self,
-        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
-        write_kv(key, value, kv_cache, metadata.slot_mapping)
-        output = torch.empty_like(query)
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        output = torch.empty_like(query)  # [num_tokens, num_heads, head_size]
         starts = metadata.query_start_loc_cpu  # host copies: no device sync to loop
         for seq_index, seq_len in enumerate(metadata.seq_lens_cpu):
             start, end = starts[seq_index], starts[seq_index + 1]
             if end > start:
                 keys, values = read_kv(kv_cache, metadata.block_tables[seq_index], seq_len)
-                output[start:end] = self.attend(query[start:end], keys, values)
+                output[start:end] = self.attend_sequence(query[start:end], keys, values)
         return output
 
-    def attend(
+    def attend_sequence(
         self,
         query: torch.Tensor,  # [query_len, num_heads, head_size]
         keys: torch.Tensor,  # [seq_len, num_kv_heads, head_size]

@@ -7,55 +7,37 @@ reference, with one log line per hook or op, so the platform works from day one 
 improves hook by hook. Left to the reference here: quantization, communicator, memory
 profiling, KV-cache allocation and block copies, graph capture, and every op but
 ``silu_and_mul``. ``communication.py`` shows the next step.
+
+Every hook here is a thin delegate to the module that does the work, named as in
+kvplane's own platforms: ``probe.py`` (the probe, its score, the description),
+``attention.py``, ``ops.py``, then ``memory.py``, ``communication.py`` and
+``quantization.py`` as the platform grows.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import psutil
-
 from kvplane.attention.backend import AttentionBackend
-from kvplane.plugins import hookimpl
-from kvplane.plugins.types import (
-    AttentionSpec,
-    DeviceQuery,
-    MemoryInfo,
-    OpsQuery,
-    PlatformInfo,
-    ProbeResult,
-)
+from kvplane.plugins import hookimpl, types
+from kvplane.plugins.host import host_memory
+from kvplane_acme import probe
 from kvplane_acme.attention import AcmeAttentionBackend
 from kvplane_acme.ops import acme_ops
 
 #: The plugin API this module was written for; kvplane refuses another major version.
-KVPLANE_PLUGIN_API = "1.0"
-
-#: Set to "0" to make the probe report Acme unavailable (stands in for "no driver").
-AVAILABLE_ENV = "KVPLANE_ACME_AVAILABLE"
-
-#: Highest available score wins when the user names no platform. The CPU platform
-#: scores 10 and CUDA 100; this example scores below the CPU so it is only used when
-#: asked for (``--device acme``). A real accelerator scores above the CPU.
-PROBE_SCORE = 5
+KVPLANE_PLUGIN_API = "1.4"
 
 
 @hookimpl
-def kvplane_platform_probe() -> ProbeResult:
-    # Cheap and side-effect free: a real plugin asks its driver whether a device exists.
-    if os.environ.get(AVAILABLE_ENV, "1") == "0":
-        return ProbeResult(
-            available=False,
-            reason=f"Acme driver not found ({AVAILABLE_ENV}=0 simulates a machine without it)",
-        )
-    return ProbeResult(available=True, score=PROBE_SCORE, reason="1 Acme device (simulated)")
+def kvplane_platform_probe() -> types.ProbeResult:
+    return probe.probe()
 
 
 @hookimpl
-def kvplane_platform_info() -> PlatformInfo:
-    return PlatformInfo(
+def kvplane_platform_info() -> types.PlatformInfo:
+    return types.PlatformInfo(
         name="acme",
         device_type="cpu",  # the torch device Acme tensors live on
         device_count=1,
@@ -69,18 +51,29 @@ def kvplane_platform_info() -> PlatformInfo:
 
 
 @hookimpl
-def kvplane_device_memory(query: DeviceQuery) -> MemoryInfo:
-    if query.device_index != 0:
-        raise ValueError(f"Acme has one device (index 0), not {query.device_index}")
-    memory = psutil.virtual_memory()
-    return MemoryInfo(total_bytes=memory.total, free_bytes=memory.available)
+def kvplane_device_memory(query: types.DeviceQuery) -> types.MemoryInfo:
+    # An Acme device's memory is the host's here; a real plugin asks its driver.
+    return host_memory(query.device_index, "acme")
 
 
 @hookimpl
-def kvplane_attention_backends(spec: AttentionSpec) -> Sequence[AttentionBackend]:
+def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionBackend]:
     return [AcmeAttentionBackend()]
 
 
 @hookimpl
-def kvplane_ops(query: OpsQuery) -> Mapping[str, Callable[..., Any]]:
+def kvplane_ops(query: types.OpsQuery) -> Mapping[str, Callable[..., Any]]:
     return acme_ops()
+
+
+@hookimpl
+def kvplane_emulation() -> types.Emulation:
+    # How Acme runs on a machine without an Acme device (KVPLANE_EMULATE=acme). Acme's
+    # "kernels" are torch on the host already, so nothing needs replacing; a real
+    # vendor returns a ``plugin`` with the hooks that touch the hardware answered for
+    # the host (identity, memory, communicator) and an ``activate`` that switches its
+    # kernels to their emulator. See kvplane_cuda/emulation.py.
+    return types.Emulation(
+        description="torch on the host CPU in place of the Acme runtime",
+        score=probe.PROBE_SCORE,
+    )

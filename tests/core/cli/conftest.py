@@ -9,15 +9,17 @@ import psutil
 import pytest
 
 from kvplane.plugins import discovery, hookimpl, register_platform
-from kvplane.plugins.selection import DEVICE_ENV
+from kvplane.plugins.selection import DEVICE_ENV, EMULATE_ENV
 from kvplane.plugins.types import MemoryInfo, PlatformInfo, ProbeResult
 
 
 @pytest.fixture
 def isolated_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No entry points, no ``KVPLANE_DEVICE``, an empty in-process registry."""
+    """No entry points, no ``KVPLANE_DEVICE`` or ``KVPLANE_EMULATE``, an empty in-process
+    registry."""
     monkeypatch.setenv(discovery.DISABLE_AUTOLOAD_ENV, "1")
     monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(EMULATE_ENV, raising=False)
     monkeypatch.setattr(discovery, "_registered", {})
 
 

@@ -26,7 +26,7 @@ def _kvplane(*args: str) -> subprocess.CompletedProcess[str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if key not in ("KVPLANE_DEVICE", "KVPLANE_DISABLE_PLUGIN_AUTOLOAD")
+        if key not in ("KVPLANE_DEVICE", "KVPLANE_EMULATE", "KVPLANE_DISABLE_PLUGIN_AUTOLOAD")
     }
     return subprocess.run(
         [str(KVPLANE), *args], env=env, capture_output=True, text=True, timeout=120
@@ -51,6 +51,21 @@ def platforms_json() -> dict[str, dict[str, object]]:
     for row in rows:
         assert {"name", "available", "reason", "score", "selected", "error"} <= set(row)
     return {row["name"]: row for row in rows}
+
+
+def test_console_script_emulates_cuda_when_asked() -> None:
+    _require("cuda", "cpu")
+    result = _kvplane("platforms", "--json", "--emulate", "cuda")
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    if not rows["cuda"]["can_emulate"]:
+        pytest.skip(f"cuda cannot be emulated here: {rows['cuda']['emulation']}")
+    assert result.returncode == 0, result.stderr
+    assert rows["cuda"]["emulated"] and rows["cuda"]["selected"] and rows["cuda"]["available"]
+    assert rows["cuda"]["reason"].startswith("emulated: ")
+    assert rows["cuda"]["info"]["device_type"] == "cpu"
+    assert not rows["cpu"]["emulated"] and not rows["cpu"]["can_emulate"]
+    clash = _kvplane("platforms", "--emulate", "cuda", "--device", "cpu")
+    assert clash.returncode == 2 and "different platforms" in clash.stderr
 
 
 def test_console_script_lists_every_installed_platform(
@@ -96,7 +111,8 @@ def test_console_script_table_marks_the_selection() -> None:
     result = _kvplane("platforms")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "DISTRIBUTION", "AVAILABLE", "SCORE", "DEVICES", "REASON"]
+    header = ["NAME", "DISTRIBUTION", "AVAILABLE", "SCORE", "DEVICES", "EMULATION", "REASON"]
+    assert lines[0].split() == header
     assert any(line.startswith("*") and line.split()[1] == "cpu" for line in lines)
     assert "selected: cpu (highest score among available)" in result.stdout
 

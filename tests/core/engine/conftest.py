@@ -9,6 +9,7 @@ import torch
 
 from kvplane import LLM
 from kvplane.models.source import default_model_path
+from kvplane.testing.models import hf_greedy_tokens
 
 #: Varied prompts: prose, code, lists, chat-like, a non-ASCII one.
 PROMPTS = [
@@ -66,15 +67,7 @@ def hf_greedy(hf_smollm: torch.nn.Module) -> Callable[[list[int], int], list[int
     def generate(prompt_token_ids: list[int], num_tokens: int) -> list[int]:
         key = (tuple(prompt_token_ids), num_tokens)
         if key not in cache:
-            with torch.inference_mode():
-                output = hf_smollm.generate(
-                    torch.tensor([prompt_token_ids]),
-                    attention_mask=torch.ones(1, len(prompt_token_ids), dtype=torch.long),
-                    max_new_tokens=num_tokens,
-                    min_new_tokens=num_tokens,
-                    do_sample=False,
-                )
-            cache[key] = output[0, len(prompt_token_ids) :].tolist()
+            cache[key] = hf_greedy_tokens(hf_smollm, prompt_token_ids, num_tokens)
         return cache[key]
 
     return generate

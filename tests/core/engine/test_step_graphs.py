@@ -19,9 +19,12 @@ from kvplane.engine.inputs import HostStepInputs
 from kvplane.engine.step_graphs import (
     DecodeGraphs,
     MixedGraphs,
-    bucket_sizes,
+    decode_bucket_sizes,
     mixed_bucket_sizes,
 )
+from kvplane.engine.transfer import DeviceTransfer
+
+HOST = DeviceTransfer(torch.device("cpu"), pin_memory=False)
 
 
 class ReplayingRunner(GraphRunner):
@@ -32,12 +35,12 @@ class ReplayingRunner(GraphRunner):
         self.captured: dict[int, Callable[[], Any]] = {}
         self.num_runs = 0
 
-    def can_run(self, batch_size: int) -> bool:
-        return batch_size in self.sizes
+    def can_run(self, bucket: int) -> bool:
+        return bucket in self.sizes
 
-    def run(self, batch_size: int, step: Callable[[], Any]) -> Any:
+    def run(self, bucket: int, step: Callable[[], Any]) -> Any:
         self.num_runs += 1
-        return self.captured.setdefault(batch_size, step)()
+        return self.captured.setdefault(bucket, step)()
 
 
 class EchoModel(torch.nn.Module):
@@ -151,27 +154,19 @@ def expected_rows(host: HostStepInputs, block_size: int) -> torch.Tensor:
     return torch.as_tensor(rows.astype(np.int64))
 
 
-def test_bucket_sizes() -> None:
-    assert bucket_sizes(1) == (1,)
-    assert bucket_sizes(3) == (1, 2, 4)
-    assert bucket_sizes(9) == (1, 2, 4, 8, 16)
-    sizes = bucket_sizes(256)
+def test_decode_bucket_sizes() -> None:
+    assert decode_bucket_sizes(1) == (1,)
+    assert decode_bucket_sizes(3) == (1, 2, 4)
+    assert decode_bucket_sizes(9) == (1, 2, 4, 8, 16)
+    sizes = decode_bucket_sizes(256)
     assert sizes[:5] == (1, 2, 4, 8, 16) and sizes[-1] == 256 and len(sizes) == 35
-    assert bucket_sizes(10_000)[-1] == 512
+    assert decode_bucket_sizes(10_000)[-1] == 512
 
 
 def make_graphs(block_size: int = 16, max_num_seqs: int = 16) -> tuple[DecodeGraphs, EchoModel]:
     model = EchoModel(block_size)
-    runner = ReplayingRunner(bucket_sizes(max_num_seqs))
-    graphs = DecodeGraphs(
-        model,
-        runner,
-        torch.device("cpu"),
-        block_size,
-        512,
-        bucket_sizes(max_num_seqs),
-        pin_memory=False,
-    )
+    sizes = decode_bucket_sizes(max_num_seqs)
+    graphs = DecodeGraphs(model, ReplayingRunner(sizes), HOST, block_size, 512, sizes)
     return graphs, model
 
 
@@ -227,9 +222,7 @@ def test_mixed_bucket_sizes() -> None:
 def make_mixed_graphs(max_tokens: int = 64) -> tuple[MixedGraphs, EchoModel]:
     model = EchoModel(16)
     sizes = mixed_bucket_sizes(8192, max_tokens)
-    graphs = MixedGraphs(
-        model, ReplayingRunner(sizes), torch.device("cpu"), 16, 512, sizes, pin_memory=False
-    )
+    graphs = MixedGraphs(model, ReplayingRunner(sizes), HOST, 16, 512, sizes)
     return graphs, model
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from kvplane import LLM, SamplingParams
-from kvplane.testing.models import forward_logits, save_random_model
+from kvplane.testing.models import forward_logits, hf_greedy_tokens, save_random_model
 
 PROMPT_LENGTHS = (1, 7, 19, 33, 50)
 RELATIVE_TOLERANCE = 1e-4
@@ -33,14 +33,7 @@ def random_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
             for length in PROMPT_LENGTHS]
 
 
-def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        output = model.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False,
-        )
-    return output[0, len(prompt):].tolist()
+hf_greedy = hf_greedy_tokens
 
 
 def randomize_norm_weights(model: torch.nn.Module, seed: int = 1) -> None:

@@ -12,7 +12,7 @@ from kvplane import LLM, SamplingParams
 from kvplane.models.registry import architecture_of
 from kvplane.models.source import resolve_model
 from kvplane.models.weights import WeightLoadError
-from kvplane.testing.models import save_random_model, tiny_llama_config
+from kvplane.testing.models import hf_greedy_tokens, save_random_model, tiny_llama_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, min_tokens=8, detokenize=False)
 PROMPT = {"prompt_token_ids": [3, 14, 15, 92, 65, 35]}
@@ -28,16 +28,7 @@ def tiny_llm(directory: Path) -> LLM:
     )
 
 
-def hf_greedy(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
-    with torch.inference_mode():
-        output = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=num_tokens,
-            min_new_tokens=num_tokens,
-            do_sample=False,
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        )
-    return output[0, len(prompt) :].tolist()
+hf_greedy = hf_greedy_tokens
 
 
 def test_sharded_checkpoint_loads_and_matches(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Fixtures for the plugin-system tests: isolated discovery and fake platform modules.
 
-Every test here runs with entry-point autoload off, no ``KVPLANE_DEVICE`` and an empty
+Every test here runs with entry-point autoload off, no ``KVPLANE_DEVICE`` or
+``KVPLANE_EMULATE`` and an empty
 in-process registry, so only the fake platforms a test registers exist.
 """
 
@@ -14,7 +15,7 @@ import psutil
 import pytest
 
 from kvplane.plugins import discovery, hookimpl
-from kvplane.plugins.selection import DEVICE_ENV
+from kvplane.plugins.selection import DEVICE_ENV, EMULATE_ENV
 from kvplane.plugins.types import MemoryInfo, PlatformInfo, ProbeResult
 
 MakePlatform = Callable[..., types.ModuleType]
@@ -25,6 +26,7 @@ FOUND = ProbeResult(True, 10, "found")
 def isolated_plugins(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv(discovery.DISABLE_AUTOLOAD_ENV, "1")
     monkeypatch.delenv(DEVICE_ENV, raising=False)
+    monkeypatch.delenv(EMULATE_ENV, raising=False)
     monkeypatch.setattr(discovery, "_registered", {})
     yield
 

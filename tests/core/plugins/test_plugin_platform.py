@@ -13,7 +13,6 @@ import torch
 
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.reference import ReferenceAttentionBackend
-from kvplane.engine.graph_runner import EagerGraphRunner
 from kvplane.ops import OP_NAMES, reference
 from kvplane.plugins import Platform, register_platform, select_platform
 from kvplane.plugins.types import (
@@ -68,8 +67,8 @@ def test_minimal_platform_falls_back_to_the_reference_and_logs_it(
     assert isinstance(
         platform.quant_method(LayerQuantSpec("none", 8, 8, torch.float32)), UnquantizedMethod
     )
-    runner = platform.graph_runner(GraphCaptureRequest(torch.device("cpu"), (1, 2)))
-    assert isinstance(runner, EagerGraphRunner)
+    # No reference graph runner: the engine asks only platforms that capture.
+    assert platform.graph_runner(GraphCaptureRequest(torch.device("cpu"), (1, 2))) is None
     cache = platform.allocate_kv_cache(KVCacheSpec(3, 16, 2, 8, torch.float16, torch.device("cpu")))
     assert cache.shape == (2, 3, 16, 2, 8) and cache.dtype == torch.float16
 
@@ -240,3 +239,13 @@ def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
         platform.quant_method(LayerQuantSpec("fp8", 64, 8, torch.float32))
     with pytest.raises(ValueError, match=r"'awq' is not offered.*\['fp8', 'int8', 'none'\]"):
         platform.quant_method(LayerQuantSpec("awq", 64, 8, torch.float32))
+
+
+def test_graph_capture_request_keeps_its_pre_1_4_names() -> None:
+    import torch
+
+    from kvplane.plugins.types import GraphCaptureRequest
+
+    request = GraphCaptureRequest(torch.device("cpu"), (1, 2, 4), step_kind="mixed")
+    assert request.batch_sizes == request.bucket_sizes == (1, 2, 4)
+    assert request.enabled

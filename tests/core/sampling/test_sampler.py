@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 
+from kvplane.engine.transfer import DeviceTransfer
 from kvplane.ops import Ops
 from kvplane.sampling import Sampler, SequenceSamplingState
 from kvplane.sampling.penalties import PenaltyCache
@@ -283,19 +284,20 @@ def test_penalty_counts_follow_appends_and_rollbacks(
 
 def test_penalty_slots_are_released_and_reused_clean(make_state: MakeState) -> None:
     cache = PenaltyCache(VOCAB_SIZE)
+    host = DeviceTransfer(torch.device("cpu"), pin_memory=False)
     first = make_state(prompt=[1], output=[5, 5, 5], repetition_penalty=1.5)
-    counts, prompt_mask = cache.gather([first], torch.device("cpu"))
+    counts, prompt_mask = cache.gather([first], host)
     assert counts[0, 5] == 3 and prompt_mask[0, 1]
     assert cache.num_slots_in_use == 1
     del first
     gc.collect()
     assert cache.num_slots_in_use == 0
     second = make_state(prompt=[2], output=[6], repetition_penalty=1.5)
-    counts, prompt_mask = cache.gather([second], torch.device("cpu"))
+    counts, prompt_mask = cache.gather([second], host)
     assert counts[0].tolist() == [1 if t == 6 else 0 for t in range(VOCAB_SIZE)]
     assert prompt_mask[0].nonzero().flatten().tolist() == [2]
     many = [make_state(output=[i % VOCAB_SIZE], presence_penalty=1.0) for i in range(20)]
-    counts, _ = cache.gather(many, torch.device("cpu"))  # grows past the first capacity
+    counts, _ = cache.gather(many, host)  # grows past the first capacity
     assert counts.argmax(dim=-1).tolist() == [i % VOCAB_SIZE for i in range(20)]
     assert cache.num_slots_in_use == 21
 

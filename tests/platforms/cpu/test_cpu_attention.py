@@ -9,22 +9,27 @@ import torch
 
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins.types import AttentionSpec
+from kvplane.testing.helpers import (
+    PagedBatch,
+    make_attention_spec,
+    make_paged_batch_for,
+    random_lengths,
+)
 from kvplane_cpu import attention
 from kvplane_cpu.attention import CpuAttentionBackend
-from tests.platforms.paged_batches import PagedBatch, make_paged_batch, make_spec, random_lengths
 
 TOLERANCES = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 SPECS = {
-    "gqa": make_spec(),
-    "mha": make_spec(num_kv_heads=8),
-    "mqa": make_spec(num_kv_heads=1),
-    "window": make_spec(sliding_window=5),
-    "softcap": make_spec(logit_softcap=2.0),
-    "window-softcap": make_spec(sliding_window=3, logit_softcap=5.0),
-    "block16-head64": make_spec(block_size=16, head_size=64, scale=0.1),
-    "block3-head80": make_spec(block_size=3, head_size=80, num_heads=6, num_kv_heads=3),
-    "block1": make_spec(block_size=1, sliding_window=7),
+    "gqa": make_attention_spec(),
+    "mha": make_attention_spec(num_kv_heads=8),
+    "mqa": make_attention_spec(num_kv_heads=1),
+    "window": make_attention_spec(sliding_window=5),
+    "softcap": make_attention_spec(logit_softcap=2.0),
+    "window-softcap": make_attention_spec(sliding_window=3, logit_softcap=5.0),
+    "block16-head64": make_attention_spec(block_size=16, head_size=64, scale=0.1),
+    "block3-head80": make_attention_spec(block_size=3, head_size=80, num_heads=6, num_kv_heads=3),
+    "block1": make_attention_spec(block_size=1, sliding_window=7),
 }
 
 
@@ -62,8 +67,8 @@ def test_random_mixed_batches_match_reference(
 ) -> None:
     spec = dataclasses.replace(SPECS[spec_id], dtype=dtype)
     for _ in range(3):
-        query_lens, cached_lens = random_lengths(generator, num_seqs=6, max_query=9, max_cached=21)
-        assert_matches(spec, make_paged_batch(spec, query_lens, cached_lens, generator))
+        cached_lens, query_lens = random_lengths(generator, num_seqs=6, max_query=9, max_context=21)
+        assert_matches(spec, make_paged_batch_for(spec, cached_lens, query_lens, generator))
 
 
 @pytest.mark.parametrize(
@@ -80,24 +85,24 @@ def test_edge_batches_match_reference(
     spec_id: str, query_lens: list[int], cached_lens: list[int], generator: torch.Generator
 ) -> None:
     spec = SPECS[spec_id]
-    assert_matches(spec, make_paged_batch(spec, query_lens, cached_lens, generator))
+    assert_matches(spec, make_paged_batch_for(spec, cached_lens, query_lens, generator))
 
 
 def test_float16_and_a_bfloat16_cache_of_a_float32_model(generator: torch.Generator) -> None:
-    spec = make_spec(dtype=torch.float16)
-    assert_matches(spec, make_paged_batch(spec, [4, 1, 1], [3, 8, 0], generator))
-    spec = make_spec(kv_cache_dtype=torch.bfloat16)
-    assert_matches(spec, make_paged_batch(spec, [4, 1, 1], [3, 8, 0], generator))
+    spec = make_attention_spec(dtype=torch.float16)
+    assert_matches(spec, make_paged_batch_for(spec, [3, 8, 0], [4, 1, 1], generator))
+    spec = make_attention_spec(kv_cache_dtype=torch.bfloat16)
+    assert_matches(spec, make_paged_batch_for(spec, [3, 8, 0], [4, 1, 1], generator))
 
 
 def test_decode_is_chunked_and_still_matches(
     monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
 ) -> None:
-    spec = make_spec()
+    spec = make_attention_spec()
     # Room for about three sequences of 20 positions per chunk.
     monkeypatch.setattr(attention, "DECODE_CHUNK_ELEMENTS", 3 * 20 * 2 * 2 * 32)
     cached_lens = [19, 18, 19, 17, 16, 19, 2, 1, 5, 0]
-    batch = make_paged_batch(spec, [1] * len(cached_lens), cached_lens, generator)
+    batch = make_paged_batch_for(spec, cached_lens, [1] * len(cached_lens), generator)
     plan = attention.plan_step(batch.metadata, spec, spec.block_size)
     assert len(plan.decode_chunks) >= 4  # by size, and short sequences apart from long ones
     assert sum(chunk.num_seqs for chunk in plan.decode_chunks) == len(cached_lens)
@@ -108,13 +113,13 @@ def test_softcap_scores_are_chunked_and_still_match(
     monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
 ) -> None:
     monkeypatch.setattr(attention, "SCORE_CHUNK_ELEMENTS", 8 * 30 * 3)  # 3 queries a chunk
-    spec = make_spec(logit_softcap=3.0, sliding_window=9)
-    assert_matches(spec, make_paged_batch(spec, [17, 1], [13, 20], generator))
+    spec = make_attention_spec(logit_softcap=3.0, sliding_window=9)
+    assert_matches(spec, make_paged_batch_for(spec, [13, 20], [17, 1], generator))
 
 
 def test_sliding_window_gathers_only_the_window(generator: torch.Generator) -> None:
-    spec = make_spec(sliding_window=4)
-    batch = make_paged_batch(spec, [1, 1, 6], [30, 2, 20], generator)
+    spec = make_attention_spec(sliding_window=4)
+    batch = make_paged_batch_for(spec, [30, 2, 20], [1, 1, 6], generator)
     plan = attention.plan_step(batch.metadata, spec, spec.block_size)
     assert max(chunk.kv_len for chunk in plan.decode_chunks) == 4
     (prefill,) = plan.prefills
@@ -124,9 +129,9 @@ def test_sliding_window_gathers_only_the_window(generator: torch.Generator) -> N
 def test_one_plan_serves_every_layer_and_is_redone_when_the_table_changes(
     generator: torch.Generator,
 ) -> None:
-    spec = make_spec()
+    spec = make_attention_spec()
     backend = CpuAttentionBackend()
-    batch = make_paged_batch(spec, [3, 1, 1], [5, 9, 2], generator)
+    batch = make_paged_batch_for(spec, [5, 9, 2], [3, 1, 1], generator)
     layers = [backend.make_impl(spec) for _ in range(2)]
     caches = [batch.kv_cache.clone() for _ in layers]
     outputs = [
@@ -155,15 +160,17 @@ def test_one_plan_serves_every_layer_and_is_redone_when_the_table_changes(
 
 def test_cannot_serve_explains() -> None:
     backend = CpuAttentionBackend()
-    assert backend.cannot_serve(make_spec()) is None
-    assert "multiple" in (backend.cannot_serve(make_spec(num_heads=7)) or "")
-    assert "floating" in (backend.cannot_serve(make_spec(kv_cache_dtype=torch.int8)) or "")
+    assert backend.cannot_serve(make_attention_spec()) is None
+    assert "multiple" in (backend.cannot_serve(make_attention_spec(num_heads=7)) or "")
+    assert "floating" in (
+        backend.cannot_serve(make_attention_spec(kv_cache_dtype=torch.int8)) or ""
+    )
 
 
 def test_selected_over_the_reference() -> None:
     from kvplane.plugins import select_platform
 
     platform = select_platform("cpu")
-    backend = platform.attention_backend(make_spec(logit_softcap=1.0, sliding_window=2))
+    backend = platform.attention_backend(make_attention_spec(logit_softcap=1.0, sliding_window=2))
     assert isinstance(backend, CpuAttentionBackend)
     assert backend.priority > ReferenceAttentionBackend.priority

@@ -102,7 +102,7 @@ def check_group_ranks_map_to_global_ranks(rank: int) -> None:
     if rank != 1:
         return
     comm = GlooCommunicator(GroupInfo(group, 0, 1, torch.device("cpu")))
-    assert comm._global_rank(0) == 1
+    assert comm.global_rank(0) == 1
     tensor = rank_tensor(rank, 4)
     assert torch.equal(comm.broadcast(tensor, src=0), rank_tensor(1, 4))
     assert torch.equal(comm.all_gather(tensor), tensor)

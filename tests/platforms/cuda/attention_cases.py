@@ -2,9 +2,9 @@
 
 On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, as
 ``scripts/test.sh`` sets) on small float32 shapes; on a GPU, without the interpreter,
-every case runs on ``cuda`` too. Unused cache slots hold NaN (see
-:mod:`tests.platforms.paged_batches`), so any read outside a sequence's context shows up
-as NaN in the output.
+every case runs on ``cuda`` too. Unused cache slots hold NaN (``poison`` in
+:func:`kvplane.testing.helpers.make_paged_batch`), so any read outside a sequence's
+context shows up as NaN in the output.
 """
 
 from __future__ import annotations
@@ -16,21 +16,23 @@ import torch
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins.types import AttentionSpec
+from kvplane.testing.helpers import PagedBatch, batch_to, make_attention_spec
 from kvplane_cuda.attention import TritonAttentionImpl
 from kvplane_cuda.kernels.paged_attention import Tile
-from tests.platforms.paged_batches import PagedBatch, batch_to, make_spec
 
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 
 
 SPECS = {
-    "gqa-d64-b16": make_spec(block_size=16, head_size=64, num_heads=4, num_kv_heads=2),
-    "mqa-d128-b32": make_spec(block_size=32, head_size=128, num_heads=4, num_kv_heads=1),
-    "mha-d256-b16": make_spec(block_size=16, head_size=256, num_heads=2, num_kv_heads=2),
-    "gqa3-d80-b16": make_spec(block_size=16, head_size=80, num_heads=6, num_kv_heads=2),
-    "window-b16": make_spec(block_size=16, num_heads=4, num_kv_heads=2, sliding_window=7),
-    "softcap-b32": make_spec(block_size=32, num_heads=4, num_kv_heads=2, logit_softcap=2.0),
-    "window-softcap-b16": make_spec(
+    "gqa-d64-b16": make_attention_spec(block_size=16, head_size=64, num_heads=4, num_kv_heads=2),
+    "mqa-d128-b32": make_attention_spec(block_size=32, head_size=128, num_heads=4, num_kv_heads=1),
+    "mha-d256-b16": make_attention_spec(block_size=16, head_size=256, num_heads=2, num_kv_heads=2),
+    "gqa3-d80-b16": make_attention_spec(block_size=16, head_size=80, num_heads=6, num_kv_heads=2),
+    "window-b16": make_attention_spec(block_size=16, num_heads=4, num_kv_heads=2, sliding_window=7),
+    "softcap-b32": make_attention_spec(
+        block_size=32, num_heads=4, num_kv_heads=2, logit_softcap=2.0
+    ),
+    "window-softcap-b16": make_attention_spec(
         block_size=16, num_heads=4, num_kv_heads=1, sliding_window=20, logit_softcap=5.0
     ),
 }
@@ -89,7 +91,7 @@ def decode_directly(
     batch: PagedBatch,
     device: str,
     num_splits: int,
-    fused_reduce: bool | None,
+    fused_reduce: bool,
     tile: Tile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(decode_attention output, reference output)``, the kernel called directly to pick
@@ -153,7 +155,16 @@ def pad_with_scratch_sequences(batch: PagedBatch, num_padding: int) -> PagedBatc
         query_start_loc_cpu=starts,
         seq_lens_cpu=seq_lens,
     )
-    return PagedBatch(padded, extend(batch.query), extend(batch.key), extend(batch.value), kv_cache)
+    return dataclasses.replace(
+        batch,
+        query=extend(batch.query),
+        key=extend(batch.key),
+        value=extend(batch.value),
+        kv_cache=kv_cache,
+        metadata=padded,
+        context_lens=(*batch.context_lens, *[0] * num_padding),
+        query_lens=(*batch.query_lens, *[1] * num_padding),
+    )
 
 
 def reshaped(batch: PagedBatch, num_blocks: int, width: int) -> PagedBatch:
@@ -178,10 +189,11 @@ def clone_batch(batch: PagedBatch) -> PagedBatch:
             for name in ("slot_mapping", "query_start_loc", "seq_lens", "block_tables")
         },
     )
-    return PagedBatch(
-        cloned,
-        batch.query.clone(),
-        batch.key.clone(),
-        batch.value.clone(),
-        batch.kv_cache.clone(),
+    return dataclasses.replace(
+        batch,
+        query=batch.query.clone(),
+        key=batch.key.clone(),
+        value=batch.value.clone(),
+        kv_cache=batch.kv_cache.clone(),
+        metadata=cloned,
     )

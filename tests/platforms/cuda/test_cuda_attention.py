@@ -3,8 +3,9 @@
 On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, as
 ``scripts/test.sh`` sets) on small float32 shapes; on a GPU, without the interpreter,
 every case runs on ``cuda`` too, plus bfloat16/float16 batches of realistic size and a
-CUDA-graph replay. Unused cache slots hold NaN (see :mod:`tests.platforms.paged_batches`),
-so any read outside a sequence's context shows up as NaN in the output.
+CUDA-graph replay. Unused cache slots hold NaN (``poison`` in
+:func:`kvplane.testing.helpers.make_paged_batch`), so any read outside a sequence's
+context shows up as NaN in the output.
 """
 
 from __future__ import annotations
@@ -14,7 +15,13 @@ import dataclasses
 import pytest
 import torch
 
-from kvplane_cuda.attention import TritonAttentionBackend, TritonAttentionImpl, decode_bytes_read
+from kvplane.testing.helpers import (
+    batch_to,
+    make_attention_spec,
+    make_paged_batch_for,
+    random_lengths,
+)
+from kvplane_cuda.attention import TritonAttentionBackend, TritonAttentionImpl
 from tests.platforms.cuda.attention_cases import (
     SPECS,
     assert_close_to_reference,
@@ -23,12 +30,6 @@ from tests.platforms.cuda.attention_cases import (
     unified_directly,
 )
 from tests.platforms.cuda.devices import DEVICES, needs_gpu
-from tests.platforms.paged_batches import (
-    batch_to,
-    make_paged_batch,
-    make_spec,
-    random_lengths,
-)
 
 pytest.importorskip("triton")
 
@@ -41,9 +42,9 @@ def test_mixed_batches_match_reference(
     """Prefill chunks with cached context and decodes together: the unified kernel."""
     spec = SPECS[spec_id]
     for _ in range(2):
-        query_lens, cached_lens = random_lengths(generator, num_seqs=5, max_query=9, max_cached=40)
+        cached_lens, query_lens = random_lengths(generator, num_seqs=5, max_query=9, max_context=40)
         query_lens[0] = 9  # at least one prefill chunk, so the batch is mixed
-        assert_matches(spec, make_paged_batch(spec, query_lens, cached_lens, generator), device)
+        assert_matches(spec, make_paged_batch_for(spec, cached_lens, query_lens, generator), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,7 +53,7 @@ def test_prefill_batches_match_reference(
     device: str, spec_id: str, generator: torch.Generator
 ) -> None:
     spec = SPECS[spec_id]
-    batch = make_paged_batch(spec, [21, 1, 40, 2], [0, 0, 0, 0], generator)
+    batch = make_paged_batch_for(spec, [0, 0, 0, 0], [21, 1, 40, 2], generator)
     assert_matches(spec, batch, device)
 
 
@@ -76,7 +77,7 @@ def test_unified_tiles_match_reference(
     from kvplane_cuda.kernels.paged_attention import Tile
 
     spec = SPECS[spec_id]
-    batch = make_paged_batch(spec, [70, 1, 33], [90, 130, 0], generator)
+    batch = make_paged_batch_for(spec, [90, 130, 0], [70, 1, 33], generator)
     tile = Tile(block_m, block_n, num_warps, num_stages)
     actual, expected = unified_directly(spec, batch, device, tile)
     assert_close_to_reference(actual, expected)
@@ -93,7 +94,7 @@ def test_sequences_without_new_tokens(
 ) -> None:
     """Sequences of length 0, or with nothing new, produce no row and disturb nothing."""
     spec = SPECS["gqa-d64-b16"]
-    batch = make_paged_batch(spec, query_lens, cached_lens, generator)
+    batch = make_paged_batch_for(spec, cached_lens, query_lens, generator)
     for num_splits in (None, 4):
         assert_matches(spec, batch, device, num_splits)
 
@@ -103,7 +104,7 @@ def test_graph_padding_sequences(device: str, generator: torch.Generator) -> Non
     """Decode padding as the graph runner adds it: length 1 over a scratch block, slot -1."""
     spec = SPECS["gqa-d64-b16"]
     batch = pad_with_scratch_sequences(
-        make_paged_batch(spec, [1, 1, 1], [7, 60, 0], generator), num_padding=3
+        make_paged_batch_for(spec, [7, 60, 0], [1, 1, 1], generator), num_padding=3
     )
     for num_splits in (None, 3):
         assert_matches(spec, batch, device, num_splits)
@@ -112,15 +113,15 @@ def test_graph_padding_sequences(device: str, generator: torch.Generator) -> Non
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_matches_reference(device: str, generator: torch.Generator) -> None:
     spec = dataclasses.replace(SPECS["window-softcap-b16"], dtype=torch.float16)
-    assert_matches(spec, make_paged_batch(spec, [1, 1, 1], [5, 30, 63], generator), device, 2)
-    assert_matches(spec, make_paged_batch(spec, [9, 1, 4], [5, 30, 0], generator), device)
+    assert_matches(spec, make_paged_batch_for(spec, [5, 30, 63], [1, 1, 1], generator), device, 2)
+    assert_matches(spec, make_paged_batch_for(spec, [5, 30, 0], [9, 1, 4], generator), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_float16_cache_under_float32_queries(device: str, generator: torch.Generator) -> None:
     spec = dataclasses.replace(SPECS["gqa-d64-b16"], kv_cache_dtype=torch.float16)
-    assert_matches(spec, make_paged_batch(spec, [1, 1, 1], [5, 30, 63], generator), device, 2)
-    assert_matches(spec, make_paged_batch(spec, [9, 1, 4], [5, 30, 0], generator), device)
+    assert_matches(spec, make_paged_batch_for(spec, [5, 30, 63], [1, 1, 1], generator), device, 2)
+    assert_matches(spec, make_paged_batch_for(spec, [5, 30, 0], [9, 1, 4], generator), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -130,7 +131,7 @@ def test_forward_ignores_host_copies(
 ) -> None:
     """The host copies go stale on graph replay: wrong ones must change nothing."""
     spec = SPECS["window-b16"]
-    batch = batch_to(make_paged_batch(spec, query_lens, [3, 40, 17, 0], generator), device)
+    batch = batch_to(make_paged_batch_for(spec, [3, 40, 17, 0], query_lens, generator), device)
     impl = TritonAttentionImpl(spec, num_splits=2)
     expected = impl.forward(
         batch.query, batch.key, batch.value, batch.kv_cache.clone(), batch.metadata
@@ -150,12 +151,12 @@ def test_cannot_serve_explains() -> None:
     for spec in SPECS.values():
         assert backend.cannot_serve(spec) is None
     reasons = {
-        "block_size 8 is not a power of two >= 16": make_spec(block_size=8),
-        "block_size 24 is not a power of two >= 16": make_spec(block_size=24),
-        "head_size 512 is larger than 256": make_spec(block_size=16, head_size=512),
-        "not a multiple": make_spec(block_size=16, num_heads=7),
-        "dtype torch.int8 is not float32": make_spec(block_size=16, dtype=torch.int8),
-        "kv_cache_dtype torch.float8_e4m3fn": make_spec(
+        "block_size 8 is not a power of two >= 16": make_attention_spec(block_size=8),
+        "block_size 24 is not a power of two >= 16": make_attention_spec(block_size=24),
+        "head_size 512 is larger than 256": make_attention_spec(block_size=16, head_size=512),
+        "not a multiple": make_attention_spec(block_size=16, num_heads=7),
+        "dtype torch.int8 is not float32": make_attention_spec(block_size=16, dtype=torch.int8),
+        "kv_cache_dtype torch.float8_e4m3fn": make_attention_spec(
             block_size=16, kv_cache_dtype=torch.float8_e4m3fn
         ),
     }
@@ -163,12 +164,10 @@ def test_cannot_serve_explains() -> None:
         assert reason in (backend.cannot_serve(spec) or ""), spec
 
 
-def test_decode_bytes_read() -> None:
-    # Qwen3-0.6B shapes, bf16: 8 KV heads x 128 x 2 bytes, keys and values.
-    assert decode_bytes_read([8192], 16, 8, 128, 2) == 8192 * 4096 + 16 * 128 * 2
-    assert decode_bytes_read([10, 100], 4, 2, 64, 4, sliding_window=50) == (
-        (10 + 50) * 2 * 2 * 64 * 4 + 2 * 4 * 64 * 4
-    )
+def test_backend_builds_layers_with_its_decode_merge() -> None:
+    for fused_reduce in (True, False):
+        impl = TritonAttentionBackend(fused_reduce).make_impl(SPECS["gqa-d64-b16"])
+        assert isinstance(impl, TritonAttentionImpl) and impl.fused_reduce is fused_reduce
 
 
 # --------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ def test_decode_bytes_read() -> None:
 def test_realistic_low_precision(
     dtype: torch.dtype, num_heads: int, kind: str, generator: torch.Generator
 ) -> None:
-    spec = make_spec(
+    spec = make_attention_spec(
         block_size=16, num_heads=num_heads, num_kv_heads=8, head_size=128, dtype=dtype,
         scale=128**-0.5,
     )  # fmt: skip
@@ -192,7 +191,7 @@ def test_realistic_low_precision(
     query_lens = [1] * num_seqs
     if kind == "mixed":
         query_lens[:4] = [256, 100, 37, 2]
-    batch = make_paged_batch(spec, query_lens, cached_lens, generator)
+    batch = make_paged_batch_for(spec, cached_lens, query_lens, generator)
     assert_matches(spec, batch, "cuda")
     if kind == "decode":
         assert_matches(spec, batch, "cuda", num_splits=7)

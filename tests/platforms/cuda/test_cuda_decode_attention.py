@@ -5,7 +5,7 @@ and CUDA-graph replay.
 On the CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, as
 ``scripts/test.sh`` sets) on small float32 shapes; on a GPU, without the interpreter,
 every case runs on ``cuda`` too, plus CUDA-graph replays. Unused cache slots hold NaN
-(see :mod:`tests.platforms.paged_batches`), so any read outside a sequence's context
+(see :func:`kvplane.testing.helpers.make_paged_batch`), so any read outside a sequence's context
 shows up as NaN in the output.
 """
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from kvplane.attention.reference import ReferenceAttentionBackend
+from kvplane.testing.helpers import batch_to, make_attention_spec, make_paged_batch_for
 from kvplane_cuda.attention import TritonAttentionImpl
 from tests.platforms.cuda.attention_cases import (
     SPECS,
@@ -27,11 +28,6 @@ from tests.platforms.cuda.attention_cases import (
     reshaped,
 )
 from tests.platforms.cuda.devices import DEVICES, needs_gpu
-from tests.platforms.paged_batches import (
-    batch_to,
-    make_paged_batch,
-    make_spec,
-)
 
 pytest.importorskip("triton")
 
@@ -46,7 +42,7 @@ def test_decode_batches_match_reference(
     shorter contexts (8 splits over at most a few key tiles)."""
     spec = SPECS[spec_id]
     cached_lens = [0, 3, 16, 47, 95]
-    batch = make_paged_batch(spec, [1] * len(cached_lens), cached_lens, generator)
+    batch = make_paged_batch_for(spec, cached_lens, [1] * len(cached_lens), generator)
     assert_matches(spec, batch, device, num_splits)
 
 
@@ -60,7 +56,7 @@ def test_fused_and_separate_reductions_agree(
     separate reduce kernel, on the same inputs: a sequence without a new token, one
     without context, and empty partitions."""
     spec = SPECS[spec_id]
-    batch = make_paged_batch(spec, [1, 0, 1, 1, 1], [0, 9, 16, 47, 95], generator)
+    batch = make_paged_batch_for(spec, [0, 9, 16, 47, 95], [1, 0, 1, 1, 1], generator)
     outputs = []
     for fused_reduce in (True, False):
         actual, expected = decode_directly(spec, batch, device, num_splits, fused_reduce)
@@ -77,8 +73,8 @@ def test_fused_reduce_leaves_its_counters_at_zero(device: str, generator: torch.
     from kvplane_cuda.kernels.decode_attention import split_counters
 
     spec = SPECS["window-softcap-b16"]
-    first = make_paged_batch(spec, [1, 0, 1], [40, 12, 5], generator)
-    second = make_paged_batch(spec, [1, 1, 0, 1], [3, 90, 0, 33], generator)
+    first = make_paged_batch_for(spec, [40, 12, 5], [1, 0, 1], generator)
+    second = make_paged_batch_for(spec, [3, 90, 0, 33], [1, 1, 0, 1], generator)
     for batch in (first, first, second):
         assert_close_to_reference(*decode_directly(spec, batch, device, 4, fused_reduce=True))
         assert not split_counters(torch.device(device), 1).any()
@@ -98,7 +94,7 @@ def test_fused_reduce_grows_its_counters(
     spec = SPECS["gqa-d64-b16"]  # 2 KV heads
     for num_seqs in (2, 7):  # 4 groups: the initial buffer; then 14
         cached_lens = torch.randint(0, 80, (num_seqs,), generator=generator).tolist()
-        batch = make_paged_batch(spec, [1] * num_seqs, cached_lens, generator)
+        batch = make_paged_batch_for(spec, cached_lens, [1] * num_seqs, generator)
         assert_close_to_reference(*decode_directly(spec, batch, device, 3, fused_reduce=True))
     counters = kernels.split_counters(torch.device(device), 14)
     assert counters.numel() == 16 and not counters.any()
@@ -125,10 +121,10 @@ def test_decode_tiles_match_reference(
     from kvplane_cuda.kernels.paged_attention import Tile
 
     spec = SPECS[spec_id]
-    batch = make_paged_batch(spec, [1] * 4, [0, 70, 201, 333], generator)
+    batch = make_paged_batch_for(spec, [0, 70, 201, 333], [1] * 4, generator)
     tile = Tile(16, block_n, num_warps, num_stages)
     for num_splits in (1, 3):
-        actual, expected = decode_directly(spec, batch, device, num_splits, None, tile)
+        actual, expected = decode_directly(spec, batch, device, num_splits, True, tile)
         assert_close_to_reference(actual, expected)
 
 
@@ -148,10 +144,10 @@ def test_num_splits_fill_the_gpu_only_when_needed() -> None:
 @needs_gpu
 def test_decode_replays_in_a_cuda_graph(generator: torch.Generator) -> None:
     """Captured once with upper bounds, replayed on other lengths written in place."""
-    spec = make_spec(block_size=16, num_heads=16, num_kv_heads=8, head_size=128)
+    spec = make_attention_spec(block_size=16, num_heads=16, num_kv_heads=8, head_size=128)
     spec = dataclasses.replace(spec, dtype=torch.bfloat16, scale=128**-0.5)
-    first = make_paged_batch(spec, [1] * 8, [100, 0, 3000, 7, 64, 900, 15, 2048], generator)
-    second = make_paged_batch(spec, [1] * 8, [4000, 31, 0, 1200, 16, 5, 333, 80], generator)
+    first = make_paged_batch_for(spec, [100, 0, 3000, 7, 64, 900, 15, 2048], [1] * 8, generator)
+    second = make_paged_batch_for(spec, [4000, 31, 0, 1200, 16, 5, 333, 80], [1] * 8, generator)
     num_blocks = max(b.kv_cache.shape[1] for b in (first, second))
     width = max(b.metadata.block_tables.shape[1] for b in (first, second))
     first, second = (batch_to(reshaped(b, num_blocks, width), "cuda") for b in (first, second))
@@ -189,7 +185,7 @@ def test_capture_without_counters_reduces_separately(
 
     monkeypatch.setattr(kernels, "_counters", {})
     spec = SPECS["gqa-d64-b16"]
-    batch = batch_to(make_paged_batch(spec, [1, 1, 1], [40, 7, 90], generator), "cuda")
+    batch = batch_to(make_paged_batch_for(spec, [40, 7, 90], [1, 1, 1], generator), "cuda")
     metadata = batch.metadata
     kv_cache = batch.kv_cache.clone()
     expected = (

@@ -71,7 +71,7 @@ def platform(runners: list[ReplayingRunner]) -> Iterator[str]:
 
     @hookimpl
     def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner:
-        runner = ReplayingRunner(request.batch_sizes)
+        runner = ReplayingRunner(request.bucket_sizes)
         runners.append(runner)
         return runner
 

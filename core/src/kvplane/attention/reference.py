@@ -9,7 +9,6 @@ import torch
 
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
-from kvplane.ops.reference import reshape_and_cache
 
 if TYPE_CHECKING:
     # Annotation only: importing kvplane.plugins here would be circular, since the
@@ -23,28 +22,16 @@ class ReferenceAttentionBackend(AttentionBackend):
     name = "reference"
     priority = -1000
 
-    def cannot_serve(self, spec: AttentionSpec) -> str | None:
-        if spec.num_heads % spec.num_kv_heads != 0:
-            return f"num_heads {spec.num_heads} not a multiple of {spec.num_kv_heads}"
-        return None
-
     def make_impl(self, spec: AttentionSpec) -> AttentionImpl:
         return ReferenceAttentionImpl(spec)
 
 
 class ReferenceAttentionImpl(AttentionImpl):
-    def __init__(self, spec: AttentionSpec) -> None:
-        self.spec = spec
+    """Writes the cache with the reference ``reshape_and_cache`` (the base's default)."""
 
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
-        reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
         output = torch.empty_like(query)
         starts = metadata.query_start_loc_cpu
         for seq_index, seq_len in enumerate(metadata.seq_lens_cpu):

@@ -17,6 +17,8 @@ from kvplane.config import EngineConfig
 _HELP = {
     "model": "local HF model directory or .gguf file (default: embedded SmolLM2-135M-Instruct)",
     "device": "platform name (see `kvplane platforms`; default: best available)",
+    "emulate": "run platform NAME through its emulation on a host without its hardware "
+    "(selects it; see `kvplane platforms`)",
     "dtype": "auto, float32, bfloat16 or float16",
     "quantization": "quantization method for linear layers, e.g. int8 (default: none)",
     "load_format": "auto (read weights) or dummy (random weights, config only)",

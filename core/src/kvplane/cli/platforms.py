@@ -1,8 +1,10 @@
 """``kvplane platforms``: every discovered platform, whether it can run here, and why.
 
 Shows each platform's distribution and version, probe result (available or not, with the
-reason), score, load or probe errors, and which one kvplane would select (``--device``
-and ``KVPLANE_DEVICE`` honoured). Exits 0 when a platform would be selected, 1 otherwise.
+reason), score, load or probe errors, whether it can be emulated on this host and
+whether it is emulated now, and which one kvplane would select (``--device``,
+``--emulate``, ``KVPLANE_DEVICE`` and ``KVPLANE_EMULATE`` honoured). Exits 0 when a
+platform would be selected, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "(default: KVPLANE_DEVICE, else the highest available score)",
     )
     parser.add_argument(
+        "--emulate",
+        default=None,
+        metavar="NAME",
+        help="probe this platform through its emulation and show the selection as if it "
+        "were requested (default: the platforms named in KVPLANE_EMULATE)",
+    )
+    parser.add_argument(
         "-v", "--verbose", action="store_true", help="print full tracebacks of plugin errors"
     )
     parser.set_defaults(handler=run)
@@ -42,7 +51,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from kvplane.plugins import probe_platforms
 
-    statuses = probe_platforms(args.device)
+    if args.emulate and args.device and args.device.split(":")[0] != args.emulate:
+        print(
+            f"kvplane platforms: --emulate {args.emulate} and --device {args.device} name "
+            "different platforms; give one of them",
+            file=sys.stderr,
+        )
+        return 2
+    device = args.device or args.emulate
+    emulate = (args.emulate,) if args.emulate else ()
+    statuses = probe_platforms(device, emulate=emulate)
     infos = platform_infos(statuses)
     if args.json:
         rows = [dict(status.to_json(), info=infos.get(status.name)) for status in statuses]
@@ -52,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         errors = format_errors(statuses, verbose=args.verbose)
         if errors:
             print(errors)
-    explanation, ok = explain_selection(statuses, args.device)
+    flag = "--device" if args.device or not args.emulate else "--emulate"
+    explanation, ok = explain_selection(statuses, device, flag)
     if not ok:
         print(explanation, file=sys.stderr)
     elif not args.json:
@@ -64,7 +83,7 @@ def platform_infos(statuses: list[PlatformStatus]) -> dict[str, dict[str, Any]]:
     """``kvplane_platform_info`` of every available platform, as JSON-ready dicts; a
     platform whose info hook fails gets ``{"error": ...}``."""
     from kvplane.plugins import discover_platforms
-    from kvplane.plugins.platform import make_plugin_manager
+    from kvplane.plugins.platform import emulation, make_plugin_manager
 
     modules = {platform.name: platform.module for platform in discover_platforms()}
     infos: dict[str, dict[str, Any]] = {}
@@ -73,7 +92,12 @@ def platform_infos(statuses: list[PlatformStatus]) -> dict[str, dict[str, Any]]:
         if not status.available or module is None:
             continue
         try:
-            info = make_plugin_manager(status.name, module).hook.kvplane_platform_info()
+            manager = make_plugin_manager(status.name, module)
+            if status.emulated:
+                answer = emulation(manager)
+                plugin = answer.plugin if answer is not None else None
+                manager = make_plugin_manager(status.name, module, emulation_plugin=plugin)
+            info = manager.hook.kvplane_platform_info()
         except Exception as error:  # shown to the user, like load and probe errors
             infos[status.name] = {"error": f"{type(error).__name__}: {error}"}
             continue
@@ -95,7 +119,7 @@ def format_table(statuses: list[PlatformStatus], infos: dict[str, dict[str, Any]
     """A fixed-width table, one row per platform; ``*`` marks the selected one."""
     if not statuses:
         return "no kvplane platform is installed (entry-point group 'kvplane.platforms')"
-    header = ("", "NAME", "DISTRIBUTION", "AVAILABLE", "SCORE", "DEVICES", "REASON")
+    header = ("", "NAME", "DISTRIBUTION", "AVAILABLE", "SCORE", "DEVICES", "EMULATION", "REASON")
     rows = [header]
     for status in statuses:
         rows.append(
@@ -106,6 +130,7 @@ def format_table(statuses: list[PlatformStatus], infos: dict[str, dict[str, Any]
                 "yes" if status.available else "no",
                 str(status.score) if status.available else "-",
                 _devices(infos.get(status.name)),
+                _emulation(status),
                 status.reason or "-",
             )
         )
@@ -127,6 +152,12 @@ def _devices(info: dict[str, Any] | None) -> str:
     return f"{info['device_type']} x{info['device_count']}"
 
 
+def _emulation(status: PlatformStatus) -> str:
+    if status.emulated:
+        return "now"
+    return "can" if status.can_emulate else "-"
+
+
 def format_errors(statuses: list[PlatformStatus], verbose: bool) -> str:
     """Load, probe and info errors below the table (tracebacks with ``verbose``)."""
     failed = [status for status in statuses if status.error]
@@ -142,15 +173,20 @@ def format_errors(statuses: list[PlatformStatus], verbose: bool) -> str:
     return "\n".join(lines)
 
 
-def explain_selection(statuses: list[PlatformStatus], device: str | None) -> tuple[str, bool]:
-    """One line saying which platform would be selected and why, and whether one is."""
+def explain_selection(
+    statuses: list[PlatformStatus], device: str | None, flag: str = "--device"
+) -> tuple[str, bool]:
+    """One line saying which platform would be selected and why, and whether one is;
+    ``flag`` is the option that named ``device``."""
     from kvplane.plugins.selection import DEVICE_ENV
 
     requested = device or os.environ.get(DEVICE_ENV) or None
-    source = "--device" if device else f"{DEVICE_ENV}={requested}"
+    source = flag if device else f"{DEVICE_ENV}={requested}"
     selected = next((status for status in statuses if status.selected), None)
     if selected is not None:
         why = f"requested by {source}" if requested else "highest score among available"
+        if selected.emulated:
+            why += f"; {selected.reason}"
         return f"selected: {selected.name} ({why})", True
     if requested:
         name = requested.split(":")[0]

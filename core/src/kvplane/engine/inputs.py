@@ -3,7 +3,8 @@
 Done in two stages so the graph path can reuse the first: :func:`build_host_inputs` makes
 host arrays (no device work), :func:`to_device_inputs` copies them into fresh device
 tensors for an eager step. The step graphs copy the same host arrays into their static
-buffers instead (:mod:`kvplane.engine.step_graphs`). :class:`PlaceholderFixup` fills
+buffers instead (:mod:`kvplane.engine.step_graphs`). Both copy through a
+:class:`~kvplane.engine.transfer.DeviceTransfer`. :class:`PlaceholderFixup` fills
 input tokens that are still on the device (overlapped steps).
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.engine.transfer import DeviceTransfer
 from kvplane.scheduler.output import SchedulerOutput
 
 
@@ -187,21 +189,9 @@ class PlaceholderFixup:
         token_ids.copy_(torch.where(rows >= 0, taken, token_ids))
 
 
-def to_device_inputs(
-    host: HostStepInputs, device: torch.device, pin_memory: bool = False
-) -> StepInputs:
-    """Copy ``host`` into fresh tensors on ``device`` (the eager path).
-
-    With ``pin_memory`` the copies go through pinned buffers, so they are queued without
-    waiting for the device (a copy from pageable memory may wait for it).
-    """
-
-    def to_device(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        tensor = torch.as_tensor(array, dtype=dtype)
-        if pin_memory:
-            tensor = tensor.pin_memory()
-        return tensor.to(device, non_blocking=True)
-
+def to_device_inputs(host: HostStepInputs, transfer: DeviceTransfer) -> StepInputs:
+    """Copy ``host`` into fresh tensors on ``transfer.device`` (the eager path)."""
+    to_device = transfer.to_device
     seq_lens = host.seq_lens.tolist()
     metadata = AttentionMetadata(
         slot_mapping=to_device(host.slot_mapping, torch.int64),

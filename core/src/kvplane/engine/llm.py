@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from kvplane.config import EngineConfig
 from kvplane.engine.llm_engine import LLMEngine, PromptType
@@ -75,9 +75,12 @@ class LLM:
         """Apply the model's chat template to each conversation, then :meth:`generate`."""
         is_single = bool(messages) and isinstance(messages[0], Mapping)
         conversations = [messages] if is_single else list(messages)  # type: ignore[list-item]
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer; this engine has skip_tokenizer_init set")
         prompts: list[PromptType] = []
         for conversation in conversations:
-            token_ids = self.engine.tokenizer.apply_chat_template(
+            token_ids = tokenizer.apply_chat_template(
                 list(conversation),
                 tools=list(tools) if tools else None,
                 add_generation_prompt=add_generation_prompt,
@@ -116,8 +119,8 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
         return [prompts]
     prompt_list = list(prompts)
     if prompt_list and isinstance(prompt_list[0], int):
-        return [prompt_list]  # a single prompt given as token ids
-    return prompt_list
+        return [cast("list[int]", prompt_list)]  # a single prompt given as token ids
+    return cast("list[PromptType]", prompt_list)
 
 
 def _broadcast(

@@ -24,6 +24,7 @@ from kvplane.engine.step_graphs import (
     layers_that_cannot_be_captured,
 )
 from kvplane.kv_cache.block_manager import BlockManager
+from kvplane.models.base import CausalLM
 from kvplane.models.config import load_tokenizer, resolve_model_config
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.loader import build_model
@@ -58,7 +59,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.platform = select_platform(config.device)
+        emulate = (config.emulate,) if config.emulate else ()
+        self.platform = select_platform(config.device or config.emulate, emulate=emulate)
         self.model_config = resolve_model_config(config, self.platform)
         has_tokenizer = self.model_config.source.has_files or config.tokenizer is not None
         if not has_tokenizer and not config.skip_tokenizer_init:
@@ -131,7 +133,7 @@ class LLMEngine:
 
     # -- graphs ---------------------------------------------------------------------------
 
-    def _capture_graphs(self, model: torch.nn.Module) -> None:
+    def _capture_graphs(self, model: CausalLM) -> None:
         """Capture decode steps and small mixed steps when the platform can and the user
         did not forbid it."""
         config = self.config
@@ -145,17 +147,16 @@ class LLMEngine:
         for graphs_class, sizes in graph_families(config):
             request = GraphCaptureRequest(self.device, sizes, step_kind=graphs_class.step_kind)
             graph_runner = self.platform.graph_runner(request)
-            if not any(graph_runner.can_run(size) for size in sizes):
-                continue
+            if graph_runner is None or not any(graph_runner.can_run(size) for size in sizes):
+                continue  # the platform does not capture this family: its steps run eagerly
             step_graphs.append(
                 graphs_class(
                     model,
                     graph_runner,
-                    self.device,
+                    self.runner.transfer,
                     config.block_size,
                     self.model_config.max_model_len,
                     sizes,
-                    pin_memory=self.platform.has_capability(capabilities.PINNED_MEMORY),
                 )
             )
         self.runner.use_step_graphs(tuple(step_graphs))
@@ -321,7 +322,9 @@ class LLMEngine:
             output = self.scheduler.schedule()
         if output.is_empty:
             return outputs
-        result = self.runner.execute(output, self._sampling_states, self._logprob_ids(output))
+        result = self.runner.execute(
+            output, self._sampling_states, self._prompt_logprobs_ids(output)
+        )
         with timer.phase("update"):
             self.scheduler.update_from_output(output, result.sampled_token_ids)
             return outputs + self._process_result(result)
@@ -334,7 +337,9 @@ class LLMEngine:
             output = self.scheduler.schedule()
         launched = None
         if not output.is_empty:
-            launched = self.runner.launch(output, self._sampling_states, self._logprob_ids(output))
+            launched = self.runner.launch(
+                output, self._sampling_states, self._prompt_logprobs_ids(output)
+            )
             self.scheduler.commit(output)
         outputs = self._process_in_flight() if self._in_flight is not None else []
         if launched is not None:
@@ -360,7 +365,8 @@ class LLMEngine:
             self.scheduler.cache_blocks(output)
             return self._process_result(result)
 
-    def _logprob_ids(self, output: SchedulerOutput) -> frozenset[str]:
+    def _prompt_logprobs_ids(self, output: SchedulerOutput) -> frozenset[str]:
+        """The scheduled requests that asked for prompt logprobs."""
         return frozenset(
             s.request.request_id
             for s in output.scheduled

@@ -21,11 +21,11 @@ from kvplane.engine.inputs import (
 )
 from kvplane.engine.step_graphs import StepGraphs
 from kvplane.engine.step_timer import StepTimer
+from kvplane.engine.transfer import DeviceTransfer
+from kvplane.models.base import CausalLM
 from kvplane.models.layers.attention import Attention
-from kvplane.plugins import capabilities
 from kvplane.plugins.platform import Platform
 from kvplane.plugins.types import BlockCopyRequest, KVCacheSpec, MemoryProfileRequest
-from kvplane.sampling._transfer import to_device
 from kvplane.sampling.sampler import (
     PendingSamples,
     SampleLogprobs,
@@ -54,7 +54,7 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         platform: Platform,
         device: torch.device,
         block_size: int,
@@ -71,7 +71,8 @@ class ModelRunner:
         # Set by :meth:`use_step_graphs` once the KV cache is bound (empty: all eager).
         self.step_graphs: tuple[StepGraphs, ...] = ()
         self.timer = StepTimer()
-        self._pin_memory = platform.has_capability(capabilities.PINNED_MEMORY)
+        #: Every host-to-device copy of a step, and the step graphs' staging buffers.
+        self.transfer = DeviceTransfer.for_platform(platform, device)
         # The last launch's sampled tokens (device) and each sampled request's row in them,
         # where the next launch finds the ids of its placeholder input tokens.
         self._last_sampled: tuple[dict[str, int], torch.Tensor] | None = None
@@ -205,10 +206,10 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden)  # [rows, vocab]
         for piece in host.prompt_logprobs:
             num_top = states[piece.request_id].params.prompt_logprobs or 0
-            rows = logits[list(piece.logit_rows)]
+            piece_logits = logits[list(piece.logit_rows)]  # [positions, vocab]
             pending.prompt_logprobs[piece.request_id] = (
                 piece.first_target_position,
-                compute_prompt_logprobs(rows, piece.target_token_ids, num_top),
+                compute_prompt_logprobs(piece_logits, piece.target_token_ids, num_top),
             )
         with self.timer.phase("sample"):
             pending.samples = self._launch_sampling(host, logits, states)
@@ -232,7 +233,7 @@ class ModelRunner:
         for token_index, seq_index in zip(placeholders, seq_indices, strict=True):
             request_id = output.scheduled[seq_index].request.request_id
             source_rows[token_index] = row_of_request[request_id]
-        return PlaceholderFixup(to_device(source_rows, torch.int64, self.device), sampled)
+        return PlaceholderFixup(self.transfer.to_device(source_rows, torch.int64), sampled)
 
     def _forward(
         self, host: HostStepInputs, fixup: PlaceholderFixup | None
@@ -242,7 +243,7 @@ class ModelRunner:
             bucket = graphs.bucket_for(host)
             if bucket is not None:
                 return graphs.run(host, bucket, fixup)
-        inputs = to_device_inputs(host, self.device, self._pin_memory)
+        inputs = to_device_inputs(host, self.transfer)
         if fixup is not None:
             fixup.apply(inputs.token_ids)
         hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata)
@@ -261,7 +262,9 @@ class ModelRunner:
         whole = rows == tuple(range(logits.shape[0]))
         sample_logits = logits if whole else logits[list(rows)]
         sample_states = [states[request_id] for request_id in host.sample_request_ids]
-        return self.sampler.launch(sample_logits, sample_states, self.batch_generator)
+        return self.sampler.launch(
+            sample_logits, sample_states, self.batch_generator, self.transfer
+        )
 
 
 class PendingStep:

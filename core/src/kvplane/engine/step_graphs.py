@@ -42,6 +42,8 @@ from kvplane.attention.metadata import AttentionMetadata
 from kvplane.config import EngineConfig
 from kvplane.engine.graph_runner import GraphRunner
 from kvplane.engine.inputs import HostStepInputs, PlaceholderFixup
+from kvplane.engine.transfer import DeviceTransfer
+from kvplane.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,7 @@ def _sizes_up_to(candidates: list[int], limit: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
+def decode_bucket_sizes(max_num_seqs: int) -> tuple[int, ...]:
     """Decode buckets: 1, 2, 4, then multiples of 8, up to the first size >= ``max_num_seqs``
     (capped at :data:`MAX_CAPTURE_SIZE`)."""
     candidates = [1, 2, 4, *range(8, MAX_CAPTURE_SIZE + 8, 8)]
@@ -79,7 +81,7 @@ def mixed_bucket_sizes(max_num_batched_tokens: int, max_tokens: int) -> tuple[in
 def graph_families(config: EngineConfig) -> list[tuple[type[StepGraphs], tuple[int, ...]]]:
     """The graph families ``config`` asks for, each with its buckets (none when empty)."""
     families: list[tuple[type[StepGraphs], tuple[int, ...]]] = [
-        (DecodeGraphs, bucket_sizes(config.max_num_seqs)),
+        (DecodeGraphs, decode_bucket_sizes(config.max_num_seqs)),
         (
             MixedGraphs,
             mixed_bucket_sizes(config.max_num_batched_tokens, config.max_mixed_graph_tokens),
@@ -119,21 +121,23 @@ class StepGraphs(ABC):
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: CausalLM,
         graph_runner: GraphRunner,
-        device: torch.device,
+        transfer: DeviceTransfer,
         block_size: int,
         max_model_len: int,
         sizes: tuple[int, ...],
-        pin_memory: bool,
     ) -> None:
         self.model = model
         self.graph_runner = graph_runner
+        self.transfer = transfer
         self.max_model_len = max_model_len
         self.sizes = sizes
         max_tokens = sizes[-1]
         max_seqs = self.num_bucket_seqs(sizes[-1])
         max_blocks = math.ceil(max_model_len / block_size)
+
+        device = transfer.device
 
         def buffer(*shape: int, dtype: torch.dtype, fill: int) -> torch.Tensor:
             return torch.full(shape, fill, dtype=dtype, device=device)
@@ -147,7 +151,7 @@ class StepGraphs(ABC):
         self.block_tables = buffer(max_seqs, max_blocks, dtype=torch.int32, fill=0)
         # Host staging, pinned where the platform can (then the copies do not wait for
         # the device); two sets, so a step can be staged while the last one's copies run.
-        self._staging = [_Staging(max_tokens, max_seqs, max_blocks, pin_memory) for _ in range(2)]
+        self._staging = [_Staging(max_tokens, max_seqs, max_blocks, transfer) for _ in range(2)]
         self._next_staging = 0
         self._metadata = {size: self._bucket_metadata(size) for size in sizes}
         self._steps = {size: self._step_function(size) for size in sizes}
@@ -195,16 +199,16 @@ class StepGraphs(ABC):
         )
 
     def run(
-        self, host: HostStepInputs, size: int, fixup: PlaceholderFixup | None = None
+        self, host: HostStepInputs, bucket: int, fixup: PlaceholderFixup | None = None
     ) -> torch.Tensor:
-        """Run the step ``host`` in bucket ``size``; returns the hidden states of its logit
-        rows ``[len(host.logits_indices), hidden_size]`` (may be a view of the graph's
-        output: use it before the next run). ``fixup`` fills placeholder input tokens
-        from the previous step's samples."""
-        staging = self._stage(host, size)
+        """Run the step ``host`` in ``bucket`` (from :meth:`bucket_for`); returns the hidden
+        states of its logit rows ``[len(host.logits_indices), hidden_size]`` (may be a view
+        of the graph's output: use it before the next run). ``fixup`` fills placeholder
+        input tokens from the previous step's samples."""
+        staging = self._stage(host, bucket)
         if fixup is not None:
             fixup.apply(self.token_ids[: host.num_tokens])
-        hidden = self.graph_runner.run(size, self._steps[size])
+        hidden = self.graph_runner.run(bucket, self._steps[bucket])
         return self._logit_rows(hidden, host, staging)
 
     def _bucket_metadata(self, size: int) -> AttentionMetadata:
@@ -246,17 +250,14 @@ class StepGraphs(ABC):
 
     def _upload(self, staging: _Staging, size: int) -> None:
         num_seqs = self.num_bucket_seqs(size)
+        copy = self.transfer.copy_to_device
         for name in ("token_ids", "positions", "slot_mapping"):
-            getattr(self, name)[:size].copy_(getattr(staging, name)[:size], non_blocking=True)
-        self.seq_lens[:num_seqs].copy_(staging.seq_lens[:num_seqs], non_blocking=True)
+            copy(getattr(staging, name)[:size], getattr(self, name)[:size])
+        copy(staging.seq_lens[:num_seqs], self.seq_lens[:num_seqs])
         if self.uploads_query_start_loc:
-            self.query_start_loc[: num_seqs + 1].copy_(
-                staging.query_start_loc[: num_seqs + 1], non_blocking=True
-            )
+            copy(staging.query_start_loc[: num_seqs + 1], self.query_start_loc[: num_seqs + 1])
         num_cols = staging.num_cols
-        self.block_tables[:num_seqs, :num_cols].copy_(
-            staging.block_tables[:num_seqs, :num_cols], non_blocking=True
-        )
+        copy(staging.block_tables[:num_seqs, :num_cols], self.block_tables[:num_seqs, :num_cols])
 
 
 class DecodeGraphs(StepGraphs):
@@ -329,15 +330,16 @@ class MixedGraphs(StepGraphs):
     ) -> torch.Tensor:
         # Outside the graph: the rows' count varies within a bucket.
         indices = staging.logits_indices[: len(host.logits_indices)]
-        return hidden.index_select(0, indices.to(hidden.device, non_blocking=True))
+        return hidden.index_select(0, self.transfer.copy_to_device(indices))
 
 
 class _Staging:
     """Host copies of the static buffers, filled with numpy before each upload."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin_memory: bool) -> None:
-        def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, pin_memory=pin_memory)
+    def __init__(
+        self, max_tokens: int, max_seqs: int, max_blocks: int, transfer: DeviceTransfer
+    ) -> None:
+        host = transfer.staging_buffer
 
         self.token_ids = host(max_tokens, dtype=torch.int64)
         self.positions = host(max_tokens, dtype=torch.int64)
@@ -372,9 +374,14 @@ class _Staging:
 
 
 __all__ = [
+    "MAX_CAPTURE_SIZE",
+    "MAX_MIXED_CAPTURE_TOKENS",
+    "MIXED_TOKEN_SIZES",
     "DecodeGraphs",
     "MixedGraphs",
     "StepGraphs",
-    "bucket_sizes",
+    "decode_bucket_sizes",
+    "graph_families",
+    "layers_that_cannot_be_captured",
     "mixed_bucket_sizes",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
-from kvplane.kv_cache.block_pool import BlockPool, _check
+from kvplane.kv_cache.block_pool import BlockPool, check_invariant
 from kvplane.kv_cache.hashing import BlockHash, hash_block_tokens
 
 if TYPE_CHECKING:  # the scheduler package imports this module; avoid the cycle at runtime
@@ -247,13 +247,15 @@ class BlockManager:
         self.pool.check_invariants()
         holders = [0] * self.pool.num_blocks
         for rid, table in self._tables.items():
-            _check(len(set(table)) == len(table), f"table of {rid!r} repeats a block")
-            _check(rid in self._num_hashed_blocks, f"no hashed-block count for {rid!r}")
-            _check(self._num_hashed_blocks[rid] <= len(table), f"{rid!r}: bad hashed count")
+            check_invariant(len(set(table)) == len(table), f"table of {rid!r} repeats a block")
+            check_invariant(rid in self._num_hashed_blocks, f"no hashed-block count for {rid!r}")
+            check_invariant(
+                self._num_hashed_blocks[rid] <= len(table), f"{rid!r}: bad hashed count"
+            )
             for block_id in table:
                 holders[block_id] += 1
         for block in self.pool.blocks:
-            _check(
+            check_invariant(
                 block.ref_count == holders[block.block_id],
                 f"block {block.block_id}: ref_count {block.ref_count} but held by "
                 f"{holders[block.block_id]} tables",

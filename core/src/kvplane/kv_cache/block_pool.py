@@ -120,36 +120,40 @@ class BlockPool:
         """Raise AssertionError if the free queue or hash map disagree with the blocks."""
         free = set(self._free)
         for block in self.blocks:
-            _check(block.ref_count >= 0, f"block {block.block_id} has ref_count < 0")
-            _check(
+            check_invariant(block.ref_count >= 0, f"block {block.block_id} has ref_count < 0")
+            check_invariant(
                 (block.ref_count == 0) == (block.block_id in free),
                 f"block {block.block_id}: ref_count {block.ref_count} but "
                 f"{'in' if block.block_id in free else 'not in'} the free queue",
             )
             if block.block_hash is not None:
-                _check(
+                check_invariant(
                     self._cached.get(block.block_hash) == block.block_id,
                     f"cached block {block.block_id} missing from the hash map",
                 )
-                _check(block.token_ids is not None, f"block {block.block_id}: no token ids")
+                check_invariant(
+                    block.token_ids is not None, f"block {block.block_id}: no token ids"
+                )
             else:
-                _check(block.token_ids is None, f"block {block.block_id}: stale token ids")
+                check_invariant(block.token_ids is None, f"block {block.block_id}: stale token ids")
         seen_cached = False
         for block_id in self._free:
             is_cached = self.blocks[block_id].block_hash is not None
-            _check(
+            check_invariant(
                 is_cached or not seen_cached,
                 f"free block {block_id} has no hash but follows a cached one in the queue",
             )
             seen_cached = seen_cached or is_cached
         for block_hash, block_id in self._cached.items():
-            _check(
+            check_invariant(
                 self.blocks[block_id].block_hash == block_hash,
                 f"hash map points at block {block_id}, which has another hash",
             )
 
 
-def _check(condition: bool, message: str) -> None:
-    # Not `assert`: these checks must also run under `python -O`.
+def check_invariant(condition: bool, message: str) -> None:
+    """Raise ``AssertionError(message)`` unless ``condition``: the check behind the
+    ``check_invariants`` methods of this package, which (unlike ``assert``) also runs
+    under ``python -O``."""
     if not condition:
         raise AssertionError(message)

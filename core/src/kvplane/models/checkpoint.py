@@ -76,7 +76,9 @@ def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
                 if end > start:
                     handle.seek(data_start + start)
-                    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()).cast("B")
+                    data = tensor.reshape(-1).view(torch.uint8).numpy()
+                    # numpy's stub declares __buffer__ only for Python >= 3.12.
+                    view = memoryview(data).cast("B")  # type: ignore[arg-type]
                     if handle.readinto(view) != end - start:
                         raise ValueError(f"{path.name}: tensor {name} is truncated")
                 yield name, tensor

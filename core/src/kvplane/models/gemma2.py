@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.models.base import CausalLM
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.embedding import LMHead
 from kvplane.models.layers.norm import RMSNorm
@@ -33,7 +34,6 @@ from kvplane.models.llama import (
     default_rotary,
     llama_attention_options,
 )
-from kvplane.models.weights import load_named_weights
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -123,21 +123,13 @@ class Gemma2Model(LlamaModel):
         super().__init__(config, ctx, make_layer)
         self.embed_scale = embedding_scale(config.hidden_size, ctx.dtype)
 
-    def forward(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
-    ) -> torch.Tensor:  # [T, hidden_size]
-        hidden = self.embed_tokens(token_ids) * self.embed_scale
-        residual: torch.Tensor | None = None
-        for layer in self.layers:
-            hidden, residual = layer(positions, hidden, residual, metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden_size]
+        return self.embed_tokens(token_ids) * self.embed_scale
 
 
-class Gemma2ForCausalLM(torch.nn.Module):
+class Gemma2ForCausalLM(CausalLM):
     """Gemma 2 decoder plus LM head (tied to the embedding unless the config unties it)
-    with ``final_logit_softcapping`` on the float32 logits; follows the model contract of
-    :class:`~kvplane.models.llama.LlamaForCausalLM`.
+    with ``final_logit_softcapping`` on the float32 logits.
 
     Subclasses adapt it through the class attributes and the methods before
     ``make_layer`` (see :class:`~kvplane.models.gemma3.Gemma3ForCausalLM`). Checkpoint
@@ -198,20 +190,15 @@ class Gemma2ForCausalLM(torch.nn.Module):
         activation = getattr(config, "hidden_activation", None) or config.hidden_act
         return GemmaDecoderLayer(config, ctx, attention, LlamaMLP(config, ctx, activation))
 
-    # -- the model contract --------------------------------------------------------------
+    # -- the model contract (compute_logits: CausalLM's) ---------------------------------
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(token_ids, positions, metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        loaded = load_named_weights(
-            self, self._skip_tied_head(weights), self.stacked_params, self.ignored_suffixes
-        )
+        loaded = super().load_weights(self._skip_tied_head(weights))
         fold_norm_offsets(self, loaded)
         return loaded
 

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.models.base import CausalLM
 from kvplane.models.layers.activation import Activation
 from kvplane.models.layers.attention import Attention
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.embedding import LMHead, VocabEmbedding
 from kvplane.models.layers.linear import Linear
 from kvplane.models.layers.norm import LayerNorm
-from kvplane.models.weights import load_named_weights
 
 #: Modules whose checkpoint weights are transformers ``Conv1D`` ([in, out]).
 _CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")
@@ -101,9 +101,8 @@ class GPT2Model(torch.nn.Module):
         return self.ln_f(hidden)
 
 
-class GPT2LMHeadModel(torch.nn.Module):
-    """GPT-2 with its (normally tied) LM head; the contract of
-    :class:`~kvplane.models.llama.LlamaForCausalLM`."""
+class GPT2LMHeadModel(CausalLM):
+    """GPT-2 with its (normally tied) LM head."""
 
     #: ``c_attn`` is stored fused: it fills all three shards (q, k, v) at once.
     stacked_params = (("c_attn", "c_attn", None),)
@@ -125,13 +124,8 @@ class GPT2LMHeadModel(torch.nn.Module):
     ) -> torch.Tensor:
         return self.transformer(token_ids, positions, metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_named_weights(
-            self, self._normalized(weights), self.stacked_params, self.ignored_suffixes
-        )
+        return super().load_weights(self._normalized(weights))
 
     def _normalized(
         self, weights: Iterable[tuple[str, torch.Tensor]]

@@ -10,13 +10,14 @@ builders run inside ``__init__``, once per layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.models.base import CausalLM
 from kvplane.models.layers.activation import GatedActivation
 from kvplane.models.layers.attention import Attention
 from kvplane.models.layers.context import BuildContext
@@ -24,7 +25,6 @@ from kvplane.models.layers.embedding import LMHead, VocabEmbedding
 from kvplane.models.layers.linear import Linear
 from kvplane.models.layers.norm import RMSNorm
 from kvplane.models.layers.rotary import RotaryEmbedding, rope_parameters
-from kvplane.models.weights import load_named_weights
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,10 +225,13 @@ class LlamaModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(make_layer(i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ctx)
 
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden_size]
+        return self.embed_tokens(token_ids)
+
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:  # [T, hidden_size]
-        hidden = self.embed_tokens(token_ids)
+        hidden = self.embed(token_ids)
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, metadata)
@@ -236,13 +239,8 @@ class LlamaModel(torch.nn.Module):
         return hidden
 
 
-class LlamaForCausalLM(torch.nn.Module):
-    """Llama decoder plus LM head; the contract every kvplane model follows:
-
-    ``forward(token_ids [T], positions [T], metadata) -> hidden [T, hidden_size]``,
-    ``compute_logits(hidden [S, hidden_size]) -> [S, vocab_size] float32`` and
-    ``load_weights(named tensors) -> names loaded``.
-    """
+class LlamaForCausalLM(CausalLM):
+    """Llama decoder plus LM head (the model contract: :class:`~kvplane.models.base.CausalLM`)."""
 
     #: Checkpoint matrices stacked into one kvplane layer: (ours, theirs, shard index;
     #: None when the checkpoint tensor already holds every shard).
@@ -301,15 +299,9 @@ class LlamaForCausalLM(torch.nn.Module):
             self.make_mlp(config, layer_index, ctx),
         )
 
-    # -- the model contract --------------------------------------------------------------
+    # -- the model contract (compute_logits and load_weights: CausalLM's) ----------------
 
     def forward(
         self, token_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(token_ids, positions, metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return load_named_weights(self, weights, self.stacked_params, self.ignored_suffixes)

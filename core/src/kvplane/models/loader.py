@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from kvplane.models.base import CausalLM
 from kvplane.models.checkpoint import iterate_weights
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.linear import Linear
@@ -22,7 +23,7 @@ LOAD_FORMATS = ("auto", "dummy")
 
 def build_model(
     hf_config: Any, ctx: BuildContext, source: ModelSource | None, load_format: str = "auto"
-) -> torch.nn.Module:
+) -> CausalLM:
     """Construct the model for ``hf_config`` on ``ctx.device`` and load its weights
     (``load_format="dummy"``: random weights, needing only the config)."""
     if load_format not in LOAD_FORMATS:
@@ -36,7 +37,7 @@ def build_model(
     else:
         if source is None:
             raise ValueError("load_format='auto' needs a model source")
-        loaded = model.load_weights(iterate_weights(source, hf_config))  # type: ignore[operator]
+        loaded = model.load_weights(iterate_weights(source, hf_config))
         check_all_loaded(model, loaded)
     for module in model.modules():
         if isinstance(module, Linear):

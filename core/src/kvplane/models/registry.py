@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-import torch
+from kvplane.models.base import CausalLM
 
 #: Supported architectures and where their class lives (imported on first use).
 _ARCHITECTURES: dict[str, str] = {
@@ -54,6 +54,7 @@ def architecture_of(hf_config: Any) -> str:
     )
 
 
-def model_class(architecture: str) -> type[torch.nn.Module]:
+def model_class(architecture: str) -> type[CausalLM]:
+    """The class of ``architecture`` (a key of :func:`supported_architectures`)."""
     module_name, _, class_name = _ARCHITECTURES[architecture].partition(":")
     return getattr(importlib.import_module(module_name), class_name)

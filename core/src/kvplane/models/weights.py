@@ -36,24 +36,25 @@ def load_named_weights(
     for name, tensor in weights:
         if name.endswith(tuple(ignored_suffixes)):
             continue
-        target = _resolve_stacked(name, stacked_params)
-        module_name, _, param_kind = target[0].rpartition(".")
+        target, shard_index = _resolve_stacked(name, stacked_params)
+        module_name, _, param_kind = target.rpartition(".")
         module = modules.get(module_name)
-        if isinstance(module, Linear) and target[1] is None:
-            module.load_fused(param_kind, tensor)
-            loaded.update(f"{target[0]}#{i}" for i in range(len(module.output_sizes)))
-        elif isinstance(module, Linear):
-            module.load_shard(param_kind, tensor, target[1])
-            loaded.add(f"{target[0]}#{target[1]}")
-        elif target[0] in params:
-            param = params[target[0]]
+        if isinstance(module, Linear):
+            if shard_index is None:
+                module.load_fused(param_kind, tensor)
+                loaded.update(f"{target}#{i}" for i in range(len(module.output_sizes)))
+            else:
+                module.load_shard(param_kind, tensor, shard_index)
+                loaded.add(f"{target}#{shard_index}")
+        elif target in params:
+            param = params[target]
             if param.shape != tensor.shape:
                 raise WeightLoadError(
                     f"shape mismatch for {name}: checkpoint {tuple(tensor.shape)}, "
                     f"model {tuple(param.shape)}"
                 )
             param.data.copy_(tensor)
-            loaded.add(target[0])
+            loaded.add(target)
         else:
             unexpected.append(name)
     if unexpected:

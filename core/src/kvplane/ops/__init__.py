@@ -1,4 +1,8 @@
-"""Ops by stable name: the table the model layers call, resolved once at start-up."""
+"""Ops by stable name: the table the model layers call, resolved once at start-up.
+
+:mod:`kvplane.ops.reference` defines every op in plain torch; it is built from the public
+steps of :mod:`kvplane.ops.steps`, which platform implementations reuse rather than copy.
+"""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvplane.ops import steps
+
 
 def rms_norm(
     x: torch.Tensor,  # [num_tokens, hidden_size]
@@ -34,7 +36,7 @@ def fused_add_rms_norm(
     Implementations may write their results into ``x`` and ``residual``; callers must
     not reuse those inputs afterwards.
     """
-    summed = (x.float() + residual.float()).to(x.dtype)
+    summed = steps.residual_sum(x, residual)
     return rms_norm(summed, weight, eps), summed
 
 
@@ -53,8 +55,8 @@ def rotary_embedding(
     in place and return them (this reference returns new tensors), so callers must not
     reuse the unrotated inputs.
     """
-    cos_sin = cos_sin_cache.index_select(0, positions).float()  # [num_tokens, rotary_dim]
-    cos, sin = cos_sin.chunk(2, dim=-1)  # each [num_tokens, rotary_dim // 2]
+    # cos and sin: [num_tokens, rotary_dim // 2] each.
+    cos, sin = steps.cos_sin_halves(cos_sin_cache.index_select(0, positions))
     return (
         _rotate(query, cos, sin, is_neox_style),
         _rotate(key, cos, sin, is_neox_style),
@@ -71,10 +73,7 @@ def _rotate(
     x_rot = x[..., :rotary_dim].float()
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
-    if is_neox_style:
-        x1, x2 = x_rot.chunk(2, dim=-1)
-    else:
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+    x1, x2 = steps.rotary_pairs(x_rot, is_neox_style)
     out1 = x1 * cos - x2 * sin
     out2 = x2 * cos + x1 * sin
     if is_neox_style:
@@ -103,8 +102,7 @@ def reshape_and_cache(
     slot_mapping: torch.Tensor,  # [num_tokens] int64; slot = block * block_size + offset
 ) -> None:
     """Write each token's key and value at its slot, in place. Slots < 0 are skipped."""
-    num_kv_heads, head_size = kv_cache.shape[-2:]
-    flat_cache = kv_cache.view(2, -1, num_kv_heads, head_size)  # [2, num_slots, ...]
+    flat_cache = steps.slot_view(kv_cache)  # [2, num_slots, num_kv_heads, head_size]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     flat_cache[0].index_copy_(0, slots, key[valid].to(kv_cache.dtype))
@@ -128,25 +126,15 @@ def top_k_top_p_sample(
     noise rows give equal tokens whatever else is in the batch.
     """
     kept = probs.clone()
-    vocab_size = probs.shape[-1]
     if top_k is not None or top_p is not None:
         sorted_probs, _ = probs.sort(dim=-1, descending=True)  # [num_seqs, vocab_size]
         if top_k is not None:
-            k = torch.where((top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
-            kth = sorted_probs.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
-            kept = kept.masked_fill(kept < kth, 0.0)
+            kept = kept.masked_fill(kept < steps.top_k_floor(sorted_probs, top_k), 0.0)
         if top_p is not None:
-            # Mass strictly before each sorted position; keep a token while that mass < p.
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            keep_sorted = mass_before < top_p.unsqueeze(1)
-            keep_sorted[:, 0] = True
-            num_kept = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
-            threshold = sorted_probs.gather(1, num_kept - 1)
-            kept = kept.masked_fill(probs < threshold, 0.0)
+            kept = kept.masked_fill(probs < steps.top_p_floor(sorted_probs, top_p), 0.0)
     if min_p is not None:
-        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        kept = kept.masked_fill(probs < floor, 0.0)
-    return (kept / exponential_noise).argmax(dim=-1)
+        kept = kept.masked_fill(probs < steps.min_p_floor(probs, min_p), 0.0)
+    return steps.exponential_race(kept, exponential_noise)
 
 
 #: Activations ``fused_moe`` accepts (SwiGLU, exact GeGLU, tanh-approximated GeGLU).

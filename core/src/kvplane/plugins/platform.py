@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 import torch
@@ -19,6 +20,7 @@ from kvplane.plugins.types import (
     AttentionSpec,
     BlockCopyRequest,
     DeviceQuery,
+    Emulation,
     GraphCaptureRequest,
     GroupInfo,
     KVCacheSpec,
@@ -36,14 +38,25 @@ logger = logging.getLogger(__name__)
 
 #: Hooks a platform must implement itself (the reference has none for them).
 REQUIRED_HOOKS = ("kvplane_platform_probe", "kvplane_platform_info", "kvplane_device_memory")
+#: Appended to a platform's name to name its emulation plugin in the plugin manager.
+EMULATION_SUFFIX = ":emulation"
 
 
-def make_plugin_manager(name: str, module: ModuleType) -> pluggy.PluginManager:
-    """A plugin manager holding the hook specs, the reference plugin and ``module``."""
+def make_plugin_manager(
+    name: str, module: ModuleType, emulation_plugin: object | None = None
+) -> pluggy.PluginManager:
+    """A plugin manager holding the hook specs, the reference plugin and ``module``, and
+    above them ``emulation_plugin`` when the platform is emulated.
+
+    pluggy calls the plugin registered last first, so an emulation plugin's answers
+    override the platform's own (first result) or come first (merged results).
+    """
     manager = pluggy.PluginManager(PROJECT_NAME)
     manager.add_hookspecs(hookspec)
     manager.register(reference, name=reference.REFERENCE_PLUGIN_NAME)
     manager.register(module, name=name)
+    if emulation_plugin is not None:
+        manager.register(emulation_plugin, name=f"{name}{EMULATION_SUFFIX}")
     # A misspelled hook name would otherwise be ignored silently.
     manager.check_pending()
     return manager
@@ -57,6 +70,11 @@ def probe(manager: pluggy.PluginManager) -> ProbeResult:
     return result
 
 
+def emulation(manager: pluggy.PluginManager) -> Emulation | None:
+    """Call the emulation hook: how the platform runs without its hardware, if it can."""
+    return manager.hook.kvplane_emulation()
+
+
 class Platform:
     """The selected platform: identity plus every hook resolved into plain objects.
 
@@ -65,9 +83,14 @@ class Platform:
     quant methods, the graph runner).
     """
 
-    def __init__(self, name: str, version: str, manager: pluggy.PluginManager) -> None:
+    def __init__(
+        self, name: str, version: str, manager: pluggy.PluginManager, emulated: bool = False
+    ) -> None:
         self.name = name
         self.version = version
+        #: Whether the platform runs through its emulation (for logs and reports; the
+        #: engine never branches on it).
+        self.emulated = emulated
         self._manager = manager
         missing = [hook for hook in REQUIRED_HOOKS if not self._implements(hook)]
         if missing:
@@ -159,7 +182,7 @@ class Platform:
 
     # -- execution -----------------------------------------------------------------------
 
-    def graph_runner(self, request: GraphCaptureRequest) -> GraphRunner:
+    def graph_runner(self, request: GraphCaptureRequest) -> GraphRunner | None:
         return self._manager.hook.kvplane_graph_runner(request=request)
 
     # -- internals -----------------------------------------------------------------------
@@ -185,7 +208,11 @@ class Platform:
         for impl in reversed(self._manager.hook.kvplane_ops.get_hookimpls()):
             # Pass only the arguments the implementation declares, as pluggy itself does.
             arguments = {"query": query}
-            result = impl.function(*(arguments[name] for name in impl.argnames)) or {}
+            # pluggy types a raw implementation's result as object; the spec says a mapping.
+            result = cast(
+                Mapping[str, Callable[..., object]],
+                impl.function(*(arguments[name] for name in impl.argnames)) or {},
+            )
             unknown = set(result) - set(OP_NAMES)
             if unknown:
                 raise ValueError(f"plugin {impl.plugin_name!r} offers unknown ops {unknown}")

@@ -9,20 +9,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import psutil
 import torch
 
 from kvplane.attention.backend import AttentionBackend
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.distributed.communicator import Communicator
 from kvplane.distributed.torch_communicator import TorchDistributedCommunicator
-from kvplane.engine.graph_runner import EagerGraphRunner, GraphRunner
 from kvplane.ops import reference_ops
+from kvplane.plugins.host import profile_host_memory
 from kvplane.plugins.markers import hookimpl
 from kvplane.plugins.types import (
     AttentionSpec,
     BlockCopyRequest,
-    GraphCaptureRequest,
     GroupInfo,
     KVCacheSpec,
     LayerQuantSpec,
@@ -59,35 +57,30 @@ def kvplane_communicator(group: GroupInfo) -> Communicator:
 
 @hookimpl(trylast=True)
 def kvplane_profile_memory(request: MemoryProfileRequest) -> MemoryProfile:
-    # Host memory: resident set size around the run is the best portable measure.
-    process = psutil.Process()
-    rss_before = process.memory_info().rss
-    request.run_forward()
-    rss_after = process.memory_info().rss
-    return MemoryProfile(
-        total_bytes=psutil.virtual_memory().total,
-        used_bytes=rss_before,
-        peak_activation_bytes=max(rss_after - rss_before, 0),
-    )
+    # Host memory: the resident set's peak across the run is the best portable measure.
+    return profile_host_memory(request)
 
 
 @hookimpl(trylast=True)
 def kvplane_allocate_kv_cache(spec: KVCacheSpec) -> torch.Tensor:
-    return torch.zeros(spec.shape, dtype=spec.dtype, device=spec.device)
+    # Uninitialised: attention never reads a slot before it is written, and on the host
+    # the OS maps pages lazily, so an unused part of a large cache costs no memory.
+    return torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
 
 
 @hookimpl(trylast=True)
 def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
+    if len(request.src_block_ids) != len(request.dst_block_ids):
+        raise ValueError(
+            f"copy_blocks got {len(request.src_block_ids)} sources but "
+            f"{len(request.dst_block_ids)} destinations"
+        )
     if not request.src_block_ids:
         return True
     device = request.kv_caches[0].device
-    src = torch.tensor(request.src_block_ids, dtype=torch.long, device=device)
-    dst = torch.tensor(request.dst_block_ids, dtype=torch.long, device=device)
+    src = torch.tensor(request.src_block_ids, dtype=torch.long).to(device, non_blocking=True)
+    dst = torch.tensor(request.dst_block_ids, dtype=torch.long).to(device, non_blocking=True)
     for kv_cache in request.kv_caches:  # [2, num_blocks, block_size, kv_heads, head_size]
-        kv_cache[:, dst] = kv_cache[:, src]
+        # index_select copies every source before index_copy_ writes a destination.
+        kv_cache.index_copy_(1, dst, kv_cache.index_select(1, src))
     return True
-
-
-@hookimpl(trylast=True)
-def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner:
-    return EagerGraphRunner()

@@ -35,6 +35,30 @@ class ProbeResult:
 
 
 @dataclass(frozen=True, slots=True)
+class Emulation:
+    """Answer of :func:`kvplane_emulation`: how this platform runs on a host without its
+    hardware (since 1.4).
+
+    ``description`` says how, for ``kvplane platforms`` ("Triton kernels in the Triton
+    interpreter on host tensors"). ``available`` is false when this host cannot emulate
+    it either, with ``reason`` saying what is missing ("pip install triton"). ``score``
+    ranks the emulated platform like a probe's score. ``plugin`` holds hook
+    implementations registered above the platform's own while it is emulated: they
+    answer the hooks that differ without the hardware (identity, memory, ops for host
+    tensors). ``activate`` is called once when the emulated platform is selected, before
+    any hook but the probe and this one, to switch the emulation on (it may change
+    process-wide state, such as Triton's interpreter switch).
+    """
+
+    description: str
+    available: bool = True
+    reason: str = ""
+    score: int = 0
+    plugin: object | None = None
+    activate: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PlatformInfo:
     """Identity and static capabilities of a platform.
 
@@ -215,14 +239,28 @@ class OpsQuery:
 class GraphCaptureRequest:
     """Argument of :func:`kvplane_graph_runner`.
 
-    ``batch_sizes`` are the buckets the engine wants captured; ``enabled`` is false when
-    the user asked for eager execution (a platform then returns ``None``).
-    ``step_kind`` says what a bucket counts (since 1.3): ``"decode"`` steps (one token per
-    sequence) are bucketed by sequences, ``"mixed"`` steps (prefill chunks with decodes)
-    by tokens; a platform may return ``None`` for a kind it does not want captured.
+    ``bucket_sizes`` are the buckets the engine wants captured, ascending (since 1.4; was
+    ``batch_sizes``). ``step_kind`` says what a bucket counts (since 1.3): ``"decode"``
+    steps (one token per sequence) are bucketed by sequences, ``"mixed"`` steps (prefill
+    chunks with decodes) by tokens; a platform may return ``None`` for a kind it does not
+    want captured. (1.4 renamed ``batch_sizes`` and retired ``enabled``, which was always
+    true since under ``enforce_eager`` the hook is not called; both stay readable as
+    deprecated aliases until 2.0.)
     """
 
     device: "torch.device"
-    batch_sizes: tuple[int, ...] = field(default_factory=tuple)
-    enabled: bool = True
+    bucket_sizes: tuple[int, ...] = field(default_factory=tuple)
     step_kind: str = "decode"
+
+    # Read-only aliases for plugins written before 1.4, which the 1.x promise keeps
+    # working; removed in 2.0.
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Deprecated name of :attr:`bucket_sizes` (before 1.4)."""
+        return self.bucket_sizes
+
+    @property
+    def enabled(self) -> bool:
+        """Deprecated (before 1.4): always true, since the hook is not called otherwise."""
+        return True

@@ -42,7 +42,7 @@ class QuantMethod(ABC):
                 torch.empty(spec.output_size, dtype=spec.params_dtype), requires_grad=False
             )
         else:
-            layer.bias = None
+            layer.register_parameter("bias", None)
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Convert loaded float weights to this method's format (default: keep them)."""

@@ -25,4 +25,7 @@ class UnquantizedMethod(QuantMethod):
         return True, ""
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight, layer.bias)
+        weight, bias = layer.weight, layer.bias
+        # torch types module attributes as Tensor | Module; create_weights made these.
+        assert isinstance(weight, torch.Tensor) and (bias is None or isinstance(bias, torch.Tensor))
+        return F.linear(x, weight, bias)

@@ -86,10 +86,6 @@ class IncrementalDetokenizer:
         self._ids.append(token_id)
         return self._advance(final=False)
 
-    def add_tokens(self, token_ids: Sequence[int]) -> str:
-        """Append several tokens (e.g. speculative decoding); return their joint delta."""
-        return "".join(self.add_token(token_id) for token_id in token_ids)
-
     def flush(self) -> str:
         """Emit whatever is held back, even an incomplete character (as U+FFFD).
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kvplane.sampling._transfer import to_device
-
 # Bounds the float32 [rows, vocab] temporaries of compute_prompt_logprobs (~256 MiB).
 _MAX_ELEMENTS_PER_CHUNK = 1 << 26
 
@@ -106,7 +104,7 @@ def compute_prompt_logprobs(
     The engine supplies the logits of positions ``0..P-2`` with ``next_token_ids`` the
     prompt tokens ``1..P-1``; it reports ``None`` for the first prompt token itself.
     Works in chunks of positions so a long prompt does not materialise a float32 copy of
-    all its logits at once.
+    all its logits at once. Waits for the device (the entries are host lists).
     """
     if logits.shape[0] != len(next_token_ids):
         raise ValueError(
@@ -117,7 +115,9 @@ def compute_prompt_logprobs(
         raise ValueError(f"num_top must be non-negative, got {num_top}")
     num_positions, vocab_size = logits.shape
     chunk = max(1, _MAX_ELEMENTS_PER_CHUNK // max(vocab_size, 1))
-    targets = to_device(list(next_token_ids), torch.int64, logits.device)
+    # A plain copy: the entries are read back on the host right below, so an asynchronous
+    # upload would gain nothing.
+    targets = torch.tensor(next_token_ids, dtype=torch.int64, device=logits.device)
     results: list[SampleLogprobs] = []
     for start in range(0, num_positions, chunk):
         end = min(start + chunk, num_positions)

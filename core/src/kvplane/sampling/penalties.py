@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from kvplane.sampling._transfer import to_device
+from kvplane.engine.transfer import DeviceTransfer
 
 
 class PenaltyStateLike(Protocol):
@@ -54,13 +54,15 @@ class PenaltyCache:
     def gather(
         self,
         states: Sequence[PenaltyStateLike],
-        device: torch.device,
+        transfer: DeviceTransfer,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # [n, vocab] int32 counts, [n, vocab] bool
         """Bring each state's slot up to date and return its (output counts, prompt mask).
 
-        Allocates slots for states seen for the first time. Returns copies, row ``i``
-        belonging to ``states[i]``.
+        Allocates slots (on ``transfer.device``) for states seen for the first time;
+        ``transfer`` moves the step's token and slot lists there. Returns copies, row
+        ``i`` belonging to ``states[i]``.
         """
+        device = transfer.device
         new_slots: list[int] = []  # zero counts and prompt mask, then fill both
         recount_slots: list[int] = []  # output rolled back: zero counts, refill
         prompt_rows: list[int] = []
@@ -89,18 +91,18 @@ class PenaltyCache:
         counts, mask = self._output_counts, self._prompt_mask
         assert counts is not None and mask is not None
         if new_slots or recount_slots:
-            counts.index_fill_(0, _index(new_slots + recount_slots, device), 0)
+            counts.index_fill_(0, _index(new_slots + recount_slots, transfer), 0)
         if new_slots:
-            mask.index_fill_(0, _index(new_slots, device), False)
+            mask.index_fill_(0, _index(new_slots, transfer), False)
         if prompt_tokens:
-            mask[_index(prompt_rows, device), _index(prompt_tokens, device)] = True
+            mask[_index(prompt_rows, transfer), _index(prompt_tokens, transfer)] = True
         if count_tokens:
             counts.index_put_(
-                (_index(count_rows, device), _index(count_tokens, device)),
+                (_index(count_rows, transfer), _index(count_tokens, transfer)),
                 torch.ones(len(count_tokens), dtype=counts.dtype, device=device),
                 accumulate=True,
             )
-        rows = _index(slots, device)
+        rows = _index(slots, transfer)
         return counts.index_select(0, rows), mask.index_select(0, rows)
 
     def _allocate(self, state: PenaltyStateLike, device: torch.device) -> _Entry:
@@ -131,8 +133,8 @@ class PenaltyCache:
         self._free_slots.extend(range(capacity - 1, old_capacity - 1, -1))
 
 
-def _index(values: list[int], device: torch.device) -> torch.Tensor:  # [len(values)] int64
-    return to_device(values, torch.int64, device)
+def _index(values: list[int], transfer: DeviceTransfer) -> torch.Tensor:  # [len(values)] int64
+    return transfer.to_device(values, torch.int64)
 
 
 def apply_penalties(

@@ -17,71 +17,30 @@ tokens depend on its seed and logits alone, never on the rest of the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
+from kvplane.engine.transfer import DeviceTransfer
 from kvplane.ops import Ops
-from kvplane.sampling._transfer import copy_to_host_async, to_device
 from kvplane.sampling.logprobs import (
     Logprob,
     LogprobTensors,
     SampleLogprobs,
     compute_prompt_logprobs,
 )
-from kvplane.sampling.params import SamplingParams, SamplingType
+from kvplane.sampling.params import SamplingType
 from kvplane.sampling.penalties import PenaltyCache, apply_penalties
-
-#: ``(output_token_ids, logits [vocab_size] float32) -> logits [vocab_size]``; may modify
-#: and return its argument. Applied row by row: prefer ``allowed_mask_fn`` when possible.
-LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
-
-#: ``(output_token_ids) -> mask of tokens allowed now, or None (no constraint this step)``.
-#: The mask is either a ``[vocab_size]`` bool tensor or a packed ``[ceil(vocab_size / 32)]``
-#: int32 bitmask (bit ``j`` of word ``i`` allows token ``32 * i + j``; what xgrammar fills),
-#: on the CPU or the logits' device. The sampler stacks the masks of all rows, moves them to
-#: the device at once (packed: 32x fewer bytes) and applies them in one batched kernel: the
-#: seam for grammar-constrained decoding (see :mod:`kvplane.structured`). Called once per
-#: sampling step of the row, so it may advance its own state by the tokens appended since.
-AllowedMaskFn = Callable[[Sequence[int]], torch.Tensor | None]
+from kvplane.sampling.state import (
+    AllowedMaskFn,
+    LogitsProcessor,
+    SequenceSamplingState,
+    make_generator,
+)
 
 # The smallest positive float32: keeps ``prob / noise`` finite and never 0 / 0.
 _TINY = torch.finfo(torch.float32).tiny
-
-
-def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
-    """A generator on ``device`` seeded with ``seed``, for a request's own noise."""
-    generator = torch.Generator(device=torch.device(device))
-    generator.manual_seed(seed)
-    return generator
-
-
-@dataclass(eq=False)
-class SequenceSamplingState:
-    """Sampling state of one sequence, owned by the engine and living across steps.
-
-    ``output_token_ids`` is the engine's live list: the scheduler appends each accepted
-    token; the sampler only reads it (append-only between calls, see
-    :class:`~kvplane.sampling.penalties.PenaltyCache`). ``generator`` is created lazily on
-    the logits' device from ``params.seed`` when left ``None``; the sampler advances it by
-    one ``[vocab_size]`` draw per random step. Compared by identity: the sampler caches
-    per-sequence penalty statistics under it until the object is garbage-collected.
-    """
-
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    eos_token_ids: frozenset[int] = frozenset()
-    generator: torch.Generator | None = None
-    #: Extra per-row logits transforms, applied after ``allowed_mask_fn``.
-    logits_processors: list[LogitsProcessor] = field(default_factory=list)
-    #: Batched token constraint (grammar); see :data:`AllowedMaskFn`.
-    allowed_mask_fn: AllowedMaskFn | None = None
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +58,8 @@ class SamplerOutput:
 class PendingSamples:
     """Sampled tokens still on the device: :meth:`result` copies them back (once).
 
-    The copy to host memory is queued at once (pinned memory where the device has it),
-    so reading the result later waits only for the sampling itself.
+    The copy to host memory is queued at once through ``transfer`` (pinned memory where
+    the platform has it), so reading the result later waits only for the sampling itself.
     """
 
     def __init__(
@@ -108,11 +67,12 @@ class PendingSamples:
         sampled: torch.Tensor,  # [num_seqs] int64, on the device
         logprobs: LogprobTensors | None,
         logprob_rows: list[int],
+        transfer: DeviceTransfer,
     ) -> None:
         self.sampled = sampled
         self._logprobs = logprobs
         self._logprob_rows = logprob_rows
-        self._host = copy_to_host_async(sampled)
+        self._host = transfer.to_host_async(sampled)
         self._result: SamplerOutput | None = None
 
     def result(self) -> SamplerOutput:
@@ -149,21 +109,27 @@ class Sampler:
         logits: torch.Tensor,  # [num_seqs, >= vocab_size] float32 or the model dtype
         states: Sequence[SequenceSamplingState],
         batch_generator: torch.Generator | None = None,
+        transfer: DeviceTransfer | None = None,
     ) -> SamplerOutput:
         """Sample a token for every row; unseeded rows draw from ``batch_generator``.
 
         ``batch_generator=None`` uses torch's default generator of the logits' device.
+        ``transfer`` moves the step's index lists to the logits' device and the tokens
+        back (the model runner's, pinned where the platform can pin); ``None`` copies
+        plainly, to and from whatever device the logits are on.
         """
-        return self.launch(logits, states, batch_generator).result()
+        return self.launch(logits, states, batch_generator, transfer).result()
 
     def launch(
         self,
         logits: torch.Tensor,  # [num_seqs, >= vocab_size] float32 or the model dtype
         states: Sequence[SequenceSamplingState],
         batch_generator: torch.Generator | None = None,
+        transfer: DeviceTransfer | None = None,
     ) -> PendingSamples:
         """Queue the sampling of every row on the device without waiting for it; the
-        returned object's :meth:`PendingSamples.result` waits and brings the tokens back."""
+        returned object's :meth:`PendingSamples.result` waits and brings the tokens back.
+        Arguments as for :meth:`__call__`."""
         num_seqs = len(states)
         if logits.dim() != 2 or logits.shape[0] != num_seqs:
             raise ValueError(
@@ -173,31 +139,36 @@ class Sampler:
             raise ValueError(
                 f"logits have {logits.shape[1]} columns, fewer than vocab_size={self.vocab_size}"
             )
+        if transfer is None:
+            transfer = DeviceTransfer(logits.device, pin_memory=False)
         if num_seqs == 0:
-            return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [])
+            return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [], transfer)
         raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
         work = raw_logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size], mutated
-        self._apply_bias_and_allowed(work, states)
-        self._apply_constraints(work, states)
-        self._apply_min_tokens(work, states)
-        work = self._apply_penalties(work, states)
-        sampled = self._sample(work, states, batch_generator)  # [num_seqs] int64
+        self._apply_bias_and_allowed(work, states, transfer)
+        self._apply_constraints(work, states, transfer)
+        self._apply_min_tokens(work, states, transfer)
+        work = self._apply_penalties(work, states, transfer)
+        sampled = self._sample(work, states, batch_generator, transfer)  # [num_seqs] int64
         rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
         logprobs = None
         if rows:
-            index = _int64(rows, raw_logits.device)
+            index = _int64(rows, transfer)
             num_top = [states[row].params.logprobs or 0 for row in rows]
             logprobs = LogprobTensors.compute(
                 raw_logits.index_select(0, index), sampled.index_select(0, index), num_top
             )
-        return PendingSamples(sampled, logprobs, rows)
+        return PendingSamples(sampled, logprobs, rows, transfer)
 
     # ----------------------------------------------------------------------------------
     # Logits processing (in place on the float32 working copy)
     # ----------------------------------------------------------------------------------
 
     def _apply_bias_and_allowed(
-        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        states: Sequence[SequenceSamplingState],
+        transfer: DeviceTransfer,
     ) -> None:
         bias_rows: list[int] = []
         bias_ids: list[int] = []
@@ -213,22 +184,24 @@ class Sampler:
             if params.allowed_token_ids is not None:
                 allowed_rows.extend([row] * len(params.allowed_token_ids))
                 allowed_ids.extend(params.allowed_token_ids)
-        device = logits.device
         if bias_ids:
             logits.index_put_(
-                (_int64(bias_rows, device), _int64(bias_ids, device)),
-                _float32(bias_values, device),
+                (_int64(bias_rows, transfer), _int64(bias_ids, transfer)),
+                _float32(bias_values, transfer),
                 accumulate=True,
             )
         if allowed_ids:
-            rows = _int64(allowed_rows, device)
+            rows = _int64(allowed_rows, transfer)
             disallowed = torch.zeros_like(logits, dtype=torch.bool)  # [num_seqs, vocab]
             disallowed[rows] = True
-            disallowed[rows, _int64(allowed_ids, device)] = False
+            disallowed[rows, _int64(allowed_ids, transfer)] = False
             logits.masked_fill_(disallowed, float("-inf"))
 
     def _apply_constraints(
-        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        states: Sequence[SequenceSamplingState],
+        transfer: DeviceTransfer,
     ) -> None:
         mask_rows: list[int] = []
         masks: list[torch.Tensor] = []  # each [vocab_size] bool
@@ -254,14 +227,17 @@ class Sampler:
             parts.append(unpack_bitmask(packed, self.vocab_size))
         if parts:
             allowed = torch.cat(parts)  # [rows, vocab_size] bool
-            rows = _int64(mask_rows + packed_rows, device)
+            rows = _int64(mask_rows + packed_rows, transfer)
             logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
         for row, state in enumerate(states):
             for processor in state.logits_processors:
                 logits[row] = processor(state.output_token_ids, logits[row])
 
     def _apply_min_tokens(
-        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        states: Sequence[SequenceSamplingState],
+        transfer: DeviceTransfer,
     ) -> None:
         rows: list[int] = []
         token_ids: list[int] = []
@@ -276,27 +252,28 @@ class Sampler:
             rows.extend([row] * len(blocked))
             token_ids.extend(blocked)
         if token_ids:
-            device = logits.device
-            logits[_int64(rows, device), _int64(token_ids, device)] = float("-inf")
+            logits[_int64(rows, transfer), _int64(token_ids, transfer)] = float("-inf")
 
     def _apply_penalties(
-        self, logits: torch.Tensor, states: Sequence[SequenceSamplingState]
-    ) -> torch.Tensor:
+        self,
+        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        states: Sequence[SequenceSamplingState],
+        transfer: DeviceTransfer,
+    ) -> torch.Tensor:  # [num_seqs, vocab_size] float32
         rows = [row for row, state in enumerate(states) if state.params.has_penalties]
         if not rows:
             return logits
-        device = logits.device
         penalised_states = [states[row] for row in rows]
-        output_counts, prompt_mask = self._penalty_cache.gather(penalised_states, device)
+        output_counts, prompt_mask = self._penalty_cache.gather(penalised_states, transfer)
         params = [state.params for state in penalised_states]
-        index = _int64(rows, device)
+        index = _int64(rows, transfer)
         penalised = apply_penalties(
             logits.index_select(0, index),
             output_counts,
             prompt_mask,
-            _float32([p.repetition_penalty for p in params], device),
-            _float32([p.presence_penalty for p in params], device),
-            _float32([p.frequency_penalty for p in params], device),
+            _float32([p.repetition_penalty for p in params], transfer),
+            _float32([p.presence_penalty for p in params], transfer),
+            _float32([p.frequency_penalty for p in params], transfer),
         )
         logits[index] = penalised
         return logits
@@ -310,6 +287,7 @@ class Sampler:
         logits: torch.Tensor,  # [num_seqs, vocab_size] float32, processed
         states: Sequence[SequenceSamplingState],
         batch_generator: torch.Generator | None,
+        transfer: DeviceTransfer,
     ) -> torch.Tensor:  # [num_seqs] int64
         random_rows = [
             row
@@ -318,13 +296,15 @@ class Sampler:
         ]
         if not random_rows:
             return logits.argmax(dim=-1)
-        device = logits.device
         if len(random_rows) == len(states):
-            return self._sample_random(logits, states, batch_generator)
+            return self._sample_random(logits, states, batch_generator, transfer)
         sampled = logits.argmax(dim=-1)  # greedy rows keep theirs
-        index = _int64(random_rows, device)
+        index = _int64(random_rows, transfer)
         sampled[index] = self._sample_random(
-            logits.index_select(0, index), [states[row] for row in random_rows], batch_generator
+            logits.index_select(0, index),
+            [states[row] for row in random_rows],
+            batch_generator,
+            transfer,
         )
         return sampled
 
@@ -333,25 +313,27 @@ class Sampler:
         logits: torch.Tensor,  # [n, vocab_size] float32
         states: Sequence[SequenceSamplingState],
         batch_generator: torch.Generator | None,
+        transfer: DeviceTransfer,
     ) -> torch.Tensor:  # [n] int64
-        device = logits.device
         params = [state.params for state in states]
-        temperatures = _float32([p.temperature for p in params], device)
+        temperatures = _float32([p.temperature for p in params], transfer)
         probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)  # [n, vocab]
         top_k = (
-            _int64([p.top_k for p in params], device) if any(p.top_k > 0 for p in params) else None
+            _int64([p.top_k for p in params], transfer)
+            if any(p.top_k > 0 for p in params)
+            else None
         )
         top_p = (
-            _float32([p.top_p for p in params], device)
+            _float32([p.top_p for p in params], transfer)
             if any(p.top_p < 1.0 for p in params)
             else None
         )
         min_p = (
-            _float32([p.min_p for p in params], device)
+            _float32([p.min_p for p in params], transfer)
             if any(p.min_p > 0.0 for p in params)
             else None
         )
-        noise = self._exponential_noise(states, device, batch_generator)
+        noise = self._exponential_noise(states, logits.device, batch_generator, transfer)
         return self.ops.top_k_top_p_sample(probs, top_k, top_p, min_p, noise)
 
     def _exponential_noise(
@@ -359,6 +341,7 @@ class Sampler:
         states: Sequence[SequenceSamplingState],
         device: torch.device,
         batch_generator: torch.Generator | None,
+        transfer: DeviceTransfer,
     ) -> torch.Tensor:  # [n, vocab_size] float32, Exp(1)
         noise = torch.empty(len(states), self.vocab_size, dtype=torch.float32, device=device)
         seeded_rows = [row for row, state in enumerate(states) if state.params.seed is not None]
@@ -371,7 +354,7 @@ class Sampler:
                 shared = torch.empty(
                     len(unseeded), self.vocab_size, dtype=torch.float32, device=device
                 )
-                noise[_int64(unseeded, device)] = shared.exponential_(generator=batch_generator)
+                noise[_int64(unseeded, transfer)] = shared.exponential_(generator=batch_generator)
         # One generator per seeded row: inherently a loop, one kernel per seeded row.
         for row in seeded_rows:
             state = states[row]
@@ -393,16 +376,16 @@ def unpack_bitmask(
     return bits.reshape(packed.shape[0], -1)[:, :vocab_size].bool()
 
 
-def _int64(values: Sequence[int], device: torch.device) -> torch.Tensor:  # [len(values)]
-    return to_device(values, torch.int64, device)
+def _int64(values: Sequence[int], transfer: DeviceTransfer) -> torch.Tensor:  # [len(values)]
+    return transfer.to_device(values, torch.int64)
 
 
-def _float32(values: Sequence[float], device: torch.device) -> torch.Tensor:  # [len(values)]
-    return to_device(values, torch.float32, device)
+def _float32(values: Sequence[float], transfer: DeviceTransfer) -> torch.Tensor:  # [len(values)]
+    return transfer.to_device(values, torch.float32)
 
 
-# Logprob, SampleLogprobs and compute_prompt_logprobs live in .logprobs; re-exported here
-# so the sampler's public surface is importable from one module.
+# Logprob, SampleLogprobs and compute_prompt_logprobs live in .logprobs, the per-sequence
+# state in .state; re-exported here so the sampler's public surface is one module.
 __all__ = [
     "AllowedMaskFn",
     "LogitsProcessor",

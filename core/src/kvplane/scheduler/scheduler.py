@@ -158,25 +158,25 @@ class Scheduler:
             budget -= num_new
             self._schedule(request, num_new, step)
 
-        while budget > 0 and not step.preempted and (request := self._waiting.first()):
-            num_seats = 1 + len(self._children.get(request.request_id, ()))
+        while budget > 0 and not step.preempted and (candidate := self._waiting.first()):
+            num_seats = 1 + len(self._children.get(candidate.request_id, ()))
             if self._num_seats_taken() + num_seats > self.config.max_num_seqs:
                 break
-            computed_block_ids, num_cached = self.block_manager.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_cached, budget)
-            request.num_computed_tokens = num_cached
-            copies = self.block_manager.allocate_slots(request, num_new, computed_block_ids)
+            computed_block_ids, num_cached = self.block_manager.get_computed_blocks(candidate)
+            num_new = min(candidate.num_tokens - num_cached, budget)
+            candidate.num_computed_tokens = num_cached
+            copies = self.block_manager.allocate_slots(candidate, num_new, computed_block_ids)
             if copies is None:
-                request.num_computed_tokens = 0
+                candidate.num_computed_tokens = 0
                 break
             self._waiting.pop_first()
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_cached
-            request.status = RequestStatus.RUNNING
-            self._running.insert(self._running_key(request), request)
+            if candidate.num_preemptions == 0:
+                candidate.num_cached_tokens = num_cached
+            candidate.status = RequestStatus.RUNNING
+            self._running.insert(self._running_key(candidate), candidate)
             step.copies.extend(copies)
             budget -= num_new
-            self._schedule(request, num_new, step)
+            self._schedule(candidate, num_new, step)
 
         return SchedulerOutput(
             scheduled=tuple(step.scheduled),
@@ -340,7 +340,9 @@ class Scheduler:
 
     def _drop_unforked_child(self, request: Request) -> None:
         parent_id = request.parent_id
-        siblings = self._children.get(parent_id) if parent_id is not None else None
+        if parent_id is None:
+            return
+        siblings = self._children.get(parent_id)
         if siblings is None:
             return
         siblings[:] = [child for child in siblings if child is not request]

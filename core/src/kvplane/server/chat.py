@@ -66,7 +66,9 @@ async def create_chat_completion(
             )
         structured = forced or structured
         if not parser.skip_special_tokens:
-            body.skip_special_tokens = False
+            # The parser reads special tokens (tool-call markers) in the text: keep them,
+            # in a copy of the request rather than the caller's.
+            body = body.model_copy(update={"skip_special_tokens": False})
     params = build_sampling_params(
         body,
         max_tokens=body.max_completion_tokens or body.max_tokens,
@@ -92,11 +94,10 @@ def _tool_choice(body: ChatCompletionRequest) -> str | dict[str, Any]:
     choice = body.tool_choice
     if choice is None:
         return "auto" if body.tools else "none"
-    if not isinstance(choice, str):
-        choice = choice.model_dump()
-    if choice != "none" and not body.tools:
+    value: str | dict[str, Any] = choice if isinstance(choice, str) else choice.model_dump()
+    if value != "none" and not body.tools:
         raise bad_request("tool_choice needs tools", "tool_choice")
-    return choice
+    return value
 
 
 def _tool_parser(
@@ -159,7 +160,7 @@ class _ChatFormatter:
                 {
                     "index": completion.index,
                     "message": message,
-                    "logprobs": self._logprobs(completion, 0),
+                    "logprobs": self.logprobs(completion, 0),
                     "finish_reason": finish_reason,
                     "stop_reason": completion.stop_reason,
                 }
@@ -223,7 +224,9 @@ class _ChatFormatter:
             "choices": choices,
         }
 
-    def _logprobs(self, completion: CompletionOutput, start: int) -> dict[str, Any] | None:
+    def logprobs(self, completion: CompletionOutput, start: int) -> dict[str, Any] | None:
+        """The ``logprobs`` of ``completion``'s tokens from ``start`` on, as OpenAI's chat
+        API returns them, or ``None`` when the request asked for none."""
         if not self.body.logprobs or completion.logprobs is None:
             return None
         top = self.body.top_logprobs or 0
@@ -255,7 +258,7 @@ class _ChoiceStream:
             return []
         previous = completion.text[: self.num_chars]
         delta_text = completion.text[self.num_chars :]
-        logprobs = formatter._logprobs(completion, self.num_tokens)
+        logprobs = formatter.logprobs(completion, self.num_tokens)
         has_new_tokens = len(completion.token_ids) > self.num_tokens
         self.num_chars = len(completion.text)
         self.num_tokens = len(completion.token_ids)

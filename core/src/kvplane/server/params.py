@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from kvplane.sampling.params import SamplingParams
 from kvplane.server.errors import APIError, bad_request
@@ -77,7 +77,10 @@ def build_sampling_params(
             include_stop_str_in_output=request.include_stop_str_in_output,
             skip_special_tokens=request.skip_special_tokens,
             spaces_between_special_tokens=request.spaces_between_special_tokens,
-            logit_bias=dict(request.logit_bias) if request.logit_bias else None,
+            # JSON's string keys: SamplingParams converts them to ints (and rejects others).
+            logit_bias=(
+                cast(dict[int, float], dict(request.logit_bias)) if request.logit_bias else None
+            ),
             allowed_token_ids=request.allowed_token_ids,
             structured_output=structured_output,
             detokenize=detokenize,

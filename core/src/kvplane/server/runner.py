@@ -17,13 +17,14 @@ import asyncio
 import dataclasses
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, MutableMapping
 from typing import Any, TypeVar
 
 from starlette.requests import Request
 
 from kvplane.engine.async_llm import AsyncLLM
 from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.sampling.logprobs import SampleLogprobs
 from kvplane.sampling.params import SamplingParams
 from kvplane.server.metrics import ServerMetrics
 
@@ -101,11 +102,11 @@ class RequestRun:
                         self._observe(index, output)
                         yield index, output
                 break
-            index, output = item
-            if isinstance(output, BaseException):
-                raise output
-            self._observe(index, output)
-            yield index, output
+            index, result = item
+            if isinstance(result, BaseException):
+                raise result
+            self._observe(index, result)
+            yield index, result
         await self.close()
 
     async def close(self) -> None:
@@ -164,7 +165,7 @@ class RequestRun:
     def _aborted_output(self, index: int) -> RequestOutput:
         last = self._last[index]
         if last is None:
-            empty = [] if self.params.logprobs is not None else None
+            empty: list[SampleLogprobs] | None = [] if self.params.logprobs is not None else None
             completions = [
                 CompletionOutput(i, "", [], None, empty, finish_reason="abort")
                 for i in range(self.params.n)
@@ -185,9 +186,10 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
     Reads ``request.receive()``: call it only after the body has been read.
     """
     work: asyncio.Future[T] = asyncio.ensure_future(awaitable)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    watcher: asyncio.Future[None] = asyncio.ensure_future(_wait_for_disconnect(request))
+    pending: set[asyncio.Future[Any]] = {work, watcher}
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         work.cancel()
         raise
@@ -202,6 +204,6 @@ async def until_disconnected(request: Request, awaitable: Awaitable[T]) -> T:
 
 async def _wait_for_disconnect(request: Request) -> None:
     while True:
-        message: dict[str, Any] = await request.receive()
+        message: MutableMapping[str, Any] = await request.receive()
         if message["type"] == "http.disconnect":
             return

@@ -62,10 +62,10 @@ def value_end(text: str, pos: int) -> int | None:
     while i < len(text):
         char = text[i]
         if char == '"':
-            end = string_end(text, i)
-            if end is None:
+            closing = string_end(text, i)
+            if closing is None:
                 return None
-            i = end
+            i = closing
             continue
         if char in "{[":
             depth += 1

@@ -1,6 +1,7 @@
 """Shared helpers of the conformance kit: dtypes, tolerances, random inputs, batches.
 
-Public so platform packages can reuse them in their own kernel tests. Random inputs are
+Public so platform packages can reuse them in their own kernel tests (the CPU and CUDA
+platforms' tests and the plugin template's build their paged batches here). Random inputs are
 drawn on the CPU from a seeded generator and then moved to the device, so a seed gives
 the same inputs on every platform; references are computed on the CPU copies. What a
 platform gets is always a copy (``.to(device, copy=True)``): on a host device ``.to``
@@ -10,13 +11,16 @@ reference's inputs and hide its own mistakes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.plugins.types import AttentionSpec
 from kvplane.testing import KIT_DTYPES
 
 __all__ = [
@@ -25,10 +29,14 @@ __all__ = [
     "OP_TOLERANCES",
     "PagedBatch",
     "assert_close",
+    "batch_to",
+    "make_attention_spec",
     "make_paged_batch",
+    "make_paged_batch_for",
     "metadata_to",
     "parse_dtype",
     "randn",
+    "random_lengths",
     "rope_cos_sin_cache",
 ]
 
@@ -122,26 +130,43 @@ def make_paged_batch(
     dtype: torch.dtype,
     generator: torch.Generator,
     num_spare_blocks: int = 4,
+    *,
+    kv_cache_dtype: torch.dtype | None = None,
+    poison: bool = False,
 ) -> PagedBatch:
     """Build a batch whose sequences own random, non-contiguous blocks of a cache filled
     with random values (so stale data in unused slots is visible if a backend reads it).
+
+    With ``poison``, every cache slot outside the sequences' contexts (the new tokens'
+    slots included, until written) holds NaN, and each block table is padded, one entry
+    wider than the longest, with a spare block: a backend that reads anything it should
+    not returns NaN. The cache has ``kv_cache_dtype`` (default ``dtype``).
     """
     if len(context_lens) != len(query_lens):
         raise ValueError("context_lens and query_lens must have one entry per sequence")
+    if poison and num_spare_blocks < 1:
+        raise ValueError("a poisoned batch needs a spare block to pad the block tables")
     seq_lens = [context + new for context, new in zip(context_lens, query_lens, strict=True)]
     blocks_per_seq = [math.ceil(seq_len / block_size) for seq_len in seq_lens]
     num_blocks = sum(blocks_per_seq) + num_spare_blocks
     permutation = torch.randperm(num_blocks, generator=generator).tolist()
-    max_blocks = max(blocks_per_seq)
-    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+    # Padding exists even at the longest table when poisoned; it points at a spare block.
+    width = max(blocks_per_seq) + (1 if poison else 0)
+    padding_block = permutation[-1] if poison else 0
+    block_tables = torch.full((len(seq_lens), width), padding_block, dtype=torch.int32)
     slots: list[int] = []
+    context_slots: list[int] = []
     next_block = 0
     for seq_index, (seq_len, context_len) in enumerate(zip(seq_lens, context_lens, strict=True)):
         block_ids = permutation[next_block : next_block + blocks_per_seq[seq_index]]
         next_block += len(block_ids)
         block_tables[seq_index, : len(block_ids)] = torch.tensor(block_ids, dtype=torch.int32)
-        for position in range(context_len, seq_len):
-            slots.append(block_ids[position // block_size] * block_size + position % block_size)
+        seq_slots = [
+            block_ids[position // block_size] * block_size + position % block_size
+            for position in range(seq_len)
+        ]
+        context_slots += seq_slots[:context_len]
+        slots += seq_slots[context_len:]
     num_tokens = sum(query_lens)
     query_start_loc = [0]
     for query_len in query_lens:
@@ -156,14 +181,88 @@ def make_paged_batch(
         query_start_loc_cpu=tuple(query_start_loc),
         seq_lens_cpu=tuple(seq_lens),
     )
+    query = randn((num_tokens, num_heads, head_size), dtype, generator)
+    key = randn((num_tokens, num_kv_heads, head_size), dtype, generator)
+    value = randn((num_tokens, num_kv_heads, head_size), dtype, generator)
+    cache_shape = (2, num_blocks, block_size, num_kv_heads, head_size)
+    kv_cache = randn(cache_shape, kv_cache_dtype or dtype, generator)
+    if poison:
+        is_context = torch.zeros(num_blocks * block_size, dtype=torch.bool)
+        is_context[context_slots] = True
+        kv_cache.view(2, -1, num_kv_heads, head_size)[:, ~is_context] = float("nan")
     return PagedBatch(
-        query=randn((num_tokens, num_heads, head_size), dtype, generator),
-        key=randn((num_tokens, num_kv_heads, head_size), dtype, generator),
-        value=randn((num_tokens, num_kv_heads, head_size), dtype, generator),
-        kv_cache=randn((2, num_blocks, block_size, num_kv_heads, head_size), dtype, generator),
+        query=query,
+        key=key,
+        value=value,
+        kv_cache=kv_cache,
         metadata=metadata,
         context_lens=tuple(context_lens),
         query_lens=tuple(query_lens),
+    )
+
+
+def make_attention_spec(**changes: Any) -> AttentionSpec:
+    """A small GQA spec (8 query heads on 2 KV heads, head size 32, block size 4, float32)
+    with ``changes`` applied (any :class:`AttentionSpec` field)."""
+    base = AttentionSpec(
+        num_heads=8,
+        num_kv_heads=2,
+        head_size=32,
+        dtype=torch.float32,
+        block_size=4,
+        scale=32**-0.5,
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def make_paged_batch_for(
+    spec: AttentionSpec,
+    context_lens: Sequence[int],
+    query_lens: Sequence[int],
+    generator: torch.Generator,
+    *,
+    poison: bool = True,
+) -> PagedBatch:
+    """:func:`make_paged_batch` for ``spec`` (its heads, block size and dtypes), poisoned
+    unless ``poison=False``."""
+    return make_paged_batch(
+        context_lens,
+        query_lens,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.head_size,
+        spec.block_size,
+        spec.dtype,
+        generator,
+        kv_cache_dtype=spec.kv_cache_dtype,
+        poison=poison,
+    )
+
+
+def random_lengths(
+    generator: torch.Generator, num_seqs: int, max_query: int, max_context: int
+) -> tuple[list[int], list[int]]:
+    """``(context_lens, query_lens)`` of a mixed batch: about half decodes (1 new token),
+    the rest prefill chunks of up to ``max_query`` tokens."""
+
+    def draw(high: int) -> int:
+        return int(torch.randint(0, high + 1, (1,), generator=generator))
+
+    query_lens = [1 if draw(1) else 1 + draw(max_query - 1) for _ in range(num_seqs)]
+    context_lens = [draw(max_context) for _ in range(num_seqs)]
+    return context_lens, query_lens
+
+
+def batch_to(batch: PagedBatch, device: torch.device | str) -> PagedBatch:
+    """A copy of ``batch`` with every tensor on ``device`` (host lengths unchanged)."""
+    device = torch.device(device)
+    return dataclasses.replace(
+        batch,
+        query=batch.query.to(device, copy=True),
+        key=batch.key.to(device, copy=True),
+        value=batch.value.to(device, copy=True),
+        kv_cache=batch.kv_cache.to(device, copy=True),
+        metadata=metadata_to(batch.metadata, device),
     )
 
 

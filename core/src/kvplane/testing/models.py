@@ -43,6 +43,23 @@ def save_random_model(config: Any, directory: Path, seed: int = 0) -> Any:
     return model
 
 
+def hf_greedy_tokens(model: Any, prompt_token_ids: list[int], num_tokens: int) -> list[int]:
+    """The oracle: ``num_tokens`` greedy tokens of the transformers ``model`` after
+    ``prompt_token_ids``, EOS suppressed (``min_new_tokens``) as kvplane's ``min_tokens``
+    suppresses it."""
+    import torch
+
+    with torch.inference_mode():
+        output = model.generate(
+            torch.tensor([prompt_token_ids]),
+            attention_mask=torch.ones(1, len(prompt_token_ids), dtype=torch.long),
+            max_new_tokens=num_tokens,
+            min_new_tokens=num_tokens,
+            do_sample=False,
+        )
+    return output[0, len(prompt_token_ids) :].tolist()
+
+
 def forward_logits(llm: Any, token_ids: list[int]) -> Any:
     """Logits ``[len(token_ids), vocab_size]`` (float32) of one prefill of ``token_ids``
     through ``llm``'s model and KV cache, for comparing every position with an oracle.

@@ -7,6 +7,9 @@ Options:
 
 - ``--kvplane-platform NAME``: the platform the kit tests (default: the one
   :func:`kvplane.plugins.select_platform` picks, honouring ``KVPLANE_DEVICE``).
+- ``--kvplane-emulate``: test the platform through its emulation (it must name one with
+  ``--kvplane-platform``); the same as ``KVPLANE_EMULATE=NAME``, which it sets for this
+  session and the processes it starts.
 - ``--kvplane-seed N``: base seed of the random inputs (default 0); each test derives its
   own seed from it and its name, so a failure reproduces with the same seed.
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from kvplane.plugins import Platform
 
 PLATFORM_OPTION = "--kvplane-platform"
+EMULATE_OPTION = "--kvplane-emulate"
 SEED_OPTION = "--kvplane-seed"
 
 
@@ -50,6 +54,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "honouring KVPLANE_DEVICE)",
     )
     group.addoption(
+        EMULATE_OPTION,
+        dest="kvplane_emulate",
+        action="store_true",
+        help="test the --kvplane-platform platform through its emulation (a host without "
+        "its hardware), as KVPLANE_EMULATE=NAME does",
+    )
+    group.addoption(
         SEED_OPTION,
         dest="kvplane_seed",
         type=int,
@@ -59,11 +70,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("kvplane_emulate", False):
+        return
+    import os
+
+    from kvplane.plugins.selection import EMULATE_ENV
+
+    name = config.getoption("kvplane_platform")
+    if name is None:
+        raise pytest.UsageError(f"{EMULATE_OPTION} needs {PLATFORM_OPTION} NAME")
+    # In the environment, so the kit's worker processes emulate the platform too.
+    names = [n for n in os.environ.get(EMULATE_ENV, "").split(",") if n.strip()]
+    os.environ[EMULATE_ENV] = ",".join([*names, name])
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     name = config.getoption("kvplane_platform")
     if name is None:
         return []
-    return [f"kvplane conformance kit: platform {name!r}, seed {config.getoption('kvplane_seed')}"]
+    how = " (emulated)" if config.getoption("kvplane_emulate") else ""
+    seed = config.getoption("kvplane_seed")
+    return [f"kvplane conformance kit: platform {name!r}{how}, seed {seed}"]
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ from kvplane.testing.helpers import (
     MATMUL_TOLERANCES,
     PagedBatch,
     assert_close,
-    make_paged_batch,
+    make_paged_batch_for,
     metadata_to,
 )
 
@@ -106,16 +106,7 @@ def test_attention_matches_reference(
 ) -> None:
     spec = _spec(spec_id, kvplane_dtype)
     context_lens, query_lens = zip(*BATCHES[batch_id], strict=True)
-    batch = make_paged_batch(
-        context_lens,
-        query_lens,
-        spec.num_heads,
-        spec.num_kv_heads,
-        spec.head_size,
-        spec.block_size,
-        kvplane_dtype,
-        kvplane_generator,
-    )
+    batch = make_paged_batch_for(spec, context_lens, query_lens, kvplane_generator, poison=False)
     _run_and_compare(
         kvplane_platform,
         kvplane_device,
@@ -142,20 +133,13 @@ def test_attention_chunked_prefill_then_decode(
     steps = [[(0, 21), (0, 40)], [(21, 19), (40, 1)], [(40, 1), (41, 1)]]
     # Allocate blocks (and the random cache) for the sequences' final lengths up front.
     final_lens = [context + new for context, new in steps[-1]]
-    first = make_paged_batch(
-        [0] * len(final_lens),
-        final_lens,
-        spec.num_heads,
-        spec.num_kv_heads,
-        spec.head_size,
-        spec.block_size,
-        dtype,
-        kvplane_generator,
+    first = make_paged_batch_for(
+        spec, [0] * len(final_lens), final_lens, kvplane_generator, poison=False
     )
     platform_cache = first.kv_cache.to(kvplane_device, copy=True)
     reference_cache = first.kv_cache.clone()
     for step in steps:
-        batch = _continue_batch(first, step, spec, dtype, kvplane_generator)
+        batch = _continue_batch(first, step, spec, kvplane_generator)
         _run_and_compare(
             kvplane_platform, kvplane_device, spec, batch, platform_cache, reference_cache
         )
@@ -165,19 +149,11 @@ def _continue_batch(
     first: PagedBatch,
     step: list[tuple[int, int]],
     spec: AttentionSpec,
-    dtype: torch.dtype,
     generator: torch.Generator,
 ) -> PagedBatch:
     """A batch for ``step`` over the block tables of ``first`` (sized for every step)."""
-    fresh = make_paged_batch(
-        [context for context, _ in step],
-        [new for _, new in step],
-        spec.num_heads,
-        spec.num_kv_heads,
-        spec.head_size,
-        spec.block_size,
-        dtype,
-        generator,
+    fresh = make_paged_batch_for(
+        spec, [context for context, _ in step], [new for _, new in step], generator, poison=False
     )
     block_tables = first.metadata.block_tables
     slots = [

@@ -25,7 +25,7 @@ def _moe_inputs(
     top_k: int,
     dtype: torch.dtype,
     generator: torch.Generator,
-) -> tuple[torch.Tensor, ...]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random ``(hidden, w13, w2, topk_weights, topk_ids)``, routed as a softmax router would."""
     hidden = randn((num_tokens, hidden_size), dtype, generator)
     # Scaled so every stage stays of order one (as in a trained model).

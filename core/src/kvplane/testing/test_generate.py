@@ -8,24 +8,28 @@ run beside decodes.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from kvplane.testing.models import save_random_model, tiny_llama_config
+from kvplane.testing.models import hf_greedy_tokens, save_random_model, tiny_llama_config
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 NUM_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module]:
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, LlamaForCausalLM]:
     directory = tmp_path_factory.mktemp("tiny-llama")
     return directory, save_random_model(tiny_llama_config(), directory)
 
 
 def test_greedy_generate_matches_transformers(
     kvplane_platform,
-    tiny_model: tuple[Path, torch.nn.Module],
+    tiny_model: tuple[Path, LlamaForCausalLM],
 ) -> None:
     if "float32" not in kvplane_platform.info.supported_dtypes:
         pytest.skip("the platform does not run float32, which token-exactness needs")
@@ -51,14 +55,7 @@ def test_greedy_generate_matches_transformers(
     )
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, output in zip(prompts, outputs, strict=True):
-        with torch.inference_mode():
-            expected = reference.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=NUM_TOKENS,
-                min_new_tokens=NUM_TOKENS,
-                do_sample=False,
-            )[0, len(prompt) :].tolist()
+        expected = hf_greedy_tokens(reference, prompt, NUM_TOKENS)
         assert list(output.outputs[0].token_ids) == expected
     block_manager = llm.engine.scheduler.block_manager
     block_manager.check_invariants()

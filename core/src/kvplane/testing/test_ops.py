@@ -6,6 +6,8 @@ copies go through the reference. Ops that may work in place get their own copies
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -276,6 +278,7 @@ def test_top_k_top_p_sample_rows_are_independent(
     probs = randn((num_seqs, vocab_size), torch.float32, gen, scale=2.0).softmax(dim=-1)
     noise = torch.empty(num_seqs, vocab_size).exponential_(generator=gen)
     top_k, top_p, min_p = _sampling_params("all", num_seqs, vocab_size, gen)
+    assert top_k is not None and top_p is not None and min_p is not None  # "all" sets each
     sample = kvplane_platform.ops.top_k_top_p_sample
     batch = sample(*(_to(t, kvplane_device) for t in (probs, top_k, top_p, min_p, noise)))
     for row in range(num_seqs):
@@ -311,7 +314,9 @@ def test_top_k_top_p_sample_frequencies(
     min_p: float | None,
     expected: list[float],
 ) -> None:
-    num_draws = 20_000
+    # An emulated platform runs its kernels in an interpreter, one row at a time: fewer
+    # draws there (the exact test above still compares every row with the reference).
+    num_draws = 400 if kvplane_platform.emulated else 20_000
     vocab_size = len(SANITY_PROBS)
     probs = torch.tensor(SANITY_PROBS).expand(num_draws, vocab_size).contiguous()
     noise = torch.empty(num_draws, vocab_size).exponential_(generator=kvplane_generator)
@@ -330,7 +335,9 @@ def test_top_k_top_p_sample_frequencies(
     )
     counts = torch.bincount(tokens.cpu(), minlength=vocab_size).float()
     frequencies = counts / num_draws
-    # Standard error is at most 0.0036 here; 0.015 is over four of them.
+    # A frequency's standard error is at most sqrt(0.25 / num_draws); allow 4.2 of them
+    # (0.015 at 20,000 draws).
+    tolerance = 4.2 * math.sqrt(0.25 / num_draws)
     expected_frequencies = torch.tensor(expected, dtype=torch.float32)
-    assert_close(frequencies, expected_frequencies, {torch.float32: (0.015, 0.0)})
+    assert_close(frequencies, expected_frequencies, {torch.float32: (tolerance, 0.0)})
     assert all(counts[i] == 0 for i, p in enumerate(expected) if p == 0), counts.tolist()

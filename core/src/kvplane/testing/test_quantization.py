@@ -60,13 +60,17 @@ def _check_method(
     layer = torch.nn.Module()
     with torch.device(device):
         method.create_weights(layer, spec)
-    assert tuple(layer.weight.shape) == (spec.output_size, spec.input_size)
+    layer_weight = layer.weight
+    assert isinstance(layer_weight, torch.Tensor), (method.name, type(layer_weight))
+    assert tuple(layer_weight.shape) == (spec.output_size, spec.input_size)
     weight = randn((spec.output_size, spec.input_size), spec.params_dtype, generator, scale=0.05)
     bias = randn((spec.output_size,), spec.params_dtype, generator) if spec.has_bias else None
     with torch.no_grad():
-        layer.weight.copy_(weight.to(layer.weight.device))
+        layer_weight.copy_(weight.to(layer_weight.device))
         if bias is not None:
-            layer.bias.copy_(bias.to(layer.bias.device))
+            layer_bias = layer.bias
+            assert isinstance(layer_bias, torch.Tensor), (method.name, type(layer_bias))
+            layer_bias.copy_(bias.to(layer_bias.device))
     method.process_weights_after_loading(layer)
 
     for num_tokens in (1, 13):

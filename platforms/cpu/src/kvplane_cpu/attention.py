@@ -47,8 +47,8 @@ class CpuAttentionBackend(AttentionBackend):
         self._plans: dict[AttentionSpec, _PlanCache] = {}
 
     def cannot_serve(self, spec: AttentionSpec) -> str | None:
-        if spec.num_heads % spec.num_kv_heads != 0:
-            return f"num_heads {spec.num_heads} not a multiple of {spec.num_kv_heads}"
+        if (reason := super().cannot_serve(spec)) is not None:
+            return reason
         for what, dtype in (("dtype", spec.dtype), ("kv_cache_dtype", spec.kv_cache_dtype)):
             if dtype is not None and not dtype.is_floating_point:
                 return f"{what} {dtype} is not a floating-point type"
@@ -227,22 +227,16 @@ class _PlanCache:
 
 
 class CpuAttentionImpl(AttentionImpl):
-    """One layer: writes its new keys and values, then runs the step plan."""
+    """One layer: writes its new keys and values with the CPU's ``reshape_and_cache``,
+    then runs the step plan."""
 
     def __init__(self, spec: AttentionSpec, plans: _PlanCache) -> None:
-        self.spec = spec
+        super().__init__(spec, reshape_and_cache)
         self._plans = plans
-        self._group_size = spec.num_heads // spec.num_kv_heads
 
-    def forward(
-        self,
-        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
-        reshape_and_cache(key, value, kv_cache, metadata.slot_mapping)
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
         block_size, num_kv_heads, head_size = kv_cache.shape[-3:]
         plan = self._plans.get(metadata, self.spec, block_size)
         flat_cache = kv_cache.view(2, -1, num_kv_heads, head_size)  # [2, num_slots, ...]
@@ -287,7 +281,8 @@ class CpuAttentionImpl(AttentionImpl):
         mask: torch.Tensor | None,  # broadcastable to [B, 1, Q, K] bool, True = attend
         is_causal: bool = False,
     ) -> torch.Tensor:  # [B, num_heads, Q, D] float32
-        if self.spec.logit_softcap is None:
+        cap = self.spec.logit_softcap
+        if cap is None:
             return F.scaled_dot_product_attention(
                 q,
                 keys,
@@ -295,11 +290,11 @@ class CpuAttentionImpl(AttentionImpl):
                 attn_mask=mask,
                 is_causal=is_causal,
                 scale=self.spec.scale,
-                enable_gqa=self._group_size > 1,
+                enable_gqa=self.group_size > 1,
             )
         if is_causal:
             mask = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool).tril()
-        return self._softcapped(q, keys, values, mask)
+        return self._softcapped(q, keys, values, mask, cap)
 
     def _softcapped(
         self,
@@ -307,11 +302,12 @@ class CpuAttentionImpl(AttentionImpl):
         keys: torch.Tensor,  # [B, num_kv_heads, K, D] float32
         values: torch.Tensor,  # [B, num_kv_heads, K, D] float32
         mask: torch.Tensor | None,  # broadcastable to [B, 1, Q, K] bool
+        cap: float,
     ) -> torch.Tensor:  # [B, num_heads, Q, D] float32
         """Explicit masked softmax with ``cap * tanh(scores / cap)``, query-chunked."""
         batch, num_heads, num_queries, head_size = q.shape
         num_kv_heads, num_keys = keys.shape[1], keys.shape[2]
-        cap, group = self.spec.logit_softcap, self._group_size
+        group = self.group_size
         # Query heads of one KV head side by side, so no KV head is repeated.
         q = q.view(batch, num_kv_heads, group, num_queries, head_size)
         keys_t = keys.transpose(-1, -2)  # [B, kv_heads, D, K]

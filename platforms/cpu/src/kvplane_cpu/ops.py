@@ -6,7 +6,8 @@ Each function has the signature and semantics of its namesake in
 they get there: fused torch kernels where torch has one (``F.rms_norm``), fewer
 temporaries, in-place writes where the contract allows them, and no full sort when
 sampling with top-k alone. Like the reference, they compute in float32 and return the
-input dtype, rounding once.
+input dtype, rounding once. The steps they share with it (the cos/sin halves, rotary
+pairs, slot rows, sampling thresholds) come from :mod:`kvplane.ops.steps`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from kvplane.ops import steps
 
 
 def rms_norm(
@@ -46,7 +49,7 @@ def fused_add_rms_norm(
     if x.dtype == residual.dtype and residual.shape == x.shape:
         summed = residual.add_(x)
     else:
-        summed = (x.float() + residual.float()).to(x.dtype)
+        summed = steps.residual_sum(x, residual)
     return rms_norm(summed, weight, eps), summed
 
 
@@ -71,7 +74,7 @@ class _CosSinCache:
         if entry is not None and entry[0]() is cos_sin_cache and entry[1] == version:
             return entry[2], entry[3]
         # [max_position, rotary_dim // 2] each, contiguous so index_select copies rows.
-        cos, sin = (half.contiguous() for half in cos_sin_cache.float().chunk(2, dim=-1))
+        cos, sin = (half.contiguous() for half in steps.cos_sin_halves(cos_sin_cache))
         if len(self._entries) >= self._max_entries:
             self._entries.pop(next(iter(self._entries)))
         self._entries[id(cos_sin_cache)] = (weakref.ref(cos_sin_cache), version, cos, sin)
@@ -96,8 +99,8 @@ def rotary_embedding(
     """
     tables = _cos_sin_tables.get(cos_sin_cache)
     if tables is None:
-        cos_sin = cos_sin_cache.index_select(0, positions).float()  # [num_tokens, rotary_dim]
-        cos, sin = (half.unsqueeze(1) for half in cos_sin.chunk(2, dim=-1))
+        cos_sin = cos_sin_cache.index_select(0, positions)  # [num_tokens, rotary_dim]
+        cos, sin = (half.unsqueeze(1) for half in steps.cos_sin_halves(cos_sin))
     else:
         cos = tables[0].index_select(0, positions).unsqueeze(1)  # [num_tokens, 1, rot/2]
         sin = tables[1].index_select(0, positions).unsqueeze(1)
@@ -110,8 +113,7 @@ def _rotate(
     sin: torch.Tensor,  # [num_tokens, 1, rotary_dim // 2] float32
     is_neox_style: bool,
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
-    half = cos.shape[-1]
-    rotary_dim = 2 * half
+    rotary_dim = 2 * cos.shape[-1]
     out = torch.empty_like(x)
     if rotary_dim < x.shape[-1]:
         out[..., rotary_dim:] = x[..., rotary_dim:]
@@ -120,12 +122,8 @@ def _rotate(
     # else into a scratch buffer rounded once at the end (as the reference does).
     is_float32 = x.dtype == torch.float32
     rotated = out[..., :rotary_dim] if is_float32 else torch.empty_like(x_rot)
-    if is_neox_style:
-        x1, x2 = x_rot[..., :half], x_rot[..., half:]
-        out1, out2 = rotated[..., :half], rotated[..., half:]
-    else:
-        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
-        out1, out2 = rotated[..., 0::2], rotated[..., 1::2]
+    x1, x2 = steps.rotary_pairs(x_rot, is_neox_style)
+    out1, out2 = steps.rotary_pairs(rotated, is_neox_style)
     torch.mul(x1, cos, out=out1)
     out1.addcmul_(x2, sin, value=-1.0)
     torch.mul(x2, cos, out=out2)
@@ -157,8 +155,7 @@ def reshape_and_cache(
 
     Slots < 0 are skipped; the common batch without any is copied without masking.
     """
-    num_kv_heads, head_size = kv_cache.shape[-2:]
-    flat_cache = kv_cache.view(2, -1, num_kv_heads, head_size)  # [2, num_slots, ...]
+    flat_cache = steps.slot_view(kv_cache)  # [2, num_slots, num_kv_heads, head_size]
     if slot_mapping.numel() == 0:
         return
     if bool((slot_mapping < 0).any()):
@@ -181,29 +178,19 @@ def top_k_top_p_sample(
     largest ``k`` in the batch instead of a full sort of the vocabulary; rows without a
     limit skip the filter. Top-p needs the sorted probabilities, computed once for both.
     """
-    vocab_size = probs.shape[-1]
     kept = probs
     if top_p is not None:
         sorted_probs, _ = probs.sort(dim=-1, descending=True)  # [num_seqs, vocab_size]
         if top_k is not None:
-            k = torch.where((top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
-            kth = sorted_probs.gather(1, (k - 1).clamp(min=0).unsqueeze(1))  # [B, 1]
-            kept = kept.masked_fill(probs < kth, 0.0)
-        # Mass strictly before each sorted position; keep a token while that mass < p.
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        keep_sorted = mass_before < top_p.unsqueeze(1)
-        keep_sorted[:, 0] = True
-        num_kept = keep_sorted.sum(dim=-1, keepdim=True)  # [B, 1]
-        threshold = sorted_probs.gather(1, num_kept - 1)
-        kept = kept.masked_fill(probs < threshold, 0.0)
+            kept = kept.masked_fill(probs < steps.top_k_floor(sorted_probs, top_k), 0.0)
+        kept = kept.masked_fill(probs < steps.top_p_floor(sorted_probs, top_p), 0.0)
     elif top_k is not None:
         kth = _kth_largest(probs, top_k)
         if kth is not None:
             kept = kept.masked_fill(probs < kth, 0.0)
     if min_p is not None:
-        floor = min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        kept = kept.masked_fill(probs < floor, 0.0)
-    return (kept / exponential_noise).argmax(dim=-1)
+        kept = kept.masked_fill(probs < steps.min_p_floor(probs, min_p), 0.0)
+    return steps.exponential_race(kept, exponential_noise)
 
 
 def _kth_largest(

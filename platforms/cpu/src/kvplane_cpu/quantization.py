@@ -60,11 +60,15 @@ class Int8WeightOnlyMethod(QuantMethod):
 
     def create_weights(self, layer: torch.nn.Module, spec: LayerQuantSpec) -> None:
         super().create_weights(layer, spec)
-        layer.int8_dynamic_activations = bool(dict(spec.options).get("dynamic_activations"))
+        dynamic = bool(dict(spec.options).get("dynamic_activations"))
+        # torch's __setattr__ stub admits only Tensor | Module; nn.Module stores any value.
+        layer.int8_dynamic_activations = dynamic  # type: ignore[assignment]
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Quantize ``layer.weight`` into ``weight_int8`` + ``weight_scale``; drop it."""
-        qweight, scale = quantize_per_channel(layer.weight.data)
+        weight = layer.weight
+        assert isinstance(weight, torch.Tensor), "create_weights registered it"
+        qweight, scale = quantize_per_channel(weight.data)
         del layer.weight
         layer.weight_int8 = torch.nn.Parameter(qweight, requires_grad=False)
         layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
@@ -74,21 +78,38 @@ class Int8WeightOnlyMethod(QuantMethod):
         layer: torch.nn.Module,
         x: torch.Tensor,  # [num_tokens, input_size]
     ) -> torch.Tensor:  # [num_tokens, output_size]
+        qweight, scale, bias = _int8_params(layer)
         if getattr(layer, "int8_dynamic_activations", False):
-            return _int8_activation_linear(layer, x)
+            return _int8_activation_linear(qweight, scale, bias, x)
         # The scale is per output channel, so it applies after the product:
         # x @ (q * s).T == (x @ q.T) * s, and the product never holds a scaled weight.
-        out = F.linear(x, layer.weight_int8.to(x.dtype)) * layer.weight_scale.to(x.dtype)
-        return out if layer.bias is None else out + layer.bias
+        out = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
+        return out if bias is None else out + bias
 
 
-def _int8_activation_linear(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _int8_params(
+    layer: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``layer``'s ``(weight_int8, weight_scale, bias)``, typed (torch types module
+    attributes as ``Tensor | Module``)."""
+    qweight, scale, bias = layer.weight_int8, layer.weight_scale, layer.bias
+    assert isinstance(qweight, torch.Tensor) and isinstance(scale, torch.Tensor)
+    assert bias is None or isinstance(bias, torch.Tensor)
+    return qweight, scale, bias
+
+
+def _int8_activation_linear(
+    qweight: torch.Tensor,  # [output_size, input_size] int8
+    scale: torch.Tensor,  # [output_size] float32
+    bias: torch.Tensor | None,  # [output_size] or None
+    x: torch.Tensor,  # [..., input_size]
+) -> torch.Tensor:  # [..., output_size]
     """Per-token int8 activations times int8 weights, accumulated in int32."""
     rows = x.reshape(-1, x.shape[-1]).float()  # [num_tokens, input_size]
     max_abs = rows.abs().amax(dim=1, keepdim=True)  # [num_tokens, 1]
     x_scale = torch.where(max_abs > 0, max_abs / 127.0, torch.ones_like(max_abs))
     x_int8 = (rows / x_scale).round_().clamp_(-127, 127).to(torch.int8)
-    acc = torch._int_mm(x_int8, layer.weight_int8.t())  # [num_tokens, output_size] int32
-    out = (acc.float() * x_scale * layer.weight_scale).to(x.dtype)
+    acc = torch._int_mm(x_int8, qweight.t())  # [num_tokens, output_size] int32
+    out = (acc.float() * x_scale * scale).to(x.dtype)
     out = out.view(*x.shape[:-1], out.shape[-1])
-    return out if layer.bias is None else out + layer.bias
+    return out if bias is None else out + bias

@@ -4,7 +4,8 @@ Per layer and step: the new keys and values go into the cache with the
 ``reshape_and_cache`` kernel (:mod:`kvplane_cuda.kernels.cache`), then
 
 - a batch with at most one new token per sequence (``max_query_len <= 1``) runs the
-  split-KV decode kernel (context partitions spread over the SMs, then a reduce);
+  split-KV decode kernel (context partitions spread over the SMs, merged in the same
+  launch unless the backend was built with ``fused_reduce=False``);
 - any other batch (prefill chunks with cached context mixed with decodes) runs the
   unified kernel, one launch for the whole batch.
 
@@ -15,17 +16,11 @@ tokens that belong to no sequence are left undefined, as in the reference.
 
 Triton is imported only when a layer is built (:meth:`TritonAttentionBackend.make_impl`),
 so importing this module, as the plugin does, needs torch alone.
-
-Bytes a decode step reads, for the benchmark's achieved bandwidth
-(:func:`decode_bytes_read`): each sequence's visible keys and values,
-``min(seq_len, sliding_window) * 2 * num_kv_heads * head_size * cache_element_size``,
-plus its query row ``num_heads * head_size * element_size``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterable
 
 import torch
 
@@ -42,17 +37,24 @@ MIN_BLOCK_SIZE = 16
 
 class TritonAttentionBackend(AttentionBackend):
     """Any GQA ratio, head size up to 256, power-of-two block sizes from 16, sliding
-    window and logit soft-cap, in float32, float16 and bfloat16."""
+    window and logit soft-cap, in float32, float16 and bfloat16.
+
+    ``fused_reduce=False`` builds layers whose split-KV decode merges its partitions in a
+    second launch (benchmarks compare it with the default, merged in the split kernel).
+    """
 
     name = "cuda-triton"
     priority = 20
     supports_graph_capture = True
 
+    def __init__(self, fused_reduce: bool = True) -> None:
+        self.fused_reduce = fused_reduce
+
     def cannot_serve(self, spec: AttentionSpec) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton is not installed"
-        if spec.num_heads % spec.num_kv_heads != 0:
-            return f"num_heads {spec.num_heads} not a multiple of {spec.num_kv_heads}"
+        if (reason := super().cannot_serve(spec)) is not None:
+            return reason
         for what, dtype in (("dtype", spec.dtype), ("kv_cache_dtype", spec.kv_cache_dtype)):
             if dtype is not None and dtype not in KERNEL_DTYPES:
                 return f"{what} {dtype} is not float32, float16 or bfloat16"
@@ -64,38 +66,32 @@ class TritonAttentionBackend(AttentionBackend):
         return None
 
     def make_impl(self, spec: AttentionSpec) -> AttentionImpl:
-        return TritonAttentionImpl(spec)
+        return TritonAttentionImpl(spec, fused_reduce=self.fused_reduce)
 
 
 class TritonAttentionImpl(AttentionImpl):
-    """One layer. ``num_splits`` forces the decode partition count and ``fused_reduce``
-    where the partitions are merged (tests, benchmarks); ``None`` lets
-    :mod:`~kvplane_cuda.kernels.decode_attention` choose."""
+    """One layer. ``num_splits`` forces the decode partition count (tests, benchmarks;
+    ``None`` lets :mod:`~kvplane_cuda.kernels.decode_attention` choose) and
+    ``fused_reduce`` whether decode merges its partitions in the split kernel (see
+    :func:`~kvplane_cuda.kernels.decode_attention.decode_attention`)."""
 
     def __init__(
         self,
         spec: AttentionSpec,
         num_splits: int | None = None,
-        fused_reduce: bool | None = None,
+        fused_reduce: bool = True,
     ) -> None:
         from kvplane_cuda.kernels import cache, decode_attention, paged_attention  # triton
 
-        self.spec = spec
+        super().__init__(spec, cache.reshape_and_cache)
         self.num_splits = num_splits
         self.fused_reduce = fused_reduce
-        self._write_kv_cache = cache.reshape_and_cache
         self._decode = decode_attention.decode_attention
         self._unified = paged_attention.unified_attention
 
-    def forward(
-        self,
-        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
-        self._write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
+    ) -> torch.Tensor:
         if query.stride(-1) != 1:
             query = query.contiguous()
         output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -129,22 +125,3 @@ class TritonAttentionImpl(AttentionImpl):
                 spec.logit_softcap,
             )
         return output
-
-
-def decode_bytes_read(
-    seq_lens: Iterable[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_size: int,
-    element_size: int,
-    cache_element_size: int | None = None,
-    sliding_window: int | None = None,
-) -> int:
-    """Bytes one decode step must read for a layer: every sequence's visible keys and
-    values plus its query row (the minimum traffic, for achieved-bandwidth figures)."""
-    kv_per_token = 2 * num_kv_heads * head_size * (cache_element_size or element_size)
-    total = 0
-    for seq_len in seq_lens:
-        visible = seq_len if sliding_window is None else min(seq_len, sliding_window)
-        total += visible * kv_per_token + num_heads * head_size * element_size
-    return total

@@ -1,105 +1,20 @@
 """Collectives between GPU processes over NCCL (``torch.distributed``).
 
-A custom one-shot all-reduce for small tensors (as vLLM has) would live here later, in
-front of NCCL; for now every call is one NCCL collective on the current stream.
+Everything but the differences below is the core's
+:class:`~kvplane.distributed.torch_communicator.TorchDistributedCommunicator`: each call
+is one NCCL collective, enqueued on the current stream. A custom one-shot all-reduce for
+small tensors (as vLLM has) would override :meth:`NcclCommunicator.all_reduce` here
+later, in front of NCCL.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.distributed as dist
-
-from kvplane.distributed.communicator import Communicator
-from kvplane.plugins.types import GroupInfo
-
-# torch 2.13 renamed the tensor collectives; 2.11 only has the old names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from kvplane.distributed.torch_communicator import TorchDistributedCommunicator
 
 
-class NcclCommunicator(Communicator):
-    """Collectives of one NCCL process group; tensors live on ``group_info.device``.
+class NcclCommunicator(TorchDistributedCommunicator):
+    """Collectives of one NCCL process group; tensors live on ``group_info.device``."""
 
-    Group ranks (what callers pass to :meth:`broadcast`, :meth:`send`, :meth:`recv`) are
-    mapped to global ranks once, at construction. Results are new tensors except where a
-    method says "in place".
-    """
-
-    def __init__(self, group_info: GroupInfo) -> None:
-        self.group = group_info.group
-        self.rank = group_info.rank
-        self.world_size = group_info.world_size
-        self.device = group_info.device
-        if self.device.type != "cuda":
-            raise ValueError(f"the NCCL communicator needs a 'cuda' device, not {self.device}")
-        if self.group is None or self.group is dist.group.WORLD:
-            self._global_ranks = list(range(self.world_size))
-        else:
-            self._global_ranks = [
-                dist.get_global_rank(self.group, r) for r in range(self.world_size)
-            ]
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum over the group, in place (through a contiguous copy if needed)."""
-        if not tensor.is_contiguous():
-            return tensor.copy_(self.all_reduce(tensor.contiguous()))
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
-        return tensor
-
-    def all_gather(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Concatenate every rank's ``tensor`` along ``dim`` in rank order."""
-        dim = _normalise_dim(tensor, dim)
-        source = tensor.movedim(dim, 0).contiguous()  # [size_dim, ...rest]
-        gathered = torch.empty(
-            (self.world_size * source.shape[0], *source.shape[1:]),
-            dtype=tensor.dtype,
-            device=tensor.device,
-        )
-        _all_gather_single(gathered, source, group=self.group)
-        return gathered.movedim(0, dim).contiguous() if dim != 0 else gathered
-
-    def reduce_scatter(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
-        """Sum over the group, then return this rank's ``1/world_size`` slice of ``dim``."""
-        dim = _normalise_dim(tensor, dim)
-        if tensor.shape[dim] % self.world_size != 0:
-            raise ValueError(
-                f"reduce_scatter: size {tensor.shape[dim]} of dim {dim} is not divisible "
-                f"by world size {self.world_size}"
-            )
-        source = tensor.movedim(dim, 0).contiguous()
-        output = torch.empty(
-            (source.shape[0] // self.world_size, *source.shape[1:]),
-            dtype=source.dtype,
-            device=source.device,
-        )
-        _reduce_scatter_single(output, source, op=dist.ReduceOp.SUM, group=self.group)
-        return output.movedim(0, dim).contiguous() if dim != 0 else output
-
-    def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        """Copy group rank ``src``'s ``tensor`` into every rank's ``tensor``, in place."""
-        if not tensor.is_contiguous():
-            return tensor.copy_(self.broadcast(tensor.contiguous(), src))
-        dist.broadcast(tensor, src=self._global_rank(src), group=self.group)
-        return tensor
-
-    def send(self, tensor: torch.Tensor, dst: int) -> None:
-        """Send ``tensor`` to group rank ``dst`` (enqueued on the current stream)."""
-        dist.send(tensor.contiguous(), dst=self._global_rank(dst), group=self.group)
-
-    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        """Receive into ``tensor`` (in place) from group rank ``src`` and return it."""
-        if not tensor.is_contiguous():
-            return tensor.copy_(self.recv(tensor.contiguous(), src))
-        dist.recv(tensor, src=self._global_rank(src), group=self.group)
-        return tensor
-
-    def _global_rank(self, group_rank: int) -> int:
-        if not 0 <= group_rank < self.world_size:
-            raise ValueError(f"rank {group_rank} is not in a group of {self.world_size}")
-        return self._global_ranks[group_rank]
-
-
-def _normalise_dim(tensor: torch.Tensor, dim: int) -> int:
-    if not -tensor.dim() <= dim < tensor.dim():
-        raise ValueError(f"dim {dim} is out of range for a {tensor.dim()}-d tensor")
-    return dim % tensor.dim()
+    backend = "NCCL"
+    device_type = "cuda"
+    has_tensor_collectives = True

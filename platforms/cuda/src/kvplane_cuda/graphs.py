@@ -1,4 +1,4 @@
-"""CUDA graphs: each batch-size bucket's step captured once, replayed after.
+"""CUDA graphs: each bucket's step captured once, replayed after.
 
 A decode step of a small model is hundreds of short kernels; launched one by one from
 Python, the launches take longer than the kernels (the GPU idles between them). A CUDA
@@ -25,24 +25,24 @@ class CudaGraphRunner(GraphRunner):
     that pool and are overwritten by the next replay of any bucket.
     """
 
-    def __init__(self, device: torch.device, batch_sizes: tuple[int, ...]) -> None:
+    def __init__(self, device: torch.device, bucket_sizes: tuple[int, ...]) -> None:
         self.device = device
-        self.batch_sizes = frozenset(batch_sizes)
+        self.bucket_sizes = frozenset(bucket_sizes)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, Any] = {}
         self._pool: Any = None
 
-    def can_run(self, batch_size: int) -> bool:
-        return batch_size in self.batch_sizes
+    def can_run(self, bucket: int) -> bool:
+        return bucket in self.bucket_sizes
 
-    def run(self, batch_size: int, step: Callable[[], T]) -> T:
-        graph = self._graphs.get(batch_size)
+    def run(self, bucket: int, step: Callable[[], T]) -> T:
+        graph = self._graphs.get(bucket)
         if graph is None:
-            return self._capture(batch_size, step)
+            return self._capture(bucket, step)
         graph.replay()
-        return self._outputs[batch_size]
+        return self._outputs[bucket]
 
-    def _capture(self, batch_size: int, step: Callable[[], T]) -> T:
+    def _capture(self, bucket: int, step: Callable[[], T]) -> T:
         # One eager run first, on a side stream as capture requires: it compiles Triton
         # kernels and lets cuBLAS settle its workspaces, which must not happen mid-capture.
         # The step's only side effect is idempotent (KV-cache writes of the same values).
@@ -56,7 +56,7 @@ class CudaGraphRunner(GraphRunner):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             output = step()
-        self._graphs[batch_size] = graph
-        self._outputs[batch_size] = output
+        self._graphs[bucket] = graph
+        self._outputs[bucket] = output
         graph.replay()  # capturing recorded the kernels without running them
         return output

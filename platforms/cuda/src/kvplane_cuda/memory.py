@@ -1,58 +1,15 @@
-"""Device memory: probing, capacity, profiling of a forward pass, KV cache, block copies.
+"""Device memory: capacity and profiling of a forward pass.
 
-:func:`probe_cuda` runs before any platform is selected and therefore only counts
-devices (through NVML where torch can); everything else runs after selection and may
-initialise CUDA.
+Both run after the platform is selected and may initialise CUDA. The KV cache is
+allocated and its blocks copied by the core's reference (``torch.empty`` on the device,
+``index_select`` / ``index_copy_``), which is what a CUDA version would do.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from kvplane.plugins.types import (
-    BlockCopyRequest,
-    KVCacheSpec,
-    MemoryInfo,
-    MemoryProfile,
-    MemoryProfileRequest,
-    ProbeResult,
-)
-
-#: Above the CPU platform's score: a visible GPU wins unless the user names another.
-PROBE_SCORE = 100
-
-
-def probe_cuda() -> ProbeResult:
-    """Whether torch can use an NVIDIA GPU here, without creating a CUDA context."""
-    if torch.version.hip is not None:
-        return ProbeResult(
-            False, 0, f"torch {torch.__version__} is a ROCm (HIP) build; this plugin is for CUDA"
-        )
-    if torch.version.cuda is None:
-        return ProbeResult(
-            False,
-            0,
-            f"torch {torch.__version__} was built without CUDA; install a CUDA build of torch",
-        )
-    num_devices = torch.cuda.device_count()
-    if num_devices == 0:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        hint = "" if visible is None else f"; CUDA_VISIBLE_DEVICES={visible!r}"
-        return ProbeResult(
-            False, 0, f"no CUDA device visible (torch.cuda.device_count() == 0){hint}"
-        )
-    if not torch.cuda.is_available():
-        return ProbeResult(
-            False,
-            0,
-            f"{num_devices} CUDA device(s) listed but torch.cuda.is_available() is False "
-            f"(driver too old for CUDA {torch.version.cuda}?)",
-        )
-    return ProbeResult(
-        True, PROBE_SCORE, f"{num_devices} CUDA device(s), torch CUDA {torch.version.cuda}"
-    )
+from kvplane.plugins.types import MemoryInfo, MemoryProfile, MemoryProfileRequest
 
 
 def device_memory(device_index: int) -> MemoryInfo:
@@ -91,38 +48,3 @@ def profile_memory(request: MemoryProfileRequest) -> MemoryProfile:
         used_bytes=used_before,
         peak_activation_bytes=max(peak_torch, 0) + max(non_torch_after - non_torch_before, 0),
     )
-
-
-def allocate_kv_cache(spec: KVCacheSpec) -> torch.Tensor:
-    """``torch.empty`` of ``spec.shape`` on the device (the attention backend never reads
-    slots that were not written)."""
-    if spec.device.type != "cuda":
-        raise ValueError(f"the cuda platform allocates on a 'cuda' device, not {spec.device}")
-    return torch.empty(spec.shape, dtype=spec.dtype, device=spec.device)
-
-
-def copy_blocks(request: BlockCopyRequest) -> bool:
-    """Copy ``src_block_ids[i]`` onto ``dst_block_ids[i]`` in every layer's cache, on the
-    device, reading all sources before writing (as the reference)."""
-    if len(request.src_block_ids) != len(request.dst_block_ids):
-        raise ValueError(
-            f"copy_blocks got {len(request.src_block_ids)} sources but "
-            f"{len(request.dst_block_ids)} destinations"
-        )
-    if not request.src_block_ids:
-        return True
-    device = request.kv_caches[0].device
-    src = torch.tensor(request.src_block_ids, dtype=torch.long).to(device, non_blocking=True)
-    dst = torch.tensor(request.dst_block_ids, dtype=torch.long).to(device, non_blocking=True)
-    for kv_cache in request.kv_caches:  # [2, num_blocks, block_size, kv_heads, head_size]
-        kv_cache.index_copy_(1, dst, kv_cache.index_select(1, src))
-    return True
-
-
-def describe_devices() -> str:
-    """Name and compute capability of each visible device (initialises CUDA)."""
-    names = []
-    for index in range(torch.cuda.device_count()):
-        major, minor = torch.cuda.get_device_capability(index)
-        names.append(f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})")
-    return ", ".join(names)

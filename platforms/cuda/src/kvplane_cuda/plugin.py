@@ -1,12 +1,15 @@
 """The CUDA platform's hook implementations (entry point ``kvplane.platforms: cuda``).
 
-Thin delegates to :mod:`kvplane_cuda.memory`, :mod:`kvplane_cuda.ops`,
-:mod:`kvplane_cuda.attention` and :mod:`kvplane_cuda.communication`. Importing this
-module needs torch only: no GPU, no Triton (the kernels are imported lazily, once they
-exist), so discovery works on every machine and the probe explains what is missing.
+Thin delegates to :mod:`kvplane_cuda.probe`, :mod:`kvplane_cuda.memory`,
+:mod:`kvplane_cuda.ops`, :mod:`kvplane_cuda.attention` and
+:mod:`kvplane_cuda.communication`. Importing this module needs torch only: no GPU, no
+Triton (the kernels are imported lazily, once they exist), so discovery works on every
+machine and the probe explains what is missing.
 
-Not implemented yet, so the core's reference is used (and logged): quantization methods
-beyond ``"none"``.
+Left to the core's reference, which is what CUDA would run: KV-cache allocation
+(``torch.empty`` on the device) and block copies (``index_select`` / ``index_copy_``).
+Not implemented yet, so the reference is used (and logged): quantization methods beyond
+``"none"``.
 """
 
 from __future__ import annotations
@@ -19,42 +22,28 @@ import torch
 from kvplane.attention.backend import AttentionBackend
 from kvplane.distributed.communicator import Communicator
 from kvplane.engine.graph_runner import GraphRunner
-from kvplane.plugins import capabilities, hookimpl
-from kvplane.plugins.types import (
-    AttentionSpec,
-    BlockCopyRequest,
-    DeviceQuery,
-    GraphCaptureRequest,
-    GroupInfo,
-    KVCacheSpec,
-    MemoryInfo,
-    MemoryProfile,
-    MemoryProfileRequest,
-    OpsQuery,
-    PlatformInfo,
-    ProbeResult,
-)
-from kvplane_cuda import memory
+from kvplane.plugins import capabilities, hookimpl, types
+from kvplane_cuda import emulation, memory, probe
 from kvplane_cuda.attention import TritonAttentionBackend
 from kvplane_cuda.communication import NcclCommunicator
 from kvplane_cuda.graphs import CudaGraphRunner
 from kvplane_cuda.ops import cuda_ops
 
-KVPLANE_PLUGIN_API = "1.3"
+KVPLANE_PLUGIN_API = "1.4"
 
 
 @hookimpl
-def kvplane_platform_probe() -> ProbeResult:
-    return memory.probe_cuda()
+def kvplane_platform_probe() -> types.ProbeResult:
+    return probe.probe()
 
 
 @hookimpl
-def kvplane_platform_info() -> PlatformInfo:
+def kvplane_platform_info() -> types.PlatformInfo:
     available = torch.cuda.is_available()
-    dtypes = ("float32", "float16")
+    dtypes: tuple[str, ...] = ("float32", "float16")
     if available and torch.cuda.is_bf16_supported():
         dtypes = ("float32", "bfloat16", "float16")
-    return PlatformInfo(
+    return types.PlatformInfo(
         name="cuda",
         device_type="cuda",
         device_count=torch.cuda.device_count() if available else 0,
@@ -68,45 +57,40 @@ def kvplane_platform_info() -> PlatformInfo:
             }
         ),
         distributed_backend="nccl",
-        description=memory.describe_devices() if available else "no CUDA device",
+        description=probe.describe() if available else "no CUDA device",
     )
 
 
 @hookimpl
-def kvplane_device_memory(query: DeviceQuery) -> MemoryInfo:
+def kvplane_device_memory(query: types.DeviceQuery) -> types.MemoryInfo:
     return memory.device_memory(query.device_index)
 
 
 @hookimpl
-def kvplane_ops(query: OpsQuery) -> Mapping[str, Callable[..., Any]]:
+def kvplane_ops(query: types.OpsQuery) -> Mapping[str, Callable[..., Any]]:
     return cuda_ops() if query.device_type == "cuda" else {}
 
 
 @hookimpl
-def kvplane_attention_backends(spec: AttentionSpec) -> Sequence[AttentionBackend]:
+def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionBackend]:
     return [TritonAttentionBackend()]
 
 
 @hookimpl
-def kvplane_communicator(group: GroupInfo) -> Communicator:
+def kvplane_communicator(group: types.GroupInfo) -> Communicator:
     return NcclCommunicator(group)
 
 
 @hookimpl
-def kvplane_profile_memory(request: MemoryProfileRequest) -> MemoryProfile:
+def kvplane_profile_memory(request: types.MemoryProfileRequest) -> types.MemoryProfile:
     return memory.profile_memory(request)
 
 
 @hookimpl
-def kvplane_allocate_kv_cache(spec: KVCacheSpec) -> torch.Tensor:
-    return memory.allocate_kv_cache(spec)
+def kvplane_graph_runner(request: types.GraphCaptureRequest) -> GraphRunner:
+    return CudaGraphRunner(request.device, request.bucket_sizes)
 
 
 @hookimpl
-def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
-    return memory.copy_blocks(request)
-
-
-@hookimpl
-def kvplane_graph_runner(request: GraphCaptureRequest) -> GraphRunner | None:
-    return CudaGraphRunner(request.device, request.batch_sizes) if request.enabled else None
+def kvplane_emulation() -> types.Emulation:
+    return emulation.emulation()

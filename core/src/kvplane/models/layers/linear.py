@@ -18,6 +18,11 @@ class Linear(torch.nn.Module):
     :meth:`process_weights_after_loading` runs once.
     """
 
+    # Registered by the quantization method's create_weights, in the float format the
+    # loader fills (a method may replace them in process_weights_after_loading).
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
+
     def __init__(
         self,
         input_size: int,

@@ -85,7 +85,7 @@ def _yarn_frequencies(
         )
 
     low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), rotary_dim - 1)
+    high: float = min(math.ceil(correction_dim(beta_slow)), rotary_dim - 1)
     if low == high:
         high += 0.001
     ramp = ((torch.arange(rotary_dim // 2).float() - low) / (high - low)).clamp(0, 1)

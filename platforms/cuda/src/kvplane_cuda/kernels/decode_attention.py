@@ -12,14 +12,11 @@ stores a program increments its (sequence, KV head) counter, an int32 in a per-d
 buffer (acquire-release, GPU scope, after a CTA barrier); the program that arrives last
 reads every partition of the group's heads, writes their output rows and resets the
 counter to 0, so the buffer is clean for the next launch and for CUDA-graph replays. This
-saves the second launch and each group's merge starts as soon as its own partitions are
-done. Measured on an H200 (docs/performance.md): workload C 2.9% faster than with the
-separate reduce; at batch 1 the last program's counter and partial loads cost about what
-the launch did (per layer within 1-2%). The counters assume that decode
-launches on one device do not overlap (one stream, or streams ordered by events). When a
-CUDA-graph capture would have to allocate or grow the counter buffer, the launch merges
-in that separate reduce kernel instead (``fused_reduce=False`` forces it, for
-benchmarks).
+saves the second launch, and each group's merge starts as soon as its own partitions are
+done. The counters assume that decode launches on one device do not overlap (one stream,
+or streams ordered by events). When a CUDA-graph capture would have to allocate or grow
+the counter buffer, the launch merges in a separate reduce kernel instead, as it always
+does with ``fused_reduce=False`` (benchmarks compare the two).
 
 The launch's dependent global loads are kept short: ``query_start_loc`` and ``seq_len``
 are read together before any branch, a sequence without a new token is masked (it
@@ -43,34 +40,28 @@ from kvplane_cuda.kernels.paged_attention import (
     num_sms,
     on_device,
     padded_head_size,
-    table_block_ids,
+    start_kv_loop,
 )
 
-#: Decode launches aim for this many programs per SM, so that small batches keep enough
-#: loads in flight. Measured on an H200 (benchmarks/gpu_suite.py, split sweep,
-#: 2026-11-30), 8 KV heads: batch 32 peaks at ~2,000 programs (8 splits, 94-103% of copy
-#: bandwidth at 8k-32k keys) and falls off past 4,000.
+#: Decode launches aim for this many programs per SM: small batches need the splits to keep
+#: enough key/value loads in flight, while many more programs than that only add fixed
+#: per-program cost and partitions to merge.
 PROGRAMS_PER_SM = 16
-#: Shortest decode partition (one 64-key tile). Batch 1 on an H200 (2026-11-30, kernel
-#: alone, graph of 8 layers, docs/performance.md "third session"), with the key/value
-#: copies two tiles ahead: 1k keys 542 GB/s with 16 splits, 491 with 32, 367 with 64
-#: (the old 256-key minimum gave 4 splits: 367 GB/s per layer with the cache write).
+#: Shortest decode partition: one 64-key tile (the tile of :func:`decode_tile`). A longer
+#: minimum gives short contexts fewer splits and leaves SMs idle; a shorter one would give
+#: a program less than a tile to stream for the same set-up and merge cost.
 MIN_KEYS_PER_SPLIT = 64
-#: Upper bound on decode partitions (batch 1, same run: 8k keys 2,040 GB/s with 32 splits,
-#: 1,988 with 16, 1,589 with 64; 32k keys 3,416 with 32, 2,913 with 16, 2,693 with 64).
+#: Upper bound on decode partitions: past it the merge (the last program loads every
+#: partial) and each program's fixed cost outweigh the extra SMs kept busy.
 MAX_SPLITS = 32
 #: Partial-output elements a merging program loads per step (32 float32 registers a
 #: thread at 4 warps), so its registers stay bounded whatever the split count. The
-#: kernel's register count is the maximum over attention and merge: 8192 here cost a
-#: quarter of the bandwidth at batch 1, 32k keys, 64 splits on an H200 (fewer programs
-#: per SM), for one round trip saved in the merge.
+#: kernel's register count is the maximum over attention and merge: a wider merge tile
+#: would cost the attention part programs per SM to save a round trip in the merge.
 MERGE_TILE_ELEMENTS = 4096
 #: Arrival counters allocated per device on first use, one per (sequence, KV head): 64Ki
 #: serve e.g. 8,192 sequences of 8 KV heads before the buffer must grow.
 COUNTER_SLOTS = 1 << 16
-#: Whether decode merges its partitions in the split kernel unless told otherwise (a
-#: module-level switch, so a benchmark can compare whole engine runs).
-FUSED_REDUCE = True
 
 # fmt: off
 # (Kernels keep Triton's usual dense argument lists.)
@@ -169,12 +160,9 @@ def _decode_split_kernel(
     q = tl.load(query_ptr + token * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask, other=0.0)  # [G, HEAD_PAD]
 
-    table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_PAD], tl.float32)
-    block_ids = table_block_ids(table_row_ptr, split_begin + tl.arange(0, BLOCK_N), split_end,
-                                BLOCK_SIZE)  # [N], carried a tile ahead (gather_kv_tile)
+    table_row_ptr, block_ids, m_i, l_i, acc = start_kv_loop(
+        block_tables_ptr, seq, stride_table, split_begin, split_end, GROUP_PAD, HEAD_PAD, BLOCK_N,
+        BLOCK_SIZE)
     for start in range(split_begin, split_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = (key_pos < split_end) & (key_pos >= kv_begin)
@@ -235,11 +223,10 @@ def _decode_reduce_kernel(out_ptr, partial_out_ptr, partial_lse_ptr, query_start
 
 def decode_tile(head_size: int, group_size: int, element_size: int) -> Tile:
     """The tile of :func:`decode_attention`: the group padded to 16 rows, 64 keys (4+
-    KV blocks of 16 per load), 4 warps, 3 stages (key/value copies two tiles ahead).
-    Measured on an H200 (2026-11-30, kernel alone): 64 keys x 3 stages is best or within
-    1.5% of it at batch 1 (8k, 32k keys), 32 and 128; 2 stages (one tile ahead) lose 12%
-    at batch 1, 8k, and 4-5 stages lose 4-8% (shared memory limits the programs per SM).
-    float32 (FMA dots) takes 8 warps and fewer keys to avoid spills."""
+    KV blocks of 16 per load), 4 warps, 3 stages, so the key/value copies run two tiles
+    ahead: with one tile ahead the memory system idles between tiles, and more stages
+    take shared memory that would otherwise hold more programs per SM. float32 (FMA
+    dots) takes 8 warps and fewer keys to avoid spills."""
     head_pad = padded_head_size(head_size)
     block_m = max(MIN_DOT_ROWS, triton.next_power_of_2(group_size))
     if element_size <= 2:
@@ -298,13 +285,14 @@ def decode_attention(
     logit_softcap: float | None = None,
     num_splits: int | None = None,  # None: choose_num_splits
     *,
-    fused_reduce: bool | None = None,  # None: in the split kernel when possible
+    fused_reduce: bool = True,
     tile: Tile | None = None,  # None: decode_tile (benchmarks sweep others)
 ) -> None:
     """Split-KV attention of each sequence's single new token over its whole context.
 
-    ``fused_reduce=False`` merges the partitions in a second launch; ``True`` requires the
-    fused merge (``RuntimeError`` when a capture would have to grow the counters)."""
+    ``fused_reduce`` merges the partitions in the split kernel, unless a CUDA-graph
+    capture would have to allocate or grow the arrival counters (then, and with
+    ``fused_reduce=False``, a second launch merges them)."""
     _, num_heads, head_size = query.shape
     num_seqs = seq_lens.shape[0]
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
@@ -325,13 +313,9 @@ def decode_attention(
         partial_lse = torch.empty(
             (num_seqs, num_heads, num_splits), dtype=torch.float32, device=out.device
         )
-        wants_fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
-        if wants_fused:
-            found = split_counters(out.device, num_seqs * num_kv_heads)
-            if found is None and fused_reduce:
-                raise RuntimeError("decode counters cannot grow during a CUDA-graph capture")
-            fused = found is not None
-            counters = out if found is None else found
+        found = split_counters(out.device, num_seqs * num_kv_heads) if fused_reduce else None
+        if found is not None:
+            counters, fused = found, True
     merge_rows = triton.next_power_of_2(group_size)
     with on_device(query.device):
         _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](

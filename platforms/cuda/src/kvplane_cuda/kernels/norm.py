@@ -99,9 +99,10 @@ def _launch(
         return
     single_block = hidden_size <= _MAX_SINGLE_BLOCK
     block = triton.next_power_of_2(hidden_size) if single_block else _CHUNK
-    has_residual = residual is not None and summed is not None
-    residual_arg = residual if has_residual else x
-    sum_arg = summed if has_residual else x
+    if residual is not None and summed is not None:
+        has_residual, residual_arg, sum_arg = True, residual, summed
+    else:  # the kernel never reads these pointers; x stands in for them
+        has_residual, residual_arg, sum_arg = False, x, x
     _rms_norm_kernel[(num_tokens,)](
         x,
         x.stride(0),

@@ -63,15 +63,31 @@ def table_block_ids(table_row_ptr, positions, end, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def start_kv_loop(block_tables_ptr, seq, stride_table, begin, end, ROWS: tl.constexpr,
+                  HEAD_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    # What a loop over the keys [begin, end) of sequence ``seq`` starts from: its
+    # block-table row, the first tile's block ids (carried a tile ahead, see
+    # gather_kv_tile) and an empty online softmax for ROWS query rows (running maximum
+    # -inf, running sum 0, accumulator [ROWS, HEAD_PAD] 0).
+    table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, HEAD_PAD], tl.float32)
+    block_ids = table_block_ids(table_row_ptr, begin + tl.arange(0, BLOCK_N), end, BLOCK_SIZE)
+    return table_row_ptr, block_ids, m_i, l_i, acc
+
+
+@triton.jit
 def gather_kv_tile(key_cache_ptr, value_cache_ptr, table_row_ptr, block_ids, key_pos, key_valid,
                    end, kv_head, offs_d, d_mask, stride_block, stride_slot, stride_head,
                    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     # Keys and values [N, HEAD_PAD] at ``key_pos`` of one sequence, from ``block_ids``
     # (this tile's, loaded one tile earlier), and the next tile's block ids for the next
-    # call. The attention loops carry the ids so: gathered in the iteration that uses them,
-    # the id load and the key/value copies take two of the software pipeline's stages, and
-    # 1 to 4 stages all kept one tile in flight; carried, the copies run ``num_stages - 1``
-    # tiles ahead (Triton 3.6's TTGIR for sm_90; 12-27% on an H200, docs/performance.md).
+    # call. The attention loops carry the ids because Triton's software pipeliner gives
+    # each link of a dependent chain its own stage: gathered in the iteration that uses
+    # them, the id load and the key/value copies would take two stages and keep one tile
+    # in flight whatever ``num_stages``; carried, the copies run ``num_stages - 1`` tiles
+    # ahead.
     next_ids = table_block_ids(table_row_ptr, key_pos + BLOCK_N, end, BLOCK_SIZE)
     rows = (block_ids.to(tl.int64) * stride_block + (key_pos % BLOCK_SIZE) * stride_slot
             + kv_head * stride_head)  # [N]
@@ -153,12 +169,9 @@ def _unified_kernel(
     kv_begin = 0
     if HAS_WINDOW:
         kv_begin = tl.maximum(context_len + first_token - window + 1, 0) // BLOCK_N * BLOCK_N
-    table_row_ptr = block_tables_ptr + seq.to(tl.int64) * stride_table
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    block_ids = table_block_ids(table_row_ptr, kv_begin + tl.arange(0, BLOCK_N), kv_end,
-                                BLOCK_SIZE)  # [N], carried a tile ahead (gather_kv_tile)
+    table_row_ptr, block_ids, m_i, l_i, acc = start_kv_loop(
+        block_tables_ptr, seq, stride_table, kv_begin, kv_end, BLOCK_M, HEAD_PAD, BLOCK_N,
+        BLOCK_SIZE)
     for start in range(kv_begin, kv_end, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)  # [N]
         key_valid = key_pos < kv_end
@@ -202,14 +215,12 @@ def unified_tile(head_size: int, group_size: int, max_query_len: int, element_si
 
     16-bit: up to 128 rows x 64 keys (head <= 128) with 3 stages, the flash-attention
     shape that Hopper runs on wgmma; with the block ids carried a tile ahead, 3 stages
-    keep two K/V tiles in flight (128 KiB shared memory, no spills). On an H200
-    (2026-11-30, Qwen3-0.6B heads, bf16) that gave 267 TFLOP/s on 4 fresh 2,048-token
-    prompts and 320 on a 2,048-token chunk over 8k cached keys, against 225 / 249 with 2
-    stages, 257 / 317 with 64 rows x 4 warps, 185 / 262 with 64 rows x 4 stages. Head 256
-    halves rows and keys (not measured). float32 dots run on FMA units, whose operands live in
-    registers: 32 rows x 16 keys avoids spills. Rows shrink with ``max_query_len`` (at
-    least 16, the smallest ``tl.dot``, and at least the group) so decode-heavy batches
-    waste fewer of them.
+    keep two K/V tiles in flight (128 KiB shared memory, no spills). 2 stages keep only
+    one tile in flight; 64-row tiles load each key tile for half as many queries. Head
+    256 halves rows and keys so the tiles still fit shared memory (untuned). float32
+    dots run on FMA units, whose operands live in registers: 32 rows x 16 keys avoids
+    spills. Rows shrink with ``max_query_len`` (at least 16, the smallest ``tl.dot``, and
+    at least the group) so decode-heavy batches waste fewer of them.
     """
     head_pad = padded_head_size(head_size)
     if element_size <= 2:

@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvplane.ops.steps import exponential_race
+
 #: Vocabulary chunk per loop step: on a GPU, and in the interpreter (fewer, wider steps).
 _BLOCK = 2048
 _INTERPRETER_BLOCK = 16384
@@ -218,7 +220,7 @@ def top_k_top_p_sample(
     docstring for where summation order could tell them apart); no sort, no host sync.
     """
     if top_k is None and top_p is None and min_p is None:
-        return (probs / exponential_noise).argmax(dim=-1)
+        return exponential_race(probs, exponential_noise)
     if probs.dtype != torch.float32 or exponential_noise.dtype != torch.float32:
         raise ValueError(
             f"top_k_top_p_sample takes float32 probs and noise, got {probs.dtype} "

@@ -1,0 +1,90 @@
+"""Steps the reference ops are built from, public so that platform implementations reuse
+them instead of copying them: the layouts (the cos/sin table's halves, the rotary
+channel pairs, the cache's slot rows), the residual sum and the sampling thresholds.
+
+Each step computes what :mod:`kvplane.ops.reference` defines, in the same float32
+arithmetic, so an implementation built from them rounds exactly as the reference does.
+None mutates its inputs; several return views of them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def residual_sum(
+    x: torch.Tensor,  # [num_tokens, hidden_size]
+    residual: torch.Tensor,  # [num_tokens, hidden_size]
+) -> torch.Tensor:  # [num_tokens, hidden_size], x.dtype
+    """``x + residual`` added in float32 and rounded once to ``x``'s dtype."""
+    return (x.float() + residual.float()).to(x.dtype)
+
+
+def cos_sin_halves(
+    cos_sin: torch.Tensor,  # [..., rotary_dim] rows of a cos_sin_cache: cat(cos, sin)
+) -> tuple[torch.Tensor, torch.Tensor]:  # each [..., rotary_dim // 2] float32
+    """The float32 ``cos`` and ``sin`` halves of rows of a ``cos_sin_cache`` (views of one
+    float32 copy, or of ``cos_sin`` itself when it is float32)."""
+    cos, sin = cos_sin.float().chunk(2, dim=-1)
+    return cos, sin
+
+
+def rotary_pairs(
+    x: torch.Tensor,  # [..., rotary_dim]
+    is_neox_style: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # each [..., rotary_dim // 2], views of x
+    """The two sets of rotary channels that rotate against each other: the first and
+    second halves (Neox style: Llama, Qwen, ...) or the even and odd channels (GPT-J)."""
+    if is_neox_style:
+        half = x.shape[-1] // 2
+        return x[..., :half], x[..., half:]
+    return x[..., 0::2], x[..., 1::2]
+
+
+def slot_view(
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+) -> torch.Tensor:  # [2, num_slots, num_kv_heads, head_size]
+    """The cache with one row per slot (``slot = block * block_size + offset``), a view."""
+    num_kv_heads, head_size = kv_cache.shape[-2:]
+    return kv_cache.view(2, -1, num_kv_heads, head_size)
+
+
+def top_k_floor(
+    sorted_probs: torch.Tensor,  # [num_seqs, vocab_size], each row descending
+    top_k: torch.Tensor,  # [num_seqs] int64; <= 0 or >= vocab_size: no limit
+) -> torch.Tensor:  # [num_seqs, 1]
+    """Each row's ``top_k``-th largest probability: top-k keeps the probabilities at
+    least this (ties included); a row without a limit gets its smallest probability."""
+    vocab_size = sorted_probs.shape[-1]
+    k = torch.where((top_k <= 0) | (top_k >= vocab_size), vocab_size, top_k)
+    return sorted_probs.gather(1, (k - 1).clamp(min=0).unsqueeze(1))
+
+
+def top_p_floor(
+    sorted_probs: torch.Tensor,  # [num_seqs, vocab_size], each row descending
+    top_p: torch.Tensor,  # [num_seqs] float32; 1.0: no limit
+) -> torch.Tensor:  # [num_seqs, 1]
+    """Each row's smallest probability that top-p keeps: sorted position ``j`` is kept
+    while the mass strictly before it is below ``p`` (the first always is)."""
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    keep_sorted = mass_before < top_p.unsqueeze(1)
+    keep_sorted[:, 0] = True
+    num_kept = keep_sorted.sum(dim=-1, keepdim=True)  # [num_seqs, 1]
+    return sorted_probs.gather(1, num_kept - 1)
+
+
+def min_p_floor(
+    probs: torch.Tensor,  # [num_seqs, vocab_size]
+    min_p: torch.Tensor,  # [num_seqs] float32; 0.0: no limit
+) -> torch.Tensor:  # [num_seqs, 1]
+    """``min_p * max(probs)`` per row: min-p keeps the probabilities at least this."""
+    return min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+
+
+def exponential_race(
+    weights: torch.Tensor,  # [num_seqs, vocab_size] float32, non-negative
+    exponential_noise: torch.Tensor,  # [num_seqs, vocab_size] float32, Exp(1) samples
+) -> torch.Tensor:  # [num_seqs] int64
+    """``argmax(weights / noise)`` per row: a draw from the row's weights renormalised,
+    decided by the caller's noise alone (first index on ties)."""
+    return (weights / exponential_noise).argmax(dim=-1)
