@@ -3,9 +3,9 @@ names.
 
 A platform starts with the three required hooks (probe, info, device memory) and its
 attention backend; everything it leaves out falls back to the core's plain-torch
-reference, with one log line per hook or op, so the platform works from day one and
+reference (one log line names them), so the platform works from day one and
 improves hook by hook. Left to the reference here: quantization, communicator, memory
-profiling, KV-cache allocation and block copies, graph capture, and every op but
+profiling, KV-cache allocation and block copies, and every op but
 ``silu_and_mul``. ``communication.py`` shows the next step.
 
 Every hook here is a thin delegate to the module that does the work, named as in

@@ -29,3 +29,37 @@ def test_enforce_eager_and_numbers() -> None:
     config = engine_config_from_args(parse("--enforce-eager", "--max-num-seqs", "8"))
     assert config.enforce_eager is True and config.max_num_seqs == 8
     assert engine_config_from_args(parse()).enforce_eager is False
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["platforms", "--devic", "cpu"],
+        ["serve", "--devic", "cpu"],
+        ["bench", "throughput", "--num-prom", "3"],
+    ],
+)
+def test_abbreviated_flags_are_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from kvplane.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command", [["serve"], ["generate"], ["bench", "throughput"], ["bench", "latency"]]
+)
+def test_help_states_each_default_once(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import re
+
+    from kvplane.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert not re.search(r"\(default: [^)]*\) \(default:", text)
+    assert "default: None" not in text

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from kvplane import LLM, SamplingParams
 from kvplane.models.registry import architecture_of
-from kvplane.models.source import resolve_model
+from kvplane.models.source import DEFAULT_MODEL_NAME, resolve_model
 from kvplane.models.weights import WeightLoadError
 from kvplane.testing.models import hf_greedy_tokens, save_random_model, tiny_llama_config
 
@@ -86,6 +86,17 @@ def test_model_names_that_are_not_local_paths_are_refused(tmp_path: Path) -> Non
         resolve_model("meta-llama/Llama-3-8B")
     with pytest.raises(ValueError, match=r"no config\.json"):
         resolve_model(tmp_path)
+
+
+def test_the_default_models_served_name_means_the_embedded_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert resolve_model(DEFAULT_MODEL_NAME) == resolve_model(None)
+    # A folder of that name in the working directory wins over the embedded model.
+    (tmp_path / DEFAULT_MODEL_NAME).mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"no config\.json"):
+        resolve_model(DEFAULT_MODEL_NAME)
 
 
 def test_dummy_weights_need_only_the_config(tmp_path: Path) -> None:

@@ -52,3 +52,17 @@ def test_docs_hook_table_is_generated_from_the_specs() -> None:
 
 def test_api_history_names_the_current_version() -> None:
     assert f"**{PLUGIN_API_VERSION}**" in (hookspec.__doc__ or "")
+
+
+def test_every_shipped_plugin_and_page_names_the_current_api() -> None:
+    """One source of truth: the core's version is what our platforms, the template and
+    the pages that tell authors what to declare say."""
+    import importlib
+
+    root = PLUGINS_PAGE.parents[1]
+    declaration = f'KVPLANE_PLUGIN_API = "{PLUGIN_API_VERSION}"'
+    for module_name in ("kvplane_cpu.plugin", "kvplane_cuda.plugin", "kvplane_acme.plugin"):
+        module = importlib.import_module(module_name)
+        assert module.KVPLANE_PLUGIN_API == PLUGIN_API_VERSION, module_name
+    for page in (PLUGINS_PAGE, root / "plugins_template" / "README.md"):
+        assert declaration in page.read_text(), page

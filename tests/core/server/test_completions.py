@@ -37,7 +37,12 @@ def test_models_and_settings_precedence(client: openai.OpenAI) -> None:
 
 
 def test_health_version_tokenize_detokenize(server: ServerProcess, http: httpx2.Client) -> None:
-    assert httpx2.get(server.url + "/health").status_code == 200  # no key needed
+    health = httpx2.get(server.url + "/health")  # no key needed
+    assert health.status_code == 200 and health.headers["content-type"] == "application/json"
+    assert health.json()["status"] == "ok" and health.json()["model"] == MODEL
+    assert health.json()["uptime_s"] >= 0
+    assert httpx2.head(server.url + "/health").status_code == 200
+    assert httpx2.head(server.url + "/ping").status_code == 200
     assert http.get("/version").json() == {"version": __version__}
     tokens = http.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True}).json()
     assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"]) > 1

@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from kvplane import LLM, SamplingParams
-from kvplane.plugins import PlatformSelectionError, probe_platforms, select_platform
+from kvplane.plugins import (
+    PlatformSelectionError,
+    capabilities,
+    probe_platforms,
+    select_platform,
+)
 from kvplane.plugins.selection import EMULATE_ENV
 from kvplane.testing.models import hf_greedy_tokens, save_random_model, tiny_llama_config
 from kvplane_cuda.emulation import DESCRIPTION
@@ -47,7 +52,8 @@ def test_selected_with_the_variable_runs_on_host_tensors() -> None:
     platform = select_platform("cuda")
     assert platform.emulated and platform.name == "cuda"
     assert platform.device(0) == torch.device("cpu", 0)
-    assert platform.info.capabilities == frozenset()  # no graphs, streams or pinning
+    # No graphs, streams or pinning; processes over gloo.
+    assert platform.info.capabilities == frozenset({capabilities.MULTI_DEVICE})
     assert platform.ops.rms_norm.__module__ == "kvplane_cuda.kernels.norm"
 
 

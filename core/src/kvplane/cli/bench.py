@@ -39,11 +39,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     throughput.set_defaults(handler=run_throughput)
 
     latency = commands.add_parser("latency", help="latency of one batch, repeated")
-    latency.add_argument("--batch-size", type=int, default=8)
-    latency.add_argument("--input-len", type=int, default=32)
-    latency.add_argument("--output-len", type=int, default=128)
-    latency.add_argument("--num-iters-warmup", type=int, default=2)
-    latency.add_argument("--num-iters", type=int, default=5)
+    latency.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch")
+    latency.add_argument("--input-len", type=positive_int, default=32, help="prompt tokens")
+    latency.add_argument("--output-len", type=positive_int, default=128, help="tokens generated")
+    latency.add_argument("--num-iters-warmup", type=int, default=2, help="untimed runs first")
+    latency.add_argument("--num-iters", type=positive_int, default=5, help="timed runs")
     latency.add_argument(
         "--dummy",
         metavar="NAME",
@@ -82,6 +82,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_workload_arguments(parser: argparse.ArgumentParser, default_prompts: int) -> None:
     parser.add_argument(
         "--dataset",
@@ -95,10 +106,17 @@ def _add_workload_arguments(parser: argparse.ArgumentParser, default_prompts: in
         default=None,
         help="ShareGPT JSON file (or give it after --dataset sharegpt)",
     )
-    parser.add_argument("--input-len", type=int, default=1024)
-    parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument(
-        "--num-prompts", type=int, default=None, help=f"default: {default_prompts} (256 for nano)"
+        "--input-len", type=positive_int, default=1024, help="prompt tokens (random dataset)"
+    )
+    parser.add_argument(
+        "--output-len", type=positive_int, default=128, help="tokens to generate per request"
+    )
+    parser.add_argument(
+        "--num-prompts",
+        type=positive_int,
+        default=None,
+        help=f"requests to run (default: {default_prompts}; 256 for nano)",
     )
     parser.add_argument("--seed", type=int, default=0)
 

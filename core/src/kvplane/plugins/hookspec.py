@@ -5,8 +5,8 @@ It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.4"`` an
 implements some of the hooks below with ``@kvplane.plugins.hookimpl``. Each platform gets
 its own :class:`pluggy.PluginManager`; the core's reference implementations
 (:mod:`kvplane.plugins.reference`) are registered in it as a built-in plugin with
-``trylast=True``, so whatever a platform leaves out falls back to plain torch (logged
-once per hook or op).
+``trylast=True``, so whatever a platform leaves out falls back to plain torch (named in
+the start-up log).
 
 Every spec's docstring follows one template, which ``docs/plugins.md``'s hook table is
 generated from (:mod:`kvplane.plugins.spec_table`): a one-line summary, when the core
@@ -169,7 +169,7 @@ def kvplane_ops(query: types.OpsQuery) -> Mapping[str, Callable[..., object]]:
     Called once at start-up. Every name in :data:`kvplane.ops.OP_NAMES` has a reference
     implementation in :mod:`kvplane.ops.reference` with the signature and semantics a
     platform op must match (the conformance kit checks it). Names a platform leaves out
-    use the reference, with one log line each; unknown names are an error.
+    use the reference (named in one log line); unknown names are an error.
 
     :param query: the device type the ops will run on (``query.device_type``).
     :returns: a mapping of op name to callable; the platform's entries override the

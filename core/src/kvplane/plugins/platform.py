@@ -192,13 +192,19 @@ class Platform:
         return any(impl.plugin_name == self.name for impl in caller.get_hookimpls())
 
     def _log_reference_fallbacks(self) -> None:
-        for hook_name in sorted(set(dir(self._manager.hook)) - set(REQUIRED_HOOKS)):
-            if hook_name.startswith("kvplane_") and not self._implements(hook_name):
-                logger.info(
-                    "platform %r does not implement %s; using the torch reference",
-                    self.name,
-                    hook_name,
-                )
+        """One line naming the hooks the platform leaves to the core's reference (hooks
+        the reference does not have, like emulation, are simply not offered)."""
+        fallbacks = [
+            hook_name
+            for hook_name in sorted(set(dir(self._manager.hook)) - set(REQUIRED_HOOKS))
+            if hook_name.startswith("kvplane_")
+            and hasattr(reference, hook_name)
+            and not self._implements(hook_name)
+        ]
+        if fallbacks:
+            logger.info(
+                "platform %r uses the torch reference for %s", self.name, ", ".join(fallbacks)
+            )
 
     def _resolve_ops(self) -> Ops:
         query = OpsQuery(device_type=self.info.device_type)
@@ -220,7 +226,9 @@ class Platform:
                 table.setdefault(op_name, op)
                 if impl.plugin_name != reference.REFERENCE_PLUGIN_NAME:
                     platform_names.add(op_name)
-        for op_name in OP_NAMES:
-            if op_name not in platform_names:
-                logger.info("platform %r has no op %r; using the reference", self.name, op_name)
+        reference_ops = [op_name for op_name in OP_NAMES if op_name not in platform_names]
+        if reference_ops:
+            logger.info(
+                "platform %r uses the reference ops %s", self.name, ", ".join(reference_ops)
+            )
         return Ops(**{op_name: table[op_name] for op_name in OP_NAMES})

@@ -93,16 +93,25 @@ def select_platform(device: str | None = None, emulate: Collection[str] = ()) ->
     discovered = {platform.name: platform for platform in discover_platforms()}
     _warn_unknown_emulations(emulated_names, discovered.values())
     statuses = [_probe_one(platform, emulated_names) for platform in discovered.values()]
-    chosen = _choose(statuses, _requested_name(device), raise_errors=True)
+    requested = _requested_name(device)
+    chosen = _choose(statuses, requested, raise_errors=True)
     assert chosen is not None
     platform = discovered[chosen]
     assert platform.module is not None
+    status = next(status for status in statuses if status.name == chosen)
+    why = "as requested" if requested else "the highest score of the available platforms"
+    logger.info(
+        "platform %r (%s %s), %s: %s",
+        chosen,
+        platform.distribution,
+        platform.version,
+        why,
+        status.reason,
+    )
     if chosen not in emulated_names:
-        logger.info("selected platform %r (%s %s)", chosen, platform.distribution, platform.version)
         return Platform(chosen, platform.version, make_plugin_manager(chosen, platform.module))
     answer = emulation(make_plugin_manager(chosen, platform.module))
     assert answer is not None and answer.available  # _choose accepted it
-    logger.info("selected platform %r, emulated: %s", chosen, answer.description)
     if answer.activate is not None:
         answer.activate()
     manager = make_plugin_manager(chosen, platform.module, emulation_plugin=answer.plugin)

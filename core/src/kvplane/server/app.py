@@ -6,6 +6,7 @@ Handlers run on the event loop and never wait for the engine's step: they queue 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -87,12 +88,19 @@ def build_app(state: ServerState) -> FastAPI:
             raise bad_request(f"token ids {bad[:5]} are outside the vocabulary", "tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    @app.get("/health")
-    @app.get("/ping")
-    async def health() -> Response:
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.api_route("/ping", methods=["GET", "HEAD"])
+    async def health() -> JSONResponse:
+        """Liveness: 200 with a small JSON body while the engine runs, else 503."""
         if not state.engine.is_running:
             raise APIError(503, "the engine has stopped", code="engine_dead")
-        return Response(status_code=200)
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": state.model_name,
+                "uptime_s": round(time.time() - state.created, 1),
+            }
+        )
 
     @app.get("/version")
     async def version() -> JSONResponse:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -66,6 +68,7 @@ class _DrainingServer(uvicorn.Server):
 
 def run_server(settings: ServerOptions) -> int:
     """Load the model, serve until SIGTERM / SIGINT, return the exit status (0)."""
+    check_port_free(settings.host, settings.port)  # before a model load of many seconds
     engine = AsyncLLM.from_config(settings.engine_config())
     try:
         state = ServerState.create(engine, settings)
@@ -84,3 +87,20 @@ def run_server(settings: ServerOptions) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` when ``host:port`` cannot be bound (in use, or not an address
+    of this machine), binding as uvicorn does (``SO_REUSEADDR``) and releasing at once."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ValueError(f"cannot serve on host {host!r}: {error.strerror}") from None
+    family, kind, proto, _, address = addresses[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            hint = "; pass another --port" if error.errno == errno.EADDRINUSE else ""
+            raise ValueError(f"cannot serve on {host}:{port}: {error.strerror}{hint}") from None

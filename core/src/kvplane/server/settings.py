@@ -15,13 +15,10 @@ from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kvplane.config import EngineConfig
+from kvplane.models.source import DEFAULT_MODEL_NAME
 
 #: Prefix of the environment variables (``KVPLANE_PORT``, ``KVPLANE_MAX_NUM_SEQS``...).
 ENV_PREFIX = "KVPLANE_"
-
-#: The name ``/v1/models`` reports for the embedded default model.
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
 
 class ServerOptions(BaseSettings):
     """The server's own options (the engine's are added by :data:`ServerSettings`)."""

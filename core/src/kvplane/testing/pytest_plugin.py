@@ -131,7 +131,10 @@ def kvplane_dtype(request: pytest.FixtureRequest, kvplane_platform: Platform) ->
     from kvplane.testing.helpers import parse_dtype
 
     if request.param not in kvplane_platform.info.supported_dtypes:
-        pytest.skip(f"platform {kvplane_platform.name!r} does not support {request.param}")
+        pytest.skip(
+            f"platform {kvplane_platform.name!r} does not support {request.param} (list it "
+            "in PlatformInfo.supported_dtypes to run these)"
+        )
     return parse_dtype(request.param)
 
 

@@ -32,7 +32,11 @@ def _free_port() -> int:
 def test_communicator_collectives_in_two_processes(kvplane_platform: Platform) -> None:
     info = kvplane_platform.info
     if MULTI_DEVICE not in info.capabilities:
-        pytest.skip(f"platform {info.name!r} lacks the {MULTI_DEVICE!r} capability")
+        pytest.skip(
+            f"platform {info.name!r} lacks the {MULTI_DEVICE!r} capability (list "
+            "capabilities.MULTI_DEVICE in PlatformInfo once its communicator runs across "
+            "processes, to run these)"
+        )
     if info.device_count < 1:
         pytest.skip(f"platform {info.name!r} reports no device")
     if info.device_type != "cpu" and info.device_count < comm_worker.WORLD_SIZE:

@@ -25,7 +25,7 @@ import torch
 
 from kvplane.distributed.communicator import Communicator
 from kvplane.distributed.torch_communicator import TorchDistributedCommunicator
-from kvplane.plugins import hookimpl
+from kvplane.plugins import capabilities, hookimpl
 from kvplane.plugins.host import host_memory, profile_host_memory
 from kvplane.plugins.types import (
     DeviceQuery,
@@ -114,7 +114,8 @@ def kvplane_platform_info() -> PlatformInfo:
         # is verified on the hardware only.
         supported_dtypes=("float32", "float16"),
         # No graphs, streams or pinned staging on the host: only the hardware has them.
-        capabilities=frozenset(),
+        # Several processes, one host "device" each, talk over gloo as the CPU's do.
+        capabilities=frozenset({capabilities.MULTI_DEVICE}),
         distributed_backend="gloo",
         description=f"emulated: {DESCRIPTION} (torch {torch.__version__})",
         default_kv_cache_bytes=KV_CACHE_BYTES,

@@ -1,10 +1,11 @@
 """The CUDA platform's hook implementations (entry point ``kvplane.platforms: cuda``).
 
 Thin delegates to :mod:`kvplane_cuda.probe`, :mod:`kvplane_cuda.memory`,
-:mod:`kvplane_cuda.ops`, :mod:`kvplane_cuda.attention` and
-:mod:`kvplane_cuda.communication`. Importing this module needs torch only: no GPU, no
-Triton (the kernels are imported lazily, once they exist), so discovery works on every
-machine and the probe explains what is missing.
+:mod:`kvplane_cuda.ops`, :mod:`kvplane_cuda.attention`, :mod:`kvplane_cuda.communication`,
+:mod:`kvplane_cuda.graphs` and :mod:`kvplane_cuda.emulation`. Importing this module needs
+torch only: no GPU, no Triton (the kernels of :mod:`kvplane_cuda.kernels` are imported
+when an op table or attention layer is built), so discovery works on every machine and
+the probe explains what is missing.
 
 Left to the core's reference, which is what CUDA would run: KV-cache allocation
 (``torch.empty`` on the device) and block copies (``index_select`` / ``index_copy_``).
