@@ -70,11 +70,15 @@ class DeviceTransfer:
     def to_device(
         self, values: Sequence[int] | Sequence[float] | np.ndarray, dtype: torch.dtype
     ) -> torch.Tensor:  # [*values.shape]
-        """A new device tensor holding ``values``; ``values`` may be reused at once."""
-        host = torch.tensor(values, dtype=dtype)
+        """A new device tensor holding ``values``; ``values`` may be reused at once.
+
+        One host copy either way: into pinned memory (``as_tensor`` does not copy an array
+        of the right dtype), or straight from ``values`` to the device.
+        """
         if self.pin_memory:
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=self.pin_memory)
+            pinned = torch.as_tensor(values, dtype=dtype).pin_memory()
+            return pinned.to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=self.device)
 
     def copy_to_device(
         self, source: torch.Tensor, target: torch.Tensor | None = None
