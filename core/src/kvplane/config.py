@@ -61,6 +61,14 @@ class EngineConfig:
     #: still run step by step, since they need their tokens on the host.
     async_scheduling: bool | None = None
     skip_tokenizer_init: bool = False
+    #: Sampling defaults for the fields a request leaves out: "auto" (the model's
+    #: recommended ones: its generation_config.json, or the embedded model's authors'),
+    #: "kvplane" (the engine's own, e.g. temperature 1.0), or the path of a
+    #: generation_config.json or its directory. See :mod:`kvplane.models.generation_config`.
+    generation_config: str = "auto"
+    #: generation_config.json sampling keys that win over ``generation_config``'s, e.g.
+    #: ``{"temperature": 0.5}`` (``None`` as a value removes one).
+    override_generation_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.emulate is not None and self.device is not None:
@@ -95,6 +103,23 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
             )
+        self._check_generation_config()
+
+    def _check_generation_config(self) -> None:
+        # A bad path or key fails here, before the weights load, not at engine start.
+        from kvplane.models.generation_config import (
+            check_generation_config_option,
+            check_override,
+        )
+
+        check_generation_config_option(self.generation_config)
+        if self.override_generation_config is not None:
+            if not isinstance(self.override_generation_config, dict):
+                raise ValueError(
+                    "override_generation_config must be a dict of generation_config.json "
+                    f"keys, got {self.override_generation_config!r}"
+                )
+            check_override(self.override_generation_config)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvplane import LLM, SamplingParams
+from kvplane.models import loader
+from kvplane.models.checkpoint import iterate_weights
 from kvplane.models.registry import architecture_of
 from kvplane.models.source import DEFAULT_MODEL_NAME, resolve_model
 from kvplane.models.weights import WeightLoadError
@@ -110,3 +112,27 @@ def test_dummy_weights_need_only_the_config(tmp_path: Path) -> None:
         kv_cache_memory_bytes=2**20,
     )
     assert len(llm.generate(PROMPT, GREEDY)[0].outputs[0].token_ids) == 8
+
+
+def test_bytes_read_add_up_to_the_checkpoint_data(tmp_path: Path) -> None:
+    reference = save_random_model(tiny_llama_config(), tmp_path / "single")
+    reference.save_pretrained(str(tmp_path / "sharded"), max_shard_size="60KB")
+    source = resolve_model(str(tmp_path / "sharded"))
+    counts: list[int] = []
+    names = [name for name, _ in iterate_weights(source, reference.config, counts.append)]
+    data_bytes = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+    assert len(counts) == len(names) > 1
+    assert sum(counts) == data_bytes
+
+
+def test_weight_loading_shows_a_progress_bar_past_its_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    save_random_model(tiny_llama_config(), tmp_path)
+    tiny_llm(tmp_path)
+    assert "loading weights" not in capsys.readouterr().err  # quicker than the delay
+    monkeypatch.setattr(loader, "PROGRESS_DELAY_S", 0.0)
+    tiny_llm(tmp_path)
+    stderr = capsys.readouterr().err
+    assert "loading weights" in stderr
+    assert "100%" in stderr

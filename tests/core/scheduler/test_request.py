@@ -30,6 +30,7 @@ def test_status_is_finished() -> None:
         RequestStatus.FINISHED_STOPPED,
         RequestStatus.FINISHED_LENGTH,
         RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
     }
     request = Request("r", [1], None, 0.0)
     request.status = RequestStatus.FINISHED_ABORTED

@@ -48,7 +48,7 @@ BAD_REQUESTS = [
         CHAT,
         _chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
         400,
-        "messages.0.content.0",
+        "messages.0.content.0.type",
     ),
     (COMPLETIONS, _completion(prompt="word " * (MAX_MODEL_LEN + 10)), 400, "prompt"),
     (

@@ -79,7 +79,7 @@ def _refuses_connections(url: str) -> bool:
 def test_waiting_queue_limit_gives_503(small_server: ServerProcess) -> None:
     url = small_server.url
 
-    async def run() -> tuple[int, dict, object]:
+    async def run() -> tuple[int, httpx2.Headers, dict, object]:
         client = async_client(small_server)
         client.api_key = "x"
         streams = [await _long(client) for _ in range(2)]  # both seats taken
@@ -95,19 +95,23 @@ def test_waiting_queue_limit_gives_503(small_server: ServerProcess) -> None:
             await stream.close()  # frees the seats: the waiting request runs
         done = await asyncio.wait_for(waiting, timeout=120)
         await client.close()
-        return refused.status_code, refused.json(), done
+        return refused.status_code, refused.headers, refused.json(), done
 
-    status, body, done = asyncio.run(run())
+    status, headers, body, done = asyncio.run(run())
     assert status == 503
     assert body["error"]["code"] == "server_overloaded"
+    assert headers["retry-after"] == "1"
     assert done.usage.completion_tokens == 3 and done.choices[0].text == ""  # no tokenizer
     wait_for_metrics(url, num_requests_running=0, num_requests_waiting=0, kv_cache_usage_perc=0.0)
 
 
 def test_sigterm_drains_aborts_after_grace_and_exits_zero(small_server: ServerProcess) -> None:
-    async def run() -> tuple[list, list, float, bool]:
+    async def run() -> tuple[list, list, float, bool, httpx2.Response]:
         client = async_client(small_server)
         client.api_key = "x"
+        headers = {"Authorization": "Bearer x"}
+        kept_alive = httpx2.AsyncClient(base_url=small_server.url, headers=headers)
+        assert (await kept_alive.get("/v1/models")).status_code == 200  # opens a connection
         short = await _long(client, max_tokens=12)  # finishes within the grace period
         endless = await _long(client)  # cannot finish in the grace period
         short_chunks = [await short.__anext__()]
@@ -116,19 +120,25 @@ def test_sigterm_drains_aborts_after_grace_and_exits_zero(small_server: ServerPr
         signalled = time.monotonic()
         await asyncio.sleep(0.5)
         refused = await asyncio.to_thread(_refuses_connections, small_server.url)
+        # A request on a connection opened before the signal gets the 503, not a reset.
+        late = await kept_alive.get("/v1/models")
         short_chunks += [chunk async for chunk in short]
         endless_chunks += [chunk async for chunk in endless]
         elapsed = time.monotonic() - signalled
         await client.close()
-        return short_chunks, endless_chunks, elapsed, refused
+        await kept_alive.aclose()
+        return short_chunks, endless_chunks, elapsed, refused, late
 
     assert metrics(small_server.url)["kvplane:num_requests_running"] == 0
-    short, endless, elapsed, refused = asyncio.run(run())
+    short, endless, elapsed, refused, late = asyncio.run(run())
     assert refused  # new connections are refused while in-flight requests drain
+    assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+    assert late.headers["connection"] == "close" and late.headers["retry-after"] == "1"
     # The short request finished normally; the long one was cut at the grace period.
     assert [c.choices[0].finish_reason for c in short if c.choices][-1] == "length"
     assert short[-1].usage.completion_tokens == 12
-    assert [c.choices[0].finish_reason for c in endless if c.choices][-1] == "abort"
+    # Cut at the grace period: OpenAI's "length" (the engine's "abort").
+    assert [c.choices[0].finish_reason for c in endless if c.choices][-1] == "length"
     assert 1 <= endless[-1].usage.completion_tokens < ENDLESS
     assert GRACE_SECONDS - 0.5 <= elapsed <= GRACE_SECONDS + 15
     assert small_server.process.wait(timeout=30) == 0

@@ -1,4 +1,4 @@
-"""``kvplane serve`` options: flags, ``KVPLANE_*`` variables and precedence; metrics text."""
+"""``kvplane serve`` options: flags, ``KVPLANE_*`` variables and precedence."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ from pydantic import ValidationError
 from kvplane.cli.main import build_parser
 from kvplane.cli.serve import run
 from kvplane.config import EngineConfig
-from kvplane.scheduler.output import SchedulerStats
-from kvplane.server.metrics import Histogram, ServerMetrics
 from kvplane.server.settings import DEFAULT_MODEL_NAME, ServerOptions, ServerSettings
 
 
@@ -86,28 +84,3 @@ def test_invalid_options_exit_2_without_serving(
     err = capsys.readouterr().err
     assert err.count("kvplane: error: ") == 3
     assert "--port: Input should be a valid integer" in err and "block_size" in err
-
-
-def test_histogram_buckets_are_cumulative() -> None:
-    histogram = Histogram("h", "help", [0.1, 1.0])
-    for value in (0.05, 0.5, 0.7, 5.0, float("nan")):
-        histogram.observe(value)
-    lines = histogram.render('m="x"')
-    assert 'h_bucket{m="x",le="0.1"} 1' in lines
-    assert 'h_bucket{m="x",le="1.0"} 3' in lines
-    assert 'h_bucket{m="x",le="+Inf"} 4' in lines
-    assert 'h_count{m="x"} 4' in lines
-
-
-def test_metrics_render_counts_requests_and_escapes_labels() -> None:
-    metrics = ServerMetrics('my "model"')
-    metrics.record_sequence(10, 4, "length", ttft=0.5, latency=2.0)
-    metrics.record_sequence(0, 0, None, ttft=None, latency=1.0)
-    text = metrics.render(SchedulerStats(1, 2, 0.25, 10, 5, 3))
-    labels = 'model_name="my \\"model\\""'
-    assert f"kvplane:num_requests_waiting{{{labels}}} 2" in text
-    assert f"kvplane:kv_cache_usage_perc{{{labels}}} 0.25" in text
-    assert f"kvplane:prefix_cache_hit_rate{{{labels}}} 0.5" in text
-    assert f"kvplane:prompt_tokens_total{{{labels}}} 10" in text
-    assert f'kvplane:request_success_total{{{labels},finished_reason="abort"}} 1' in text
-    assert f"kvplane:time_per_output_token_seconds_sum{{{labels}}} 0.5" in text

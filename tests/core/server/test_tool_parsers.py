@@ -78,6 +78,27 @@ CASES: list[tuple[str, str, str | None, list[tuple[str, Any]]]] = [
         [("get_weather", WEATHER["arguments"]), ("get_time", {"tz": "UTC"})],
     ),
     ("mistral", "No calls [TOOL", "No calls [TOOL", []),
+    (
+        "hermes",  # escapes and numbers that a chunk boundary can cut in half
+        '<tool_call>{"name": "book", "arguments": {"city": "S\\u00e3o \\ud83d\\ude00 ✓", '
+        '"guests": [{"age": -12.5e-1, "vip": true}, {"deep": {"n": 1234567}}]}}</tool_call>',
+        None,
+        [
+            (
+                "book",
+                {
+                    "city": "São \U0001f600 ✓",
+                    "guests": [{"age": -1.25, "vip": True}, {"deep": {"n": 1234567}}],
+                },
+            )
+        ],
+    ),
+    (
+        "mistral",
+        '[TOOL_CALLS]count[ARGS]{"n": 100, "xs": [1.5, -2]}',
+        None,
+        [("count", {"n": 100, "xs": [1.5, -2]})],
+    ),
 ]
 
 
@@ -152,9 +173,13 @@ def test_streaming_emits_arguments_as_they_arrive() -> None:
     assert more is not None and more.tool_calls[0].arguments == 'is"}'
 
 
-def test_unfinished_or_malformed_call_stays_content() -> None:
+def test_malformed_call_stays_content() -> None:
+    # A cut-off call is reported as a call (see test_truncated_calls.py), never as text.
     truncated = 'Hi <tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa'
-    assert HermesToolParser().extract_tool_calls(truncated) == (truncated, [])
+    content, calls = HermesToolParser().extract_tool_calls(truncated)
+    assert content == "Hi" and [(c.name, c.arguments) for c in calls] == [
+        ("get_weather", '{"city": "Pa')
+    ]
     malformed = '<tool_call>\n{"name": "f", "arguments": {"a": 1}, oops}\n</tool_call> bye'
     assert HermesToolParser().extract_tool_calls(malformed) == (malformed, [])
     no_name = '<tool_call>{"arguments": {}}</tool_call>'

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import typing
+from collections.abc import Callable
 from typing import Any, get_type_hints
 
 from kvplane.config import EngineConfig
@@ -37,11 +40,24 @@ _HELP = {
     "async_scheduling": "overlap host work for the next step with the device's run of "
     "this one (default: where the platform runs asynchronously)",
     "skip_tokenizer_init": "load no tokenizer (token-id prompts only)",
+    "generation_config": "sampling for the fields a request leaves out: auto (the model's "
+    "recommended: its generation_config.json; temperature 0.2, top_p 0.9 for the embedded "
+    "model), kvplane (the engine's own: temperature 1.0, top_p 1.0), or a directory holding "
+    "a generation_config.json (default: auto)",
+    "override_generation_config": "JSON object of generation_config.json sampling keys that "
+    "win over --generation-config's, e.g. '{\"temperature\": 0.5}' (default: none)",
 }
 
 
 #: Placeholders in usage lines where the field's name would not say what to give.
-_METAVARS = {"model": "PATH", "tokenizer": "PATH", "device": "NAME", "emulate": "NAME"}
+_METAVARS = {
+    "model": "PATH",
+    "tokenizer": "PATH",
+    "device": "NAME",
+    "emulate": "NAME",
+    "generation_config": "auto|kvplane|PATH",
+    "override_generation_config": "JSON",
+}
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -91,8 +107,22 @@ def with_default(help_text: str, default: object) -> str:
     return f"{help_text} (default: {'none' if default is None else default})"
 
 
-def _scalar_type(hint: Any) -> type:
+def _scalar_type(hint: Any) -> Callable[[str], Any]:
+    arguments = getattr(hint, "__args__", ())
+    if any(typing.get_origin(argument) is dict for argument in arguments):
+        return _json_object
     for candidate in (int, float, str):
-        if hint is candidate or candidate in getattr(hint, "__args__", ()):
+        if hint is candidate or candidate in arguments:
             return candidate
     return str
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A flag's value parsed as a JSON object (argparse reports the error with the flag)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error}): {text!r}") from error
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{...}}, got {text!r}")
+    return value

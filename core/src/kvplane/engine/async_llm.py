@@ -3,6 +3,12 @@
 Requests and aborts are queued to the engine thread; it steps while there is work and
 hands each output to the request's asyncio queue with ``call_soon_threadsafe``, so a step
 never waits for a client and a client never blocks a step.
+
+A request the engine failed on alone ends its stream with :class:`RequestFailedError`;
+the others go on. When a step raises out of the engine (it cannot go on), the thread
+records the error, ends every stream with :class:`EngineDeadError`, answers every later
+request with it and calls the :meth:`AsyncLLM.on_death` callbacks: the server exits so
+that its supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +48,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread stopped on an error; no request can be served."""
 
 
+class RequestFailedError(RuntimeError):
+    """The engine failed on this request alone (its message says how); it serves the others."""
+
+
 class AsyncLLM:
     """``async for output in llm.generate(prompt, params, request_id)``; ``await abort``."""
 
@@ -50,6 +60,8 @@ class AsyncLLM:
         self._commands: queue.SimpleQueue[_AddCommand | _AbortCommand | None] = queue.SimpleQueue()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._error: BaseException | None = None
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
+        self._death_lock = threading.Lock()  # _error and the callbacks, set across threads
         # Stats are published by the engine thread after each step, so other threads never
         # read scheduler state mid-step. Sequences queued by generate() count as waiting
         # until a snapshot that includes them is published.
@@ -129,6 +141,16 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(error)`` once if the engine stops on an error (at once if it
+        has): on the engine thread, after every stream has been ended."""
+        with self._death_lock:
+            error = self._error
+            if error is None:
+                self._death_callbacks.append(callback)
+        if error is not None:
+            callback(error)
+
     def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed at the engine's next step boundary."""
         self._commands.put(_AbortCommand(request_id))
@@ -146,13 +168,34 @@ class AsyncLLM:
                 if not self._drain_commands(block):
                     return
                 for output in self.engine.step():
-                    self._deliver(output.request_id, output)
+                    if output.error is None:
+                        self._deliver(output.request_id, output)
+                    else:
+                        failure = f"the engine failed on this request: {output.error}"
+                        self._deliver(output.request_id, RequestFailedError(failure))
                 self._publish_stats()
         except BaseException as error:
-            logger.exception("engine thread failed")
+            logger.exception("engine thread failed: the engine cannot go on")
+            self._die(error)
+
+    def _die(self, error: BaseException) -> None:
+        """End every stream, call the death callbacks, then answer every command that
+        arrives with the error until shut down (so no request waits for ever)."""
+        message = f"engine stopped: {error!r}"
+        with self._death_lock:
             self._error = error
-            for request_id in list(self._sinks):
-                self._deliver(request_id, EngineDeadError(f"engine stopped: {error!r}"))
+            callbacks, self._death_callbacks = self._death_callbacks, []
+        for request_id in list(self._sinks):
+            self._deliver(request_id, EngineDeadError(message))
+        for callback in callbacks:
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("an engine-death callback failed")
+        while (command := self._commands.get()) is not None:
+            if isinstance(command, _AddCommand):
+                self._sinks[command.request_id] = command.sink
+                self._deliver(command.request_id, EngineDeadError(message))
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands (waiting for one if ``block``); False means shut down."""
@@ -200,4 +243,5 @@ class AsyncLLM:
         try:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
         except RuntimeError:  # the client's loop is closed: nobody is listening
-            self.engine.abort_request(request_id)
+            if self._error is None:  # else the engine is gone, and the request with it
+                self.engine.abort_request(request_id)

@@ -37,6 +37,15 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """A new :class:`SamplingParams` with the model's recommended sampling (the
+        ``generation_config`` option; kvplane's defaults where it recommends none).
+
+        :meth:`generate` and :meth:`chat` use it when given no ``sampling_params``; to
+        change one field and keep the others, change it on the returned copy.
+        """
+        return self.engine.model_config.sampling_defaults.sampling_params()
+
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
@@ -46,9 +55,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of ``prompts``.
 
-        ``use_tqdm`` shows a progress bar of finished requests.
+        Without ``sampling_params`` each prompt gets :meth:`get_default_sampling_params`
+        (the model's recommended sampling); given ones apply as they are, as in vLLM.
+        ``use_tqdm`` shows a progress bar of output tokens (and finished requests).
         """
         prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            sampling_params = [self.get_default_sampling_params() for _ in prompt_list]
         params_list = _broadcast(sampling_params, len(prompt_list), "sampling_params")
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
         if len(priorities) != len(prompt_list):
@@ -59,7 +72,7 @@ class LLM:
                 request_id = str(next(self._request_counter))
                 self.engine.add_request(request_id, prompt, params, priority=prio, final_only=True)
                 request_ids.append(request_id)
-            return self._run_to_completion(request_ids, use_tqdm)
+            return self._run_to_completion(request_ids, params_list, use_tqdm)
         except BaseException:
             self.engine.abort_request(request_ids)
             raise
@@ -92,26 +105,55 @@ class LLM:
             prompts.append({"prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params)
 
-    def _run_to_completion(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+    def _run_to_completion(
+        self, request_ids: list[str], params_list: Sequence[SamplingParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         pending = set(request_ids)
         finished: dict[str, RequestOutput] = {}
-        progress = _progress_bar(len(request_ids)) if use_tqdm else None
-        while pending:
-            for output in self.engine.step():
-                if output.finished and output.request_id in pending:
-                    finished[output.request_id] = output
-                    pending.discard(output.request_id)
-                    if progress is not None:
-                        progress.update(1)
-        if progress is not None:
-            progress.close()
+        progress = _TokenProgress(self.engine, params_list, len(request_ids)) if use_tqdm else None
+        try:
+            while pending:
+                for output in self.engine.step():
+                    if output.finished and output.request_id in pending:
+                        finished[output.request_id] = output
+                        pending.discard(output.request_id)
+                if progress is not None:
+                    progress.update(len(finished))
+        finally:
+            if progress is not None:
+                progress.close()
         return [finished[request_id] for request_id in request_ids]
 
 
-def _progress_bar(total: int) -> Any:
-    from tqdm import tqdm
+class _TokenProgress:
+    """A tqdm bar of output tokens as they are produced, with finished requests beside.
 
-    return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)
+    Its total is the sum of ``n * max_tokens`` (exact for benchmarks that ignore EOS, an
+    upper bound otherwise; none when a request has no ``max_tokens``), so the rate reads
+    as output tokens per second rather than jumping once per finished request.
+    """
+
+    def __init__(self, engine: LLMEngine, params_list: Sequence[SamplingParams], num_requests: int):
+        from tqdm import tqdm
+
+        limits = [p.max_tokens for p in params_list]
+        total = None if None in limits else sum(p.n * (p.max_tokens or 0) for p in params_list)
+        self._engine = engine
+        self._start_count = engine.num_generated_tokens
+        self._num_requests = num_requests
+        self._bar = tqdm(total=total, desc="output tokens", unit="tok", dynamic_ncols=True)
+
+    def update(self, num_finished: int) -> None:
+        produced = self._engine.num_generated_tokens - self._start_count
+        if produced > self._bar.n:
+            self._bar.update(produced - self._bar.n)
+            self._bar.set_postfix_str(f"requests {num_finished}/{self._num_requests}", False)
+
+    def close(self) -> None:
+        # Requests that stopped early leave the upper-bound total unreached: end at 100%.
+        self._bar.total = self._bar.n
+        self._bar.refresh()
+        self._bar.close()
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:
@@ -124,10 +166,8 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
 
 
 def _broadcast(
-    params: SamplingParams | Sequence[SamplingParams] | None, count: int, name: str
+    params: SamplingParams | Sequence[SamplingParams], count: int, name: str
 ) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams() for _ in range(count)]
     if isinstance(params, SamplingParams):
         return [params] * count
     params_list = list(params)

@@ -7,14 +7,15 @@ thread of its own for the server.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from kvplane.config import DEFAULT_GPU_MEMORY_UTILIZATION, EngineConfig
+from kvplane.config import EngineConfig
+from kvplane.engine.fault_isolation import FaultIsolation, request_id_of
+from kvplane.engine.kv_sizing import num_kv_blocks
 from kvplane.engine.model_runner import ModelRunner, PendingStep, StepResult
 from kvplane.engine.output_processor import OutputProcessor
 from kvplane.engine.outputs import RequestOutput
@@ -94,7 +95,8 @@ class LLMEngine:
             Sampler(self.platform.ops, vocab_size),
             config.seed,
         )
-        num_blocks = self._num_kv_blocks()
+        max_model_len = self.model_config.max_model_len
+        num_blocks = num_kv_blocks(config, max_model_len, self.platform, self.runner)
         self.runner.initialize_kv_cache(num_blocks)
         self._capture_graphs(model)
         logger.info(
@@ -128,8 +130,11 @@ class LLMEngine:
         )
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
         self._host_token_request_ids: set[str] = set()
+        self._isolation = FaultIsolation(self)  # finds the request behind a failed step
         # Built on the first request with structured_output (loads xgrammar then).
         self._structured_compiler: StructuredOutputCompiler | None = None
+        #: Tokens sampled since the engine started (every sequence, finished or not).
+        self.num_generated_tokens = 0
 
     # -- graphs ---------------------------------------------------------------------------
 
@@ -161,29 +166,6 @@ class LLMEngine:
             )
         self.runner.use_step_graphs(tuple(step_graphs))
 
-    # -- KV-cache sizing -----------------------------------------------------------------
-
-    def _num_kv_blocks(self) -> int:
-        config = self.config
-        kv_bytes = config.kv_cache_memory_bytes
-        if kv_bytes is None and config.gpu_memory_utilization is None:
-            kv_bytes = self.platform.info.default_kv_cache_bytes
-        if kv_bytes is None:
-            utilization = config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
-            num_tokens = min(config.max_num_batched_tokens, self.model_config.max_model_len)
-            total, available = self.runner.profile_activation_bytes(num_tokens)
-            kv_bytes = int(available - total * (1.0 - utilization))
-        num_blocks = kv_bytes // self.runner.bytes_per_block()
-        needed = math.ceil(self.model_config.max_model_len / config.block_size)
-        if num_blocks < needed:
-            raise ValueError(
-                f"the KV cache ({max(kv_bytes, 0) / 2**20:.1f} MiB, {max(num_blocks, 0)} "
-                f"blocks) cannot hold one sequence of max_model_len "
-                f"{self.model_config.max_model_len} ({needed} blocks); raise "
-                "gpu_memory_utilization / kv_cache_memory_bytes or lower max_model_len"
-            )
-        return int(num_blocks)
-
     # -- requests ------------------------------------------------------------------------
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
@@ -209,12 +191,13 @@ class LLMEngine:
         priority: int = 0,
         final_only: bool = False,
     ) -> None:
-        """Queue a request. Raises ``ValueError`` for a prompt that cannot be served.
+        """Queue a request (without ``params``, the model's recommended sampling). Raises
+        ``ValueError`` for a prompt that cannot be served.
 
         With ``final_only``, :meth:`step` returns the request's output only once it has
         finished (offline use), sparing a per-step copy of every request's tokens.
         """
-        params = params or SamplingParams()
+        params = params or self.model_config.sampling_defaults.sampling_params()
         text, prompt_token_ids = self.tokenize_prompt(prompt)
         self._validate_prompt(prompt_token_ids)
         params.check_token_ids(self.model_config.hf_config.vocab_size)
@@ -285,13 +268,19 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for request_id in ids:
             for sequence_id in self.output_processor.sequence_ids(request_id):
-                self.scheduler.abort_request(sequence_id)
-                self._sampling_states.pop(sequence_id, None)
-                self._host_token_request_ids.discard(sequence_id)
+                self._finish(sequence_id, RequestStatus.FINISHED_ABORTED)
             self.output_processor.abort_request(request_id)
         if self._in_flight is not None and not self.scheduler.has_unfinished_requests():
             # Its tokens all belong to aborted requests now: nothing left to wait for.
             self._in_flight = None
+
+    def fail_request(self, request_id: str, error: BaseException) -> None:
+        """Finish a request (all its sequences) because the engine failed on it alone: its
+        output carries ``error`` and ``finish_reason="error"``; the engine goes on."""
+        logger.error("request %s failed: %r", request_id, error, exc_info=error)
+        self.output_processor.fail_request(request_id, error)
+        for sequence_id in self.output_processor.sequence_ids(request_id):
+            self._finish(sequence_id, RequestStatus.FINISHED_ERROR)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
@@ -311,22 +300,31 @@ class LLMEngine:
 
         With overlapped steps (``async_scheduling``), a call launches the next step and
         then processes the previous one's tokens while the device runs, so its outputs
-        are one step behind.
+        are one step behind. A step whose model work raises is dropped and its requests
+        isolated (:mod:`kvplane.engine.fault_isolation`): only a request that fails alone
+        ends, with an error. An exception from here means the engine cannot go on.
         """
-        if self._overlap and not self._host_token_request_ids:
+        if self._overlap and not self._host_token_request_ids and not self._isolation.is_active:
             return self._step_overlapped()
-        outputs = self._process_in_flight() if self._in_flight is not None else []
+        outputs = []
+        if self._in_flight is not None:
+            previous, self._in_flight = self._in_flight, None
+            outputs = self._process_in_flight(previous)
         timer = self.runner.timer
         timer.count_step()
         with timer.phase("schedule"):
-            output = self.scheduler.schedule()
+            output = self._isolation.schedule()
         if output.is_empty:
             return outputs
-        result = self.runner.execute(
-            output, self._sampling_states, self._prompt_logprobs_ids(output)
-        )
+        try:
+            result = self.runner.execute(
+                output, self._sampling_states, self._prompt_logprobs_ids(output)
+            )
+        except Exception as error:
+            return outputs + self._recover(error, output)
         with timer.phase("update"):
             self.scheduler.update_from_output(output, result.sampled_token_ids)
+            self._isolation.step_succeeded(output)
             return outputs + self._process_result(result)
 
     def _step_overlapped(self) -> list[RequestOutput]:
@@ -334,36 +332,53 @@ class LLMEngine:
         timer = self.runner.timer
         timer.count_step()
         with timer.phase("schedule"):
-            output = self.scheduler.schedule()
+            output = self._isolation.schedule()
         launched = None
         if not output.is_empty:
-            launched = self.runner.launch(
-                output, self._sampling_states, self._prompt_logprobs_ids(output)
-            )
+            try:
+                launched = self.runner.launch(
+                    output, self._sampling_states, self._prompt_logprobs_ids(output)
+                )
+            except Exception as error:
+                return self._recover(error, output)  # drops the step in flight too
             self.scheduler.commit(output)
-        outputs = self._process_in_flight() if self._in_flight is not None else []
-        if launched is not None:
+        previous = self._in_flight
+        self._in_flight = None if launched is None else (output, launched)
+        outputs = self._process_in_flight(previous) if previous is not None else []
+        if launched is not None and self._in_flight is not None:  # else dropped: k - 1 failed
             # The launched step's tokens are known on the device only: placeholders let
             # the next schedule() count them, and the next launch reads them there.
             for request_id in launched.host.sample_request_ids:
                 request = self.scheduler.get_request(request_id)
                 if request is not None:
                     request.append_output_token(PLACEHOLDER_TOKEN_ID)
-            self._in_flight = (output, launched)
         return outputs
 
-    def _process_in_flight(self) -> list[RequestOutput]:
-        assert self._in_flight is not None
-        output, launched = self._in_flight
-        self._in_flight = None
+    def _process_in_flight(
+        self, in_flight: tuple[SchedulerOutput, PendingStep]
+    ) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and process them; if it failed, the step
+        launched after it (``self._in_flight``) is dropped with it."""
+        output, launched = in_flight
         with self.runner.timer.phase("update"):
-            result = launched.result()  # waits for the device
+            try:
+                result = launched.result()  # waits for the device
+            except Exception as error:
+                return self._recover(error, output)
             for request_id, token_id in result.sampled_token_ids.items():
                 request = self.scheduler.get_request(request_id)
                 if request is not None:  # else finished or aborted since
                     request.resolve_placeholder(token_id)
             self.scheduler.cache_blocks(output)
+            self._isolation.step_succeeded(output)
             return self._process_result(result)
+
+    def _recover(self, error: Exception, output: SchedulerOutput) -> list[RequestOutput]:
+        """Drop the failed step ``output`` and the one in flight; isolate their requests."""
+        failed = [output] if self._in_flight is None else [output, self._in_flight[0]]
+        self._in_flight = None
+        self._isolation.step_failed(error, failed)  # raises if the engine cannot go on
+        return []
 
     def _prompt_logprobs_ids(self, output: SchedulerOutput) -> frozenset[str]:
         """The scheduled requests that asked for prompt logprobs."""
@@ -377,13 +392,18 @@ class LLMEngine:
         """Hand the step's tokens to the output processor; finish stopped requests."""
         for request_id, (first_position, entries) in result.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(request_id, first_position, entries)
+        self.num_generated_tokens += len(result.sampled_token_ids)
         for request_id, token_id in result.sampled_token_ids.items():
             request = self.scheduler.get_request(request_id)
             if request is None:
                 continue
-            status = self.output_processor.process_token(
-                request, token_id, result.logprobs.get(request_id)
-            )
+            try:
+                status = self.output_processor.process_token(
+                    request, token_id, result.logprobs.get(request_id)
+                )
+            except Exception as error:  # its own tokens or text: it fails alone
+                self.fail_request(request_id_of(request), error)
+                continue
             if status is not None:
                 self._finish(request_id, status)
         return self.output_processor.collect_outputs(self.scheduler.stats())

@@ -19,6 +19,9 @@ from kvplane.sampling.stop import FINISH_LENGTH, check_stop, partial_stop_len
 from kvplane.scheduler.request import Request, RequestStatus
 from kvplane.scheduler.scheduler import SchedulerStats
 
+#: The finish reason of a request the engine failed on (vLLM's name).
+FINISH_ERROR = "error"
+
 
 @dataclass(slots=True)
 class _SequenceOutput:
@@ -47,6 +50,7 @@ class _RequestState:
     changed: bool = False
     # Offline callers only read the final output: skip building the interim ones.
     final_only: bool = False
+    error: str | None = None  # why the engine failed on this request
 
     @property
     def finished(self) -> bool:
@@ -119,10 +123,25 @@ class OutputProcessor:
             for sequence in state.sequences:
                 self._sequences.pop(sequence.request.request_id, None)
 
+    def fail_request(self, request_id: str, error: BaseException) -> None:
+        """End every unfinished sequence of ``request_id`` with ``finish_reason="error"``;
+        its next output is its last and carries ``error`` (the first one, if called twice)."""
+        state = self._requests.get(request_id)
+        if state is None:
+            return
+        for sequence in state.sequences:
+            if sequence.finish_reason is None:
+                sequence.finish_reason = FINISH_ERROR
+        if state.error is None:
+            state.error = f"{type(error).__name__}: {error}"
+        state.changed = True
+
     def add_prompt_logprobs(
         self, sequence_id: str, first_position: int, entries: list[SampleLogprobs]
     ) -> None:
         """Record prompt logprobs for prompt positions ``first_position ...``."""
+        if sequence_id not in self._sequences:
+            return  # aborted or failed while its step ran
         state, _ = self._sequences[sequence_id]
         if state.prompt_logprobs is None or first_position != len(state.prompt_logprobs):
             return  # recomputed after a preemption: already recorded
@@ -212,6 +231,7 @@ class OutputProcessor:
             finished=state.finished,
             num_cached_tokens=state.sequences[0].request.num_cached_tokens,
             metrics=metrics,
+            error=state.error,
         )
 
     def _decode_logprob_tokens(self, entry: SampleLogprobs) -> None:

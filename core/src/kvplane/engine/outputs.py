@@ -16,7 +16,8 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: float | None
     logprobs: list[SampleLogprobs] | None
-    finish_reason: str | None = None  # "stop", "length", "abort" or None while running
+    # "stop", "length", "abort", "error" (see RequestOutput.error) or None while running
+    finish_reason: str | None = None
     stop_reason: int | str | None = None  # the stop token id or stop string that matched
 
     @property
@@ -26,7 +27,12 @@ class CompletionOutput:
 
 @dataclass(slots=True)
 class RequestOutput:
-    """A request's prompt and its completions; ``finished`` once all completions are."""
+    """A request's prompt and its completions; ``finished`` once all completions are.
+
+    ``error`` is set (``"ExceptionType: message"``) on the last output of a request the
+    engine failed on while serving the others (see ``engine/fault_isolation.py``); its
+    unfinished completions then end with ``finish_reason="error"``.
+    """
 
     request_id: str
     prompt: str | None
@@ -36,3 +42,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +13,27 @@ import torch
 
 from kvplane.models.source import ModelSource
 
+#: Called with the number of checkpoint bytes each tensor took in its file.
+BytesRead = Callable[[int], None]
 
-def iterate_weights(source: ModelSource, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+
+def iterate_weights(
+    source: ModelSource, hf_config: Any, on_bytes_read: BytesRead | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(Hugging Face tensor name, tensor)`` pairs from ``source``."""
     if source.is_gguf:
         assert source.gguf_file is not None
-        yield from iterate_gguf(source.directory / source.gguf_file, hf_config)
+        yield from iterate_gguf(source.directory / source.gguf_file, hf_config, on_bytes_read)
     else:
-        yield from iterate_safetensors(source.directory)
+        yield from iterate_safetensors(source.directory, on_bytes_read)
+
+
+def checkpoint_files(source: ModelSource) -> list[Path]:
+    """The files ``iterate_weights`` reads."""
+    if source.is_gguf:
+        assert source.gguf_file is not None
+        return [source.directory / source.gguf_file]
+    return safetensors_files(source.directory)
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -52,7 +65,9 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(
+    directory: Path, on_bytes_read: BytesRead | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Read each tensor with plain ``readinto`` into a fresh buffer, one at a time.
 
     Unlike a memory map, reading leaves no file pages mapped into the process, so peak
@@ -81,6 +96,8 @@ def iterate_safetensors(directory: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     view = memoryview(data).cast("B")  # type: ignore[arg-type]
                     if handle.readinto(view) != end - start:
                         raise ValueError(f"{path.name}: tensor {name} is truncated")
+                if on_bytes_read is not None:
+                    on_bytes_read(end - start)
                 yield name, tensor
 
 
@@ -130,7 +147,9 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_gguf(
+    path: Path, hf_config: Any, on_bytes_read: BytesRead | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantize a GGUF file tensor by tensor to float32, under Hugging Face names."""
     from gguf import GGUFReader, dequantize
 
@@ -138,6 +157,8 @@ def iterate_gguf(path: Path, hf_config: Any) -> Iterator[tuple[str, torch.Tensor
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
     for tensor in reader.tensors:
+        if on_bytes_read is not None:
+            on_bytes_read(int(tensor.n_bytes))
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             continue

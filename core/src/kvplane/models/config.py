@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from kvplane.config import DTYPES, EngineConfig
+from kvplane.models.generation_config import SamplingDefaults, resolve_sampling_defaults
 from kvplane.models.registry import architecture_of
 from kvplane.models.source import ModelSource, read_generation_eos_ids, resolve_model
 from kvplane.plugins.platform import Platform
@@ -27,6 +28,8 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     eos_token_ids: frozenset[int]
+    #: What a request gets for the sampling fields it leaves out (``generation_config``).
+    sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 def load_hf_config(source: ModelSource) -> Any:
@@ -63,7 +66,9 @@ def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.d
                 f"{platform.info.supported_dtypes}"
             )
         return dtype
-    config_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    # transformers 5 keeps ``torch_dtype`` only as a property that warns on each read;
+    # older configs store it as a plain attribute.
+    config_dtype = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
     if isinstance(config_dtype, str):
         config_dtype = DTYPES.get(config_dtype)
     if isinstance(config_dtype, torch.dtype) and platform.supports_dtype(config_dtype):
@@ -82,6 +87,10 @@ def resolve_model_config(config: EngineConfig, platform: Platform) -> ModelConfi
     config_eos = getattr(hf_config, "eos_token_id", None)
     if not eos_ids and config_eos is not None:
         eos_ids = {config_eos} if isinstance(config_eos, int) else set(config_eos)
+    sampling_defaults = resolve_sampling_defaults(
+        source, config.generation_config, config.override_generation_config
+    )
+    logger.info("%s", sampling_defaults.describe())
     return ModelConfig(
         source=source,
         hf_config=hf_config,
@@ -89,4 +98,5 @@ def resolve_model_config(config: EngineConfig, platform: Platform) -> ModelConfi
         dtype=resolve_dtype(config.dtype, hf_config, platform),
         max_model_len=max_model_len,
         eos_token_ids=frozenset(eos_ids),
+        sampling_defaults=sampling_defaults,
     )

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from kvplane.models.base import CausalLM
-from kvplane.models.checkpoint import iterate_weights
+from kvplane.models.checkpoint import checkpoint_files, iterate_weights
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.linear import Linear
 from kvplane.models.registry import architecture_of, model_class
@@ -37,7 +37,7 @@ def build_model(
     else:
         if source is None:
             raise ValueError("load_format='auto' needs a model source")
-        loaded = model.load_weights(iterate_weights(source, hf_config))
+        loaded = _load_with_progress(model, source, hf_config)
         check_all_loaded(model, loaded)
     for module in model.modules():
         if isinstance(module, Linear):
@@ -53,6 +53,29 @@ def build_model(
         time.perf_counter() - started,
     )
     return model
+
+
+#: Seconds of loading before the progress bar appears (quick loads print no bar).
+PROGRESS_DELAY_S = 2.0
+
+
+def _load_with_progress(model: CausalLM, source: ModelSource, hf_config: Any) -> set[str]:
+    """``model.load_weights`` with a bar of checkpoint bytes read (shown past a delay)."""
+    from tqdm import tqdm
+
+    num_bytes = sum(path.stat().st_size for path in checkpoint_files(source))
+    with tqdm(
+        total=num_bytes,
+        desc="loading weights",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        delay=PROGRESS_DELAY_S,
+        dynamic_ncols=True,
+    ) as progress:
+        loaded = model.load_weights(iterate_weights(source, hf_config, progress.update))
+        progress.update(progress.total - progress.n)  # file headers and metadata
+        return loaded
 
 
 def _fill_random(model: torch.nn.Module) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from kvplane.scheduler.request import Request
 
@@ -39,8 +39,11 @@ class RequestQueue:
                 return True
         return False
 
-    def first(self) -> Request | None:
-        return self._entries[0][1] if self._entries else None
+    def first(self, predicate: Callable[[Request], bool] | None = None) -> Request | None:
+        """The first request (that ``predicate`` accepts, where given), or None."""
+        if predicate is None:
+            return self._entries[0][1] if self._entries else None
+        return next((request for _, request in self._entries if predicate(request)), None)
 
     def last(self) -> Request | None:
         return self._entries[-1][1] if self._entries else None

@@ -27,6 +27,7 @@ class RequestStatus(enum.Enum):
     FINISHED_STOPPED = enum.auto()  # a stop token or stop string
     FINISHED_LENGTH = enum.auto()  # max_tokens or max_model_len reached
     FINISHED_ABORTED = enum.auto()  # cancelled by the client or the engine
+    FINISHED_ERROR = enum.auto()  # the engine failed on it (see engine/fault_isolation.py)
 
     @property
     def is_finished(self) -> bool:
@@ -34,7 +35,12 @@ class RequestStatus(enum.Enum):
 
 
 _FINISHED = frozenset(
-    {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED}
+    {
+        RequestStatus.FINISHED_STOPPED,
+        RequestStatus.FINISHED_LENGTH,
+        RequestStatus.FINISHED_ABORTED,
+        RequestStatus.FINISHED_ERROR,
+    }
 )
 
 
@@ -109,3 +115,10 @@ class Request:
             raise ValueError(f"request {self.request_id!r} has no placeholder token")
         self.output_token_ids[-1] = token_id
         self._all_token_ids[-1] = token_id
+
+    def drop_placeholders(self) -> None:
+        """Remove the trailing placeholders: their step was dropped (a failed step), so
+        the tokens they stood for will never arrive."""
+        while self.has_placeholder:
+            self.output_token_ids.pop()
+            self._all_token_ids.pop()

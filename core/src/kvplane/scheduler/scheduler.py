@@ -8,7 +8,7 @@ allows, so long prompts are spread over several steps alongside other requests' 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kvplane.kv_cache.block_manager import BlockManager
 from kvplane.scheduler.config import SchedulerConfig
@@ -133,12 +133,14 @@ class Scheduler:
 
     # ---------------------------------------------------------------- the step
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, is_eligible: Callable[[Request], bool] | None = None) -> SchedulerOutput:
         """Pick this step's tokens, allocate their blocks, preempt and fork as needed.
 
         Mutates request state (status, ``num_computed_tokens`` of admitted and preempted
         requests) and the block tables; ``num_computed_tokens`` of scheduled requests
-        advances only in :meth:`update_from_output`.
+        advances only in :meth:`update_from_output`. ``is_eligible`` limits the step to
+        the requests it accepts (the engine isolates a failing request this way); the
+        others keep their place and blocks, though they can still be preempted.
         """
         budget = self.config.max_num_batched_tokens
         step = _Step()
@@ -147,6 +149,8 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this step
+            if is_eligible is not None and not is_eligible(request):
+                continue
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if num_new == 0:
                 continue  # waiting for a sampled token
@@ -158,7 +162,7 @@ class Scheduler:
             budget -= num_new
             self._schedule(request, num_new, step)
 
-        while budget > 0 and not step.preempted and (candidate := self._waiting.first()):
+        while budget > 0 and not step.preempted and (candidate := self._waiting.first(is_eligible)):
             num_seats = 1 + len(self._children.get(candidate.request_id, ()))
             if self._num_seats_taken() + num_seats > self.config.max_num_seqs:
                 break
@@ -169,7 +173,7 @@ class Scheduler:
             if copies is None:
                 candidate.num_computed_tokens = 0
                 break
-            self._waiting.pop_first()
+            self._waiting.remove(candidate)
             if candidate.num_preemptions == 0:
                 candidate.num_cached_tokens = num_cached
             candidate.status = RequestStatus.RUNNING
@@ -218,6 +222,13 @@ class Scheduler:
             if forked.child.status is RequestStatus.RUNNING:
                 self._append_sampled(forked.child, sampled_token_ids)
         self.cache_blocks(output)
+
+    def requeue(self, request_id: str) -> None:
+        """Preempt a running request outside a step: it frees its blocks and waits to
+        recompute. The engine does this to the requests of a step that failed."""
+        request = self._requests.get(request_id)
+        if request is not None and request.status is RequestStatus.RUNNING:
+            self._preempt(request, _Step())
 
     def commit(self, output: SchedulerOutput) -> None:
         """Advance the scheduled requests' computed tokens.

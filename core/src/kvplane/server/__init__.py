@@ -2,11 +2,12 @@
 
 Modules: ``settings`` (options as flags and ``KVPLANE_*`` variables), ``launcher``
 (engine + uvicorn, SIGTERM drain), ``app`` (routes), ``middleware`` (draining, API key,
-body size), ``protocol`` (request bodies), ``params`` (request -> SamplingParams),
-``completions`` and ``chat`` (the generation endpoints), ``conversation`` (chat
-template), ``runner`` (one API request on the engine: merge, cancel, disconnect),
-``responses`` (SSE, usage), ``state`` (what handlers share), ``metrics`` (Prometheus
-text), ``errors`` (OpenAI-style error bodies), ``tool_parsers`` (tool-call formats).
+body size, HTTP metrics), ``protocol`` (request bodies), ``params`` (request ->
+SamplingParams), ``completions`` and ``chat`` (the generation endpoints),
+``conversation`` (chat template), ``runner`` (one API request on the engine: merge,
+cancel, disconnect), ``responses`` (SSE, usage), ``state`` (what handlers share),
+``metrics`` (Prometheus series through prometheus-client), ``errors`` (OpenAI-style
+error bodies), ``tool_parsers`` (tool-call formats).
 Importing this package loads none of them.
 """
 

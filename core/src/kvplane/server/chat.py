@@ -17,6 +17,7 @@ from kvplane.server.protocol import ChatCompletionRequest
 from kvplane.server.responses import (
     DONE,
     SSEResponse,
+    api_finish_reason,
     finite,
     now,
     run_to_completion,
@@ -37,7 +38,7 @@ async def create_chat_completion(
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools or []]
     tool_choice = _tool_choice(body)
     parser = _tool_parser(state, tools, tool_choice)
-    prompt = render_conversation(
+    prompt = await render_conversation(
         state,
         body.messages,
         tools if parser is not None else None,
@@ -75,6 +76,7 @@ async def create_chat_completion(
         logprobs=(body.top_logprobs or 0) if body.logprobs else None,
         max_logprobs=state.settings.max_logprobs,
         max_num_seqs=state.max_num_seqs,
+        defaults=state.sampling_defaults,
         structured_output=structured,
     )
     run = state.new_run("chatcmpl", [prompt], params, body.priority)
@@ -161,7 +163,7 @@ class _ChatFormatter:
                     "index": completion.index,
                     "message": message,
                     "logprobs": self.logprobs(completion, 0),
-                    "finish_reason": finish_reason,
+                    "finish_reason": api_finish_reason(finish_reason),
                     "stop_reason": completion.stop_reason,
                 }
             )
@@ -211,7 +213,7 @@ class _ChatFormatter:
             "index": index,
             "delta": delta,
             "logprobs": logprobs,
-            "finish_reason": finish_reason,
+            "finish_reason": api_finish_reason(finish_reason),
         }
         return self._envelope("chat.completion.chunk", [choice])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from kvplane.server.protocol import CompletionRequest
 from kvplane.server.responses import (
     DONE,
     SSEResponse,
+    api_finish_reason,
     finite,
     now,
     run_to_completion,
@@ -38,7 +40,7 @@ async def create_completion(
         raise bad_request("best_of is not supported; use n", "best_of")
     if body.echo and state.tokenizer is None:
         raise bad_request("echo needs a tokenizer, and this model has none", "echo")
-    prompts = _prompts(state, body)
+    prompts = await _prompts(state, body)
     for token_ids in prompts:
         state.check_prompt(token_ids, "prompt")
     prompt_logprobs = body.prompt_logprobs
@@ -51,13 +53,19 @@ async def create_completion(
         prompt_logprobs=prompt_logprobs,
         max_logprobs=state.settings.max_logprobs,
         max_num_seqs=state.max_num_seqs,
+        defaults=state.sampling_defaults,
         detokenize=state.tokenizer is not None,
     )
     run = state.new_run("cmpl", prompts, params, body.priority)
     response = await start_run(run, request)
     if response is not None:
         return response
-    formatter = _Formatter(state, body, run)
+    try:  # after the engine accepted the token ids: out-of-vocabulary ones are its 400
+        prompt_texts = await _echoed_texts(state, body, prompts)
+    except BaseException:
+        await run.close()
+        raise
+    formatter = _Formatter(state, body, run, prompt_texts)
     if body.stream:
         return SSEResponse(formatter.stream())
     finals = await run_to_completion(run, request)
@@ -66,7 +74,7 @@ async def create_completion(
     return JSONResponse(formatter.response(finals))
 
 
-def _prompts(state: ServerState, body: CompletionRequest) -> list[list[int]]:
+async def _prompts(state: ServerState, body: CompletionRequest) -> list[list[int]]:
     prompt = body.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -76,22 +84,39 @@ def _prompts(state: ServerState, body: CompletionRequest) -> list[list[int]]:
         return [list(prompt)]  # type: ignore[arg-type]
     if isinstance(prompt[0], list):
         return [list(token_ids) for token_ids in prompt]  # type: ignore[union-attr]
-    tokenizer = state.require_tokenizer()
-    return [
-        list(tokenizer.encode(text, add_special_tokens=body.add_special_tokens))
-        for text in prompt  # type: ignore[union-attr]
-    ]
+    pool = state.require_tokenizer_pool()
+    texts: list[str] = prompt  # type: ignore[assignment]
+    for text in texts:
+        pool.check_length(text, "prompt")  # every text, before any is tokenized
+    encodes = (pool.encode(text, body.add_special_tokens, "prompt") for text in texts)
+    return list(await asyncio.gather(*encodes))
+
+
+async def _echoed_texts(
+    state: ServerState, body: CompletionRequest, prompts: list[list[int]]
+) -> list[str]:
+    """Each prompt's text when echoing (token-id prompts are decoded), else nothing."""
+    if not body.echo:
+        return []
+    if isinstance(body.prompt, str):
+        return [body.prompt]
+    if isinstance(body.prompt[0], str):
+        return list(body.prompt)  # type: ignore[arg-type]
+    pool = state.require_tokenizer_pool()
+    return list(await asyncio.gather(*(pool.decode(token_ids) for token_ids in prompts)))
 
 
 class _Formatter:
     """Builds the response body, or the stream of chunks, of one completion request."""
 
-    def __init__(self, state: ServerState, body: CompletionRequest, run: RequestRun) -> None:
+    def __init__(
+        self, state: ServerState, body: CompletionRequest, run: RequestRun, prompt_texts: list[str]
+    ) -> None:
         self.state = state
         self.body = body
         self.run = run
         self.created = now()
-        self._prompt_texts: dict[int, str] = {}
+        self.prompt_texts = prompt_texts  # one per prompt when echoing
 
     def response(self, finals: Sequence[RequestOutput]) -> dict[str, Any]:
         choices = []
@@ -103,7 +128,7 @@ class _Formatter:
                         "index": prompt_index * self.body.n + completion.index,
                         "text": text,
                         "logprobs": logprobs,
-                        "finish_reason": completion.finish_reason,
+                        "finish_reason": api_finish_reason(completion.finish_reason),
                         "stop_reason": completion.stop_reason,
                     }
                 )
@@ -136,7 +161,7 @@ class _Formatter:
                                 "index": choice,
                                 "text": text,
                                 "logprobs": logprobs,
-                                "finish_reason": completion.finish_reason,
+                                "finish_reason": api_finish_reason(completion.finish_reason),
                                 "stop_reason": completion.stop_reason,
                             }
                         ]
@@ -195,17 +220,7 @@ class _Formatter:
         return text, self._logprobs(token_ids, entries, offset)
 
     def _prompt_text(self, prompt_index: int) -> str:
-        if prompt_index not in self._prompt_texts:
-            tokenizer = self.state.require_tokenizer()
-            prompt = self.body.prompt
-            if isinstance(prompt, str):
-                text = prompt
-            elif prompt and isinstance(prompt[0], str):
-                text = prompt[prompt_index]  # type: ignore[assignment]
-            else:
-                text = tokenizer.decode(self.run.prompts[prompt_index])
-            self._prompt_texts[prompt_index] = str(text)
-        return self._prompt_texts[prompt_index]
+        return self.prompt_texts[prompt_index]
 
     def _logprobs(
         self, token_ids: list[int], entries: list[SampleLogprobs | None], offset: int

@@ -1,24 +1,43 @@
-"""``/metrics`` in the Prometheus text format (version 0.0.4), written without a client library.
+"""``/metrics``: the server's Prometheus series, exposed with ``prometheus-client``.
 
 Names follow vLLM's (``vllm:`` becomes ``kvplane:``) so existing dashboards need only
-the prefix changed. Request-level series (tokens, latencies, finish reasons) are recorded
-by the server on the event-loop thread; scheduler series (running, waiting, KV-cache
-usage, prefix cache, preemptions) are read at scrape time from the snapshot the engine
-thread publishes after each step.
+the prefix changed. Three groups of series, all labelled ``model_name``:
+
+* request-level (tokens, latencies, finish reasons): recorded by
+  :class:`~kvplane.server.runner.RequestRun` on the event-loop thread as engine requests
+  finish;
+* scheduler (running, waiting, KV-cache usage, prefix cache, preemptions): read at
+  scrape time from the snapshot the engine thread publishes after each step
+  (:class:`SchedulerCollector`);
+* HTTP (responses by method, route and status; durations; errors): recorded by
+  :class:`~kvplane.server.middleware.HttpMetrics` on the event-loop thread.
+
+Each :class:`ServerMetrics` has its own ``CollectorRegistry``: several servers in one
+process (tests) keep separate series, and the process-wide default registry (process and
+GC collectors) is not exposed.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Iterator
+
+from prometheus_client import (
+    CONTENT_TYPE_PLAIN_0_0_4,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvplane.scheduler.output import SchedulerStats
 
 PREFIX = "kvplane:"
 
-#: Content type of the text format.
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Content type of what :meth:`ServerMetrics.exposition` writes: ``generate_latest`` writes
+#: text format 0.0.4 (prometheus-client's ``CONTENT_TYPE_LATEST`` names 1.0.0 since 0.22).
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
@@ -26,64 +45,85 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # fmt: skip
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)  # fmt: skip
+# From a quick probe to a long stream: a generation can run for minutes.
+HTTP_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                         30.0, 60.0, 120.0, 300.0, 600.0)  # fmt: skip
 
 #: Finish reasons counted by ``request_success_total``.
 FINISH_REASONS = ("stop", "length", "abort")
 
 
-class Histogram:
-    """Cumulative buckets, a sum and a count (Prometheus histogram semantics)."""
-
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float]) -> None:
-        self.name = name
-        self.help_text = help_text
-        self.bounds = tuple(sorted(buckets))
-        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        if not math.isfinite(value):
-            return
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, labels: str) -> list[str]:
-        """Text lines; ``labels`` is ``name="value",...`` added to every sample."""
-        lines = [f"# HELP {self.name} {self.help_text}", f"# TYPE {self.name} histogram"]
-        cumulative = 0
-        for bound, count in zip(self.bounds, self.counts, strict=False):
-            cumulative += count
-            lines.append(f'{self.name}_bucket{{{labels},le="{_number(bound)}"}} {cumulative}')
-        lines.append(f'{self.name}_bucket{{{labels},le="+Inf"}} {self.count}')
-        lines.append(f"{self.name}_sum{{{labels}}} {_number(self.sum)}")
-        lines.append(f"{self.name}_count{{{labels}}} {self.count}")
-        return lines
-
-
 class ServerMetrics:
-    """Every series of ``/metrics``; mutated and rendered on the event-loop thread only."""
+    """Every series of one server's ``/metrics``; recorded and exposed on the event-loop
+    thread. ``read_stats`` returns the scheduler's latest snapshot (any thread may call it).
+    """
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats]) -> None:
         self.model_name = model_name
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
-        self.finished: dict[str, int] = dict.fromkeys(FINISH_REASONS, 0)
+        self.registry = CollectorRegistry()
+        # Registered first so the scheduler's series lead the exposition, as they always have.
+        self.registry.register(SchedulerCollector(model_name, read_stats))
+        registry = self.registry
+        model = ["model_name"]
+        self.prompt_tokens = Counter(
+            PREFIX + "prompt_tokens_total",
+            "Prompt tokens of finished requests.",
+            model,
+            registry=registry,
+        ).labels(model_name)
+        self.generation_tokens = Counter(
+            PREFIX + "generation_tokens_total",
+            "Generated tokens of finished requests.",
+            model,
+            registry=registry,
+        ).labels(model_name)
+        success = Counter(
+            PREFIX + "request_success_total",
+            "Finished requests by finish reason.",
+            [*model, "finished_reason"],
+            registry=registry,
+        )
+        # Created up front so every reason is exposed (at 0) before its first request.
+        self.finished = {reason: success.labels(model_name, reason) for reason in FINISH_REASONS}
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Time from a request's arrival to its first generated token.",
-            TTFT_BUCKETS,
-        )
+            model,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
         self.tpot = Histogram(
             PREFIX + "time_per_output_token_seconds",
             "Mean time between output tokens after the first, per sequence.",
-            TPOT_BUCKETS,
-        )
+            model,
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
         self.e2e = Histogram(
             PREFIX + "e2e_request_latency_seconds",
             "Time from a request's arrival to its last token.",
-            E2E_BUCKETS,
+            model,
+            buckets=E2E_BUCKETS,
+            registry=registry,
+        ).labels(model_name)
+        self.http_requests = Counter(
+            PREFIX + "http_requests_total",
+            "HTTP responses by method, route template and status code.",
+            [*model, "method", "route", "status"],
+            registry=registry,
+        )
+        self.http_duration = Histogram(
+            PREFIX + "http_request_duration_seconds",
+            "Time from an HTTP request's arrival to the end of its response body.",
+            [*model, "method", "route"],
+            buckets=HTTP_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.http_errors = Counter(
+            PREFIX + "http_request_errors_total",
+            "Failed HTTP requests: error is 4xx, 5xx, or exception (an unhandled exception).",
+            [*model, "method", "route", "error"],
+            registry=registry,
         )
 
     def record_sequence(
@@ -98,10 +138,10 @@ class ServerMetrics:
 
         ``ttft`` is None when no token was generated (aborted while waiting).
         """
-        self.prompt_tokens += num_prompt_tokens
-        self.generation_tokens += num_output_tokens
+        self.prompt_tokens.inc(num_prompt_tokens)
+        self.generation_tokens.inc(num_output_tokens)
         reason = finish_reason if finish_reason in self.finished else "abort"
-        self.finished[reason] += 1
+        self.finished[reason].inc()
         if ttft is None:
             return
         self.ttft.observe(ttft)
@@ -109,53 +149,85 @@ class ServerMetrics:
         if num_output_tokens > 1:
             self.tpot.observe((latency - ttft) / (num_output_tokens - 1))
 
-    def render(self, stats: SchedulerStats) -> str:
-        """The text exposition of every series, ``stats`` giving the scheduler's."""
-        lines: list[str] = []
-        gauge = self._simple("gauge", lines)
-        counter = self._simple("counter", lines)
-        gauge("num_requests_running", "Sequences in the running batch.", stats.num_running)
-        gauge("num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting)
-        gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).",
-              stats.kv_cache_usage)  # fmt: skip
-        gauge("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up.",
-              stats.prefix_cache_hit_rate)  # fmt: skip
-        counter("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
-                stats.prefix_cache_queries)  # fmt: skip
-        counter("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
-                stats.prefix_cache_hits)  # fmt: skip
-        counter("num_preemptions_total", "Preemptions (a sequence lost its KV blocks).",
-                stats.num_preemptions_total)  # fmt: skip
-        counter("prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens)
-        counter("generation_tokens_total", "Generated tokens of finished requests.",
-                self.generation_tokens)  # fmt: skip
-        name = PREFIX + "request_success_total"
-        lines += [f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"]
-        for reason, count in self.finished.items():
-            lines.append(f'{name}{{{self._labels()},finished_reason="{reason}"}} {count}')
-        for histogram in (self.ttft, self.tpot, self.e2e):
-            lines += histogram.render(self._labels())
-        return "\n".join(lines) + "\n"
+    def record_http(
+        self, method: str, route: str, status: int, duration: float, raised: bool
+    ) -> None:
+        """Account for one HTTP request; ``route`` is its template (bounded by the caller).
 
-    def _labels(self) -> str:
-        escaped = self.model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'model_name="{escaped}"'
+        ``raised``: an exception escaped the app. Such a request is an ``exception`` error,
+        not a ``5xx`` one, whatever its status: the one the server's catch-all handler
+        answers (500; 503 for a stopped engine), or the one the client already got (a
+        response cut short).
+        """
+        model = self.model_name
+        self.http_requests.labels(model, method, route, str(status)).inc()
+        self.http_duration.labels(model, method, route).observe(duration)
+        if raised:
+            error = "exception"
+        elif status >= 500:
+            error = "5xx"
+        elif status >= 400:
+            error = "4xx"
+        else:
+            return
+        self.http_errors.labels(model, method, route, error).inc()
 
-    def _simple(self, kind: str, lines: list[str]):  # type: ignore[no-untyped-def]
-        def add(name: str, help_text: str, value: float) -> None:
-            full = PREFIX + name
-            lines.extend(
-                [
-                    f"# HELP {full} {help_text}",
-                    f"# TYPE {full} {kind}",
-                    f"{full}{{{self._labels()}}} {_number(value)}",
-                ]
-            )
-
-        return add
+    def exposition(self) -> bytes:
+        """Every series in the Prometheus text format (:data:`CONTENT_TYPE`), the
+        scheduler's read now."""
+        return generate_latest(_WithoutCreatedSamples(self.registry))
 
 
-def _number(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    return repr(float(value))
+class SchedulerCollector:
+    """The scheduler's series, read from ``read_stats()`` on every scrape."""
+
+    def __init__(self, model_name: str, read_stats: Callable[[], SchedulerStats]) -> None:
+        self.model_name = model_name
+        self.read_stats = read_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.read_stats()
+        gauges = [
+            ("num_requests_running", "Sequences in the running batch.", stats.num_running),
+            ("num_requests_waiting", "Sequences waiting to be scheduled.", stats.num_waiting),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0 to 1).",
+             stats.kv_cache_usage),
+            ("prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up.",
+             stats.prefix_cache_hit_rate),
+        ]  # fmt: skip
+        for name, help_text, value in gauges:
+            gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=["model_name"])
+            gauge.add_metric([self.model_name], value)
+            yield gauge
+        counters = [
+            ("prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache.",
+             stats.prefix_cache_queries),
+            ("prefix_cache_hits_total", "Prompt tokens found in the prefix cache.",
+             stats.prefix_cache_hits),
+            ("num_preemptions_total", "Preemptions (a sequence lost its KV blocks).",
+             stats.num_preemptions_total),
+        ]  # fmt: skip
+        for name, help_text, value in counters:
+            counter = CounterMetricFamily(PREFIX + name, help_text, labels=["model_name"])
+            counter.add_metric([self.model_name], value)
+            yield counter
+
+
+class _WithoutCreatedSamples:
+    """``registry``'s metrics less their ``*_created`` samples.
+
+    prometheus-client adds a ``_created`` timestamp to every counter and histogram, which
+    the 0.0.4 text format can only carry as extra gauge series (``..._created``) that the
+    hand-written exposition never had. The library turns them off only process-wide
+    (``disable_created_metrics``), which would reach into an embedding application.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            created = metric.name + "_created"
+            trimmed = copy.copy(metric)
+            trimmed.samples = [sample for sample in metric.samples if sample.name != created]
+            yield trimmed

@@ -1,8 +1,9 @@
 """From an API request's fields to the engine's :class:`SamplingParams`.
 
 Everything a client can get wrong raises :class:`~kvplane.server.errors.APIError` 400
-naming the parameter; what only the engine can check (token ids against the vocabulary,
-a schema that does not compile) fails at admission and is mapped to 400 by the caller.
+naming the parameter (token ids against the vocabulary: :func:`check_token_ids`); what
+only the engine can check (a schema that does not compile) fails at admission and is
+mapped to 400 by the caller.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, cast
 
+from kvplane.models.generation_config import SamplingDefaults
 from kvplane.sampling.params import SamplingParams
 from kvplane.server.errors import APIError, bad_request
 from kvplane.server.protocol import _SamplingFields
@@ -40,10 +42,20 @@ def build_sampling_params(
     prompt_logprobs: int | None = None,
     structured_output: StructuredOutputParams | None = None,
     detokenize: bool = True,
+    defaults: SamplingDefaults | None = None,
 ) -> SamplingParams:
     """The engine parameters of ``request`` (``max_tokens`` and ``logprobs`` already
     resolved by the endpoint, as the two APIs spell them differently). ``detokenize``
-    is False for a model without a tokenizer (text stays empty)."""
+    is False for a model without a tokenizer (text stays empty).
+
+    ``defaults`` (the model's recommended sampling, see ``--generation-config``) fill the
+    fields the request leaves out (``None``), one by one; the request's own values win.
+    """
+    defaults = defaults or SamplingDefaults()
+
+    def pick(name: str, given: Any, fallback: Any) -> Any:
+        return defaults.get(name, fallback) if given is None else given
+
     if request.n > max_num_seqs:
         raise bad_request(
             f"n={request.n} is more than this server runs at once (max_num_seqs={max_num_seqs})",
@@ -57,20 +69,18 @@ def build_sampling_params(
     try:
         return SamplingParams(
             n=request.n,
-            temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=0 if request.top_k is None else request.top_k,
-            min_p=0.0 if request.min_p is None else request.min_p,
-            repetition_penalty=(
-                1.0 if request.repetition_penalty is None else request.repetition_penalty
-            ),
+            temperature=pick("temperature", request.temperature, 1.0),
+            top_p=pick("top_p", request.top_p, 1.0),
+            top_k=pick("top_k", request.top_k, 0),
+            min_p=pick("min_p", request.min_p, 0.0),
+            repetition_penalty=pick("repetition_penalty", request.repetition_penalty, 1.0),
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             seed=request.seed,
             stop=request.stop,
             stop_token_ids=request.stop_token_ids,
             ignore_eos=request.ignore_eos,
-            max_tokens=max_tokens,
+            max_tokens=pick("max_tokens", max_tokens, None),
             min_tokens=request.min_tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
@@ -89,18 +99,39 @@ def build_sampling_params(
         raise _param_error(str(error)) from error
 
 
+def check_token_ids(prompts: list[list[int]], params: SamplingParams, vocab_size: int) -> None:
+    """400 naming the field for a token id outside ``[0, vocab_size)``, in a prompt or in
+    ``params`` (the engine checks again on admission, without naming the API's field)."""
+    for param, token_ids in (
+        *(("prompt", prompt) for prompt in prompts),
+        ("stop_token_ids", params.stop_token_ids or []),
+        ("allowed_token_ids", params.allowed_token_ids or []),
+        ("logit_bias", list(params.logit_bias or {})),
+    ):
+        outside = [token for token in token_ids if not 0 <= token < vocab_size]
+        if outside:
+            raise bad_request(
+                f"{param}: token ids {outside[:5]} are outside the vocabulary [0, {vocab_size})",
+                param,
+            )
+
+
 def structured_output_of(request: _SamplingFields) -> StructuredOutputParams | None:
     """The constraint of ``response_format`` or vLLM's ``structured_outputs``, if any."""
     found = []
     if request.response_format is not None:
         try:
-            params = StructuredOutputParams.from_response_format(request.response_format)
+            params = StructuredOutputParams.from_response_format(
+                request.response_format.model_dump(by_alias=True, exclude_none=True)
+            )
         except ValueError as error:
             raise bad_request(str(error), "response_format") from error
         if params is not None:
             found.append(params)
-    if request.structured_outputs:
-        found.append(_from_vllm_fields(request.structured_outputs))
+    if request.structured_outputs is not None:
+        fields = request.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        if fields:
+            found.append(_from_vllm_fields(fields))
     if len(found) > 1:
         raise bad_request(
             "give either response_format or structured_outputs, not both", "structured_outputs"

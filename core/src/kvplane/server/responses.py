@@ -13,6 +13,7 @@ from starlette.responses import Response, StreamingResponse
 
 from kvplane.engine.outputs import RequestOutput
 from kvplane.server.errors import from_exception
+from kvplane.server.params import check_token_ids
 from kvplane.server.runner import ClientDisconnected, RequestRun, until_disconnected
 
 #: Status logged for a request whose client left before the answer (nginx's convention).
@@ -51,9 +52,12 @@ def sse_error(error: BaseException) -> str:
 async def start_run(run: RequestRun, request: Request) -> Response | None:
     """Start ``run``; None when it started, else the response to give instead.
 
-    Errors the engine reports on admission propagate (mapped to 400/503/500 by the error
-    handlers); a client that leaves meanwhile gets its requests aborted.
+    Token ids outside the vocabulary are a 400 naming the field; errors the engine
+    reports on admission propagate (mapped to 400/503/500 by the error handlers); a
+    client that leaves meanwhile gets its requests aborted.
     """
+    vocab_size = run.engine.engine.model_config.hf_config.vocab_size
+    check_token_ids(run.prompts, run.params, vocab_size)
     try:
         await until_disconnected(request, run.start())
     except ClientDisconnected:
@@ -82,6 +86,14 @@ async def run_to_completion(run: RequestRun, request: Request) -> list[RequestOu
         return Response(status_code=CLIENT_CLOSED)
     finally:
         await run.close()
+
+
+def api_finish_reason(reason: str | None) -> str | None:
+    """``finish_reason`` as clients get it: OpenAI's values only. The engine's ``"abort"``
+    (a request cut short by shutdown; a client that left sees nothing) becomes
+    ``"length"``: the output stopped before it was complete, as when it runs out of
+    tokens, and typed clients (the openai SDKs) accept it."""
+    return "length" if reason == "abort" else reason
 
 
 def usage(

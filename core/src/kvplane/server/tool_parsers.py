@@ -53,8 +53,9 @@ class ToolCall:
 class ToolCallFragment:
     """A piece of the ``index``-th call, as in OpenAI's ``delta.tool_calls[i]``.
 
-    The first fragment of a call carries ``id`` and ``name`` (and ``arguments``, possibly
-    ``""``); later ones only ``arguments``, the next piece of the JSON text.
+    The first fragment of a call carries ``id``, ``name`` and ``arguments``, the JSON text
+    so far (sent once it has begun, so never ``""``); later ones only ``arguments``, the
+    next piece of it.
     """
 
     index: int
@@ -96,16 +97,20 @@ class ToolParser:
     # -- whole text ----------------------------------------------------------------------
 
     def extract_tool_calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """``(content or None, calls)`` from a finished output.
+        """``(content or None, calls)`` from a finished output, as streaming reports it.
 
-        A call whose JSON is incomplete or malformed stays in the content as text. Content
-        next to a call is stripped of the whitespace that separates it from the call.
+        A call cut off by the end of the output (``max_tokens``) is a call with the
+        arguments written so far once they have begun, and is left out (its text too)
+        before that. A call with malformed JSON stays in the content as text. Content next
+        to a call is stripped of the whitespace that separates it from the call.
         """
         parsed = self._parse(text, final=True)
         pieces: list[str | ParsedCall] = []
         for piece in parsed.pieces:
-            if isinstance(piece, ParsedCall) and not piece.is_complete:
+            if isinstance(piece, ParsedCall) and piece.is_malformed:
                 piece = piece.raw
+            elif isinstance(piece, ParsedCall) and not _is_announced(piece):
+                continue
             if isinstance(piece, str) and pieces and isinstance(pieces[-1], str):
                 pieces[-1] += piece
             else:
@@ -150,10 +155,10 @@ class ToolParser:
         old_calls = before.calls
         fragments: list[ToolCallFragment] = []
         for index, call in enumerate(after.calls):
-            if call.name is None:
+            if not _is_announced(call):
                 continue
             old = old_calls[index] if index < len(old_calls) else None
-            if old is None or old.name is None:
+            if old is None or not _is_announced(old):
                 while len(self._ids) <= index:
                     self._ids.append(self._new_id())
                 fragments.append(
@@ -200,15 +205,9 @@ class ToolParser:
             }
             for name in names
         ]
-        body: dict[str, Any] = tags[0]
-        if tool_choice == "required":
-            body = {
-                "type": "tags_with_separator",
-                "tags": tags,
-                "separator": self._separator,
-                "at_least_one": True,
-                "stop_after_first": not parallel_tool_calls,
-            }
+        body: dict[str, Any] = tags[0] if len(tags) == 1 else {"type": "or", "elements": tags}
+        if tool_choice == "required" and parallel_tool_calls:
+            body = self._one_or_more(body)
         if self._prefix or self._suffix:
             body = {
                 "type": "sequence",
@@ -219,6 +218,23 @@ class ToolParser:
                 ],
             }
         return StructuredOutputParams(structural_tag={"type": "structural_tag", "format": body})
+
+    def _one_or_more(self, call: dict[str, Any]) -> dict[str, Any]:
+        """``call``, then any number of ``separator call``; the output may end after any call.
+
+        A separator that is only whitespace (hermes' newline) may also end the output:
+        models write a newline after a call about as readily as the end-of-text token, and
+        while that newline committed them to another call, writing it meant writing calls
+        until ``max_tokens``. Only the next call's opening commits the model to that call.
+        """
+        separator = {"type": "const_string", "value": self._separator}
+        elements: list[dict[str, Any]] = [
+            call,
+            {"type": "star", "content": {"type": "sequence", "elements": [separator, call]}},
+        ]
+        if self._separator.isspace():
+            elements.append({"type": "optional", "content": separator})
+        return {"type": "sequence", "elements": elements}
 
     # -- for subclasses ------------------------------------------------------------------
 
@@ -305,6 +321,15 @@ def tool_choice_constraint(
     """:meth:`ToolParser.tool_choice_constraint` of ``parser`` (default: hermes)."""
     parser = parser or HermesToolParser()
     return parser.tool_choice_constraint(tools, tool_choice, parallel_tool_calls)
+
+
+def _is_announced(call: ParsedCall) -> bool:
+    """Whether ``call`` is reported yet: once its name and the start of its arguments are.
+
+    Waiting for the arguments keeps a call cut off right after its name from reaching the
+    client as a call with empty arguments (which clients read as ``{}``).
+    """
+    return call.name is not None and bool(call.arguments)
 
 
 def _content(pieces: Sequence[str | ParsedCall], hold_trailing: bool) -> str:

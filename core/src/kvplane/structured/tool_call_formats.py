@@ -6,20 +6,24 @@ The parsers in :mod:`kvplane.server.tool_parsers` build on these functions. Each
 is always a prefix of the result for the longer text: a partial marker at the end
 (``<tool_ca``) is held back instead of shown as text, a call's ``name`` appears only once its
 string is complete, and its ``arguments`` only grow. A call cut off by the end of the text
-is kept as an incomplete call; parsing stops at malformed call JSON (``is_malformed``).
+is kept as an incomplete call; parsing stops at malformed call JSON (``is_malformed``). A
+value found malformed is dropped, so malformed ``arguments`` read ``""`` from then on and
+the streaming diff sends nothing more for that call.
+
+The call JSON is walked key by key so that ``arguments`` can be the model's own text (the
+streamed fragments must concatenate to the final ``arguments``, whitespace and all): the
+stdlib decoder finds where each complete key and value ends, and ``partial_json_parser``
+tells a value cut off by the end of the text from a malformed one.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
-from kvplane.structured.partial_json import (
-    MalformedJSON,
-    scan_object,
-    skip_whitespace,
-    value_end,
-)
+import partial_json_parser
+from partial_json_parser.core.exceptions import PartialJSON
 
 HERMES_START = "<tool_call>"
 HERMES_END = "</tool_call>"
@@ -35,7 +39,7 @@ class ParsedCall:
 
     ``arguments`` is the JSON text of the arguments written so far (only once ``name`` is
     known); ``is_complete`` when the call ended with valid JSON arguments. ``raw`` is the
-    call's source text, shown as content when a finished output has an unfinished call.
+    call's source text, shown as content when the call is malformed.
     """
 
     name: str | None = None
@@ -62,15 +66,15 @@ def parse_hermes(text: str, final: bool) -> ParsedOutput:
     while True:
         start = text.find(HERMES_START, pos)
         if start < 0:
-            out.pieces.append(text[pos:] if final else _hold_partial(text[pos:], HERMES_START))
+            out.pieces.append(_text_after(text[pos:], HERMES_START, final, bool(out.calls)))
             return out
         out.pieces.append(text[pos:start])
-        call, end = _json_call(text, skip_whitespace(text, start + len(HERMES_START)))
+        call, end = _json_call(text, _skip_whitespace(text, start + len(HERMES_START)))
         out.pieces.append(call)
         if end is None or not call.is_complete:
             call.raw = text[start:]
             return out
-        pos = _skip_closing(text, end, HERMES_END, final)
+        pos = _skip_closing(text, end, HERMES_END)
 
 
 def parse_llama3_json(text: str, final: bool) -> ParsedOutput:
@@ -80,12 +84,12 @@ def parse_llama3_json(text: str, final: bool) -> ParsedOutput:
     keys do not yet show whether it is a call, nothing is returned (streaming holds it).
     """
     out = ParsedOutput(is_final=final)
-    pos = skip_whitespace(text, 0)
+    pos = _skip_whitespace(text, 0)
     if text.startswith(LLAMA_PYTHON_TAG, pos):
-        pos = skip_whitespace(text, pos + len(LLAMA_PYTHON_TAG))
+        pos = _skip_whitespace(text, pos + len(LLAMA_PYTHON_TAG))
     elif not final and LLAMA_PYTHON_TAG.startswith(text[pos:]):
         return out  # empty or a partial <|python_tag|>: undecided
-    is_tagged = pos > 0 and text.startswith(LLAMA_PYTHON_TAG, skip_whitespace(text, 0))
+    is_tagged = pos > 0 and text.startswith(LLAMA_PYTHON_TAG, _skip_whitespace(text, 0))
     while True:
         if pos >= len(text) or text[pos] != "{":
             if not out.pieces and not (is_tagged and pos >= len(text)):
@@ -93,7 +97,7 @@ def parse_llama3_json(text: str, final: bool) -> ParsedOutput:
             elif pos < len(text):
                 out.pieces.append(text[pos:])
             return out
-        scan = scan_object(text, pos)
+        scan = _scan_object(text, pos)
         keys = set(scan.fields)
         is_call = (
             "name" in keys and bool(keys & {"parameters", "arguments"}) and keys <= _LLAMA_KEYS
@@ -110,9 +114,9 @@ def parse_llama3_json(text: str, final: bool) -> ParsedOutput:
         if end is None or not call.is_complete:
             call.raw = text[pos:]
             return out
-        pos = skip_whitespace(text, end)
+        pos = _skip_whitespace(text, end)
         if pos < len(text) and text[pos] == ";":
-            pos = skip_whitespace(text, pos + 1)
+            pos = _skip_whitespace(text, pos + 1)
         elif pos >= len(text):
             return out
 
@@ -124,10 +128,10 @@ def parse_mistral(text: str, final: bool) -> ParsedOutput:
     while True:
         start = text.find(MISTRAL_START, pos)
         if start < 0:
-            out.pieces.append(text[pos:] if final else _hold_partial(text[pos:], MISTRAL_START))
+            out.pieces.append(_text_after(text[pos:], MISTRAL_START, final, bool(out.calls)))
             return out
         out.pieces.append(text[pos:start])
-        pos = skip_whitespace(text, start + len(MISTRAL_START))
+        pos = _skip_whitespace(text, start + len(MISTRAL_START))
         if pos >= len(text):
             out.pieces.append(ParsedCall(raw=text[start:]))
             return out
@@ -142,14 +146,14 @@ def parse_mistral(text: str, final: bool) -> ParsedOutput:
 
 def _mistral_array(text: str, pos: int, out: ParsedOutput) -> int | None:
     """Calls of ``[{...}, {...}]`` at ``pos``; the position after ``]`` or None to stop."""
-    pos = skip_whitespace(text, pos + 1)
+    pos = _skip_whitespace(text, pos + 1)
     while True:
         call, end = _json_call(text, pos)
         out.pieces.append(call)
         if end is None or not call.is_complete:
             call.raw = text[pos:]
             return None
-        pos = skip_whitespace(text, end)
+        pos = _skip_whitespace(text, end)
         if pos >= len(text):
             return None
         if text[pos] == "]":
@@ -157,7 +161,7 @@ def _mistral_array(text: str, pos: int, out: ParsedOutput) -> int | None:
         if text[pos] != ",":
             out.pieces.append(text[pos:])  # not a call list after all: the rest is text
             return None
-        pos = skip_whitespace(text, pos + 1)
+        pos = _skip_whitespace(text, pos + 1)
 
 
 def _mistral_named(text: str, pos: int, out: ParsedOutput) -> int | None:
@@ -168,10 +172,10 @@ def _mistral_named(text: str, pos: int, out: ParsedOutput) -> int | None:
     if args_at < 0:
         return None
     call.name = text[pos:args_at].strip()
-    start = skip_whitespace(text, args_at + len(MISTRAL_ARGS))
+    start = _skip_whitespace(text, args_at + len(MISTRAL_ARGS))
     try:
-        end = value_end(text, start)
-    except MalformedJSON:
+        end = _value_end(text, start)
+    except _MalformedJSON:
         call.is_malformed = True
         return None
     call.arguments = _arguments_text(text, start, end)
@@ -187,7 +191,7 @@ def _json_call(text: str, pos: int) -> tuple[ParsedCall, int | None]:
     if text[pos] != "{":
         call.is_malformed = True
         return call, None
-    scan = scan_object(text, pos)
+    scan = _scan_object(text, pos)
     call.is_malformed = scan.is_malformed
     name_span = scan.fields.get("name")
     if name_span is not None and name_span[1] is not None:
@@ -217,14 +221,32 @@ def _arguments_text(text: str, start: int, end: int | None) -> str:
     return value if isinstance(value, str) else text[start:end]
 
 
-def _skip_closing(text: str, pos: int, closing: str, final: bool) -> int:
-    """Skip whitespace and ``closing`` after a call (also a partial one while streaming)."""
-    after = skip_whitespace(text, pos)
+def _skip_closing(text: str, pos: int, closing: str) -> int:
+    """Skip whitespace and ``closing`` after a call, also a partial ``closing`` at the end.
+
+    A partial one is the closing still arriving (streaming) or cut off by ``max_tokens``:
+    either way it is markup, never content.
+    """
+    after = _skip_whitespace(text, pos)
     if text.startswith(closing, after):
         return after + len(closing)
-    if not final and after < len(text) and closing.startswith(text[after:]):
+    if after < len(text) and closing.startswith(text[after:]):
         return len(text)
     return pos
+
+
+def _text_after(tail: str, marker: str, final: bool, is_after_call: bool) -> str:
+    """The text of ``tail``, the output's rest, which holds no whole ``marker``.
+
+    While streaming, a suffix that may be the start of ``marker`` is held back. In a
+    finished output, a rest after a call that is only the start of ``marker`` is the next
+    call's opening cut off by ``max_tokens``: markup, so no text.
+    """
+    if not final:
+        return _hold_partial(tail, marker)
+    if is_after_call and marker.startswith(tail.strip()):
+        return ""
+    return tail
 
 
 def _hold_partial(tail: str, marker: str) -> str:
@@ -233,6 +255,132 @@ def _hold_partial(tail: str, marker: str) -> str:
         if marker.startswith(tail[-size:]):
             return tail[:-size]
     return tail
+
+
+# -- JSON that may still be arriving ------------------------------------------------------
+
+_DECODER = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# Characters that may still extend a number the decoder has read: ``1.`` of ``1.5``, ``1e``.
+_NUMBER_REST = re.compile(r"[0-9.eE+-]*")
+
+
+class _MalformedJSON(ValueError):
+    """The text cannot be the start of a JSON value (as opposed to merely cut off)."""
+
+
+@dataclass
+class _ObjectScan:
+    """The fields of an object that may be cut off, as far as the text goes.
+
+    ``fields`` maps each key seen, in order, to ``(value_start, value_end)`` (``value_end``
+    ``None`` while the value is cut off). ``end`` is the position after ``}`` (``None`` while
+    cut off). ``is_malformed``: the scan stopped at text that cannot continue the object;
+    ``fields`` then holds the fields before it.
+    """
+
+    fields: dict[str, tuple[int, int | None]] = field(default_factory=dict)
+    end: int | None = None
+    is_malformed: bool = False
+
+    @property
+    def is_complete(self) -> bool:
+        return self.end is not None
+
+
+def _skip_whitespace(text: str, pos: int) -> int:
+    """The first position at or after ``pos`` that is not JSON whitespace."""
+    match = _WHITESPACE.match(text, pos)
+    assert match is not None  # the pattern matches the empty string
+    return match.end()
+
+
+def _value_end(text: str, pos: int) -> int | None:
+    """Position after the JSON value starting at ``pos``; ``None`` while it is cut off.
+
+    Raises :class:`_MalformedJSON` when ``text[pos:]`` cannot start a JSON value.
+    """
+    if pos >= len(text):
+        return None
+    try:
+        value, end = _DECODER.raw_decode(text, pos)
+    except json.JSONDecodeError as error:
+        if _is_cut_off(text, pos, error):
+            return None
+        raise _MalformedJSON(f"no JSON value at {pos}: {text[pos : pos + 20]!r}") from None
+    if not isinstance(value, (str, list, dict)):
+        rest = _NUMBER_REST.match(text, end)
+        assert rest is not None  # the pattern matches the empty string
+        if rest.end() == len(text):
+            return None  # a number (or literal) touching the end may grow: 12 -> 123
+    return end
+
+
+def _is_cut_off(text: str, pos: int, error: json.JSONDecodeError) -> bool:
+    """Whether more text could make a JSON value of ``text[pos:]``, which json rejected."""
+    # json stopped at the end of the text, or in a string that runs to the end (it checks
+    # the escapes on the way there): what it read is a valid start. Only other stops (a
+    # partial number, literal or \uXXXX, or malformed text) need the library, which reads
+    # an open string character by character: asked at every delta, it made streaming a
+    # 2,000-character argument 2-3x slower (benchmarks/tool_call_stream_bench.py).
+    if error.pos == len(text) or error.msg.startswith("Unterminated string"):
+        return True
+    try:
+        partial_json_parser.loads(text[pos:], partial_json_parser.Allow.ALL)
+    except PartialJSON:
+        return True  # too little to make anything of yet, e.g. "-"
+    except (ValueError, AssertionError, IndexError):
+        # The library reports malformed text as its own or json's decode error (both
+        # ValueErrors) or, from its bracket matching, as AssertionError or IndexError.
+        return False
+    return True
+
+
+def _scan_object(text: str, pos: int) -> _ObjectScan:
+    """Scan the object whose ``{`` is at ``text[pos]``, key by key."""
+    scan = _ObjectScan()
+    try:
+        _scan_fields(text, pos, scan)
+    except _MalformedJSON:
+        scan.is_malformed = True
+    return scan
+
+
+def _scan_fields(text: str, pos: int, scan: _ObjectScan) -> None:
+    i = _skip_whitespace(text, pos + 1)
+    if text.startswith("}", i):
+        scan.end = i + 1
+        return
+    while i < len(text):
+        _expect(text, i, '"')
+        key_end = _value_end(text, i)
+        if key_end is None:
+            return
+        key = json.loads(text[i:key_end])
+        i = _skip_whitespace(text, key_end)
+        if i >= len(text):
+            return
+        _expect(text, i, ":")
+        start = _skip_whitespace(text, i + 1)
+        if start >= len(text):
+            return
+        end = _value_end(text, start)
+        scan.fields[key] = (start, end)
+        if end is None:
+            return
+        i = _skip_whitespace(text, end)
+        if i >= len(text):
+            return
+        if text[i] == "}":
+            scan.end = i + 1
+            return
+        _expect(text, i, ",")
+        i = _skip_whitespace(text, i + 1)
+
+
+def _expect(text: str, pos: int, char: str) -> None:
+    if text[pos] != char:
+        raise _MalformedJSON(f"expected {char!r} at {pos}, got {text[pos : pos + 20]!r}")
 
 
 def _loads(text: str) -> object:
