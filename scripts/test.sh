@@ -13,4 +13,4 @@ PY=.venv/bin/python
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cuda --kvplane-emulate -p no:cacheprovider
-$PY -m pytest -q tests plugins_template/tests
+$PY -m pytest -q --durations=25 tests plugins_template/tests

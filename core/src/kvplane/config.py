@@ -69,6 +69,11 @@ class EngineConfig:
     #: generation_config.json sampling keys that win over ``generation_config``'s, e.g.
     #: ``{"temperature": 0.5}`` (``None`` as a value removes one).
     override_generation_config: dict[str, Any] | None = None
+    #: ``AsyncLLM`` (the server) runs the engine in a child process, so that HTTP,
+    #: tokenization and the engine's host work do not share one interpreter; False runs
+    #: it on a thread of the server's process. The offline ``LLM`` always runs it in the
+    #: caller's.
+    engine_process: bool = True
 
     def __post_init__(self) -> None:
         if self.emulate is not None and self.device is not None:

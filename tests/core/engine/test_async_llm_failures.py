@@ -34,6 +34,7 @@ def start(model_dir: Path) -> AsyncLLM:
         dtype="float32",
         skip_tokenizer_init=True,
         kv_cache_memory_bytes=4 * 2**20,
+        engine_process=False,  # the tests reach into the engine
     )
     return AsyncLLM.from_config(config)
 

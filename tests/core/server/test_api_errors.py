@@ -40,7 +40,7 @@ class _Engine:
 
     def __init__(self) -> None:
         hf_config = SimpleNamespace(vocab_size=VOCAB_SIZE)
-        self.engine = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+        self.model_config = SimpleNamespace(hf_config=hf_config)
         self.is_running = True
         self.num_waiting = 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ FAILS_AT_ONCE = 201
 FAILS_LATER = 202
 SITECUSTOMIZE = f"""
 import os
+import signal
 
 from kvplane.engine.model_runner import ModelRunner
 
@@ -149,3 +151,40 @@ def test_an_engine_that_cannot_go_on_exits_with_status_1(tmp_path: Path) -> None
         server.stop()
     log = server.log_text()
     assert "the engine cannot go on" in log and "injected fault" in log
+
+
+def engine_process_of(server: ServerProcess) -> int:
+    """The pid of the server's engine-core process (its ``multiprocessing`` spawn child)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == server.process.pid and b"spawn_main" in cmdline:
+            return int(stat.parent.name)
+    raise AssertionError("the server has no engine process")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the child in /proc")
+def test_a_killed_engine_process_ends_streams_and_the_server(tmp_path: Path) -> None:
+    server = start_server(tmp_path, "poison")
+    try:
+
+        async def killed_midway() -> list[dict[str, Any]]:
+            async with httpx2.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
+                stream = asyncio.create_task(
+                    stream_events(http, completion([1, 2, 3], 4000, ignore_eos=True))
+                )
+                await asyncio.sleep(1.0)  # tokens are streaming
+                os.kill(engine_process_of(server), signal.SIGKILL)
+                return await stream
+
+        events = asyncio.run(asyncio.wait_for(killed_midway(), TIMEOUT))
+        assert any("choices" in e for e in events)
+        assert events[-1]["error"]["code"] == "engine_dead", events[-1]
+        assert "the engine process exited (status -9)" in events[-1]["error"]["message"]
+        assert server.process.wait(timeout=TIMEOUT) == 1
+    finally:
+        server.stop()
+    assert "the engine cannot go on" in server.log_text()

@@ -44,6 +44,8 @@ _HELP = {
     "recommended: its generation_config.json; temperature 0.2, top_p 0.9 for the embedded "
     "model), kvplane (the engine's own: temperature 1.0, top_p 1.0), or a directory holding "
     "a generation_config.json (default: auto)",
+    "engine_process": "run the engine in a child process of the server (--no-engine-process: "
+    "on a thread of the server's process; default: a child process)",
     "override_generation_config": "JSON object of generation_config.json sampling keys that "
     "win over --generation-config's, e.g. '{\"temperature\": 0.5}' (default: none)",
 }

@@ -1,51 +1,48 @@
-"""The asynchronous engine the server uses: the loop runs on its own thread.
+"""The asynchronous engine the server uses: streams on the event loop, the engine apart.
 
-Requests and aborts are queued to the engine thread; it steps while there is work and
-hands each output to the request's asyncio queue with ``call_soon_threadsafe``, so a step
-never waits for a client and a client never blocks a step.
+:class:`AsyncLLM` owns the streams: it tokenizes and checks a prompt, hands the request
+to an engine client and delivers each output to the request's asyncio queue with
+``call_soon_threadsafe``, so a step never waits for a client and a client never blocks a
+step. Two clients run the engine loop:
+
+- :class:`~kvplane.engine.core_client.EngineProcessClient` (``AsyncLLM.from_config``
+  with ``engine_process=True``, the server's default): the engine in a child process
+  (see :mod:`kvplane.engine.engine_core`), so HTTP, tokenization and the engine's host
+  work do not share one interpreter;
+- :class:`~kvplane.engine.thread_client.EngineThreadClient` (``AsyncLLM(engine)``): the
+  engine on a thread of this process (tests that reach into the engine, embedding).
 
 A request the engine failed on alone ends its stream with :class:`RequestFailedError`;
-the others go on. When a step raises out of the engine (it cannot go on), the thread
-records the error, ends every stream with :class:`EngineDeadError`, answers every later
-request with it and calls the :meth:`AsyncLLM.on_death` callbacks: the server exits so
-that its supervisor restarts it.
+the others go on. When the engine cannot go on (a step raised out of it, or its process
+died), every stream ends with :class:`EngineDeadError`, every later request gets it, and
+the :meth:`AsyncLLM.on_death` callbacks run: the server exits so that its supervisor
+restarts it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvplane.config import EngineConfig
-from kvplane.engine.llm_engine import LLMEngine, PromptType
 from kvplane.engine.outputs import RequestOutput
+from kvplane.engine.prompts import PromptType, tokenize_prompt, validate_prompt
 from kvplane.sampling.params import SamplingParams
 from kvplane.scheduler.output import SchedulerStats
+
+if TYPE_CHECKING:
+    from kvplane.engine.core_client import EngineClientBase
+    from kvplane.engine.llm_engine import LLMEngine
+    from kvplane.models.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class _AddCommand:
-    request_id: str
-    prompt: PromptType
-    params: SamplingParams
-    priority: int
-    sink: Any  # (loop, asyncio.Queue)
-
-
-@dataclass(frozen=True, slots=True)
-class _AbortCommand:
-    request_id: str
-
-
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped on an error; no request can be served."""
+    """The engine stopped on an error; no request can be served."""
 
 
 class RequestFailedError(RuntimeError):
@@ -53,45 +50,70 @@ class RequestFailedError(RuntimeError):
 
 
 class AsyncLLM:
-    """``async for output in llm.generate(prompt, params, request_id)``; ``await abort``."""
+    """``async for output in llm.generate(prompt, params, request_id)``; ``abort``."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._commands: queue.SimpleQueue[_AddCommand | _AbortCommand | None] = queue.SimpleQueue()
+    def __init__(self, engine: LLMEngine | EngineClientBase) -> None:
+        from kvplane.engine.core_client import EngineClientBase
+        from kvplane.engine.thread_client import EngineThreadClient
+
+        # An LLMEngine is stepped on a thread here.
+        self.client = engine if isinstance(engine, EngineClientBase) else EngineThreadClient(engine)
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._error: BaseException | None = None
         self._death_callbacks: list[Callable[[BaseException], None]] = []
         self._death_lock = threading.Lock()  # _error and the callbacks, set across threads
-        # Stats are published by the engine thread after each step, so other threads never
-        # read scheduler state mid-step. Sequences queued by generate() count as waiting
-        # until a snapshot that includes them is published.
-        self._stats: SchedulerStats = engine.stats()
+        # Stats come from the engine after each step, so nothing reads scheduler state
+        # mid-step. Sequences queued by generate() count as waiting until a snapshot
+        # that includes them is published.
+        self._stats: SchedulerStats = self.client.initial_stats()
         self._stats_lock = threading.Lock()
         self._num_unapplied = 0  # guarded by _stats_lock
-        self._num_applied_since_publish = 0  # engine thread only
-        self._thread = threading.Thread(target=self._run, name="kvplane-engine", daemon=True)
-        self._thread.start()
+        self.client.start(self)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> AsyncLLM:
+        """The engine of ``config`` in its own process (``config.engine_process``) or on a
+        thread of this one."""
+        if config.engine_process:
+            from kvplane.engine.core_client import EngineProcessClient
+
+            return cls(EngineProcessClient(config))
+        from kvplane.engine.llm_engine import LLMEngine
+
         return cls(LLMEngine(config))
 
     @property
+    def engine(self) -> LLMEngine:
+        """The in-process engine (thread client only: tests and embedding reach into it)."""
+        engine = getattr(self.client, "engine", None)
+        if engine is None:
+            raise AttributeError("the engine runs in another process")
+        return engine  # type: ignore[no-any-return]
+
+    @property
     def tokenizer(self) -> Any:
-        return self.engine.tokenizer
+        return self.client.tokenizer
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.client.model_config
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.client.config
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        return self._error is None and self.client.is_alive()
 
     def stats(self) -> SchedulerStats:
-        """The scheduler's stats after the engine thread's latest step; any thread may call."""
+        """The scheduler's stats after the engine's latest step; any thread may call."""
         return self._stats
 
     @property
     def num_waiting(self) -> int:
-        """Sequences waiting to be scheduled, counting those not yet handed to the engine
-        thread (``n`` per request); any thread may read it."""
+        """Sequences waiting to be scheduled, counting those not yet taken in by the engine
+        (``n`` per request); any thread may read it."""
         with self._stats_lock:
             return self._stats.num_waiting + self._num_unapplied
 
@@ -104,29 +126,24 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs until the request finishes.
 
-        The prompt is validated here (ValueError before anything is queued). Leaving the
+        The prompt is checked here (ValueError before anything is queued). Leaving the
         iteration early (client gone, task cancelled) aborts the request.
         """
         if self._error is not None:
             raise EngineDeadError(f"engine stopped: {self._error!r}")
-        _, prompt_token_ids = self.engine.tokenize_prompt(prompt)
-        self.engine._validate_prompt(prompt_token_ids)
-        loop = asyncio.get_running_loop()
+        text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
+        config = self.model_config
+        validate_prompt(prompt_token_ids, config.max_model_len, config.hf_config.vocab_size)
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         with self._stats_lock:
             self._num_unapplied += params.n
-        self._commands.put(
-            _AddCommand(
-                request_id,
-                {
-                    "prompt_token_ids": prompt_token_ids,
-                    "prompt": prompt if isinstance(prompt, str) else None,
-                },
-                params,
-                priority,
-                (loop, outputs),
-            )
-        )
+        self._sinks[request_id] = (asyncio.get_running_loop(), outputs)
+        # A death after the check above ends this stream too: die() sets the error before
+        # it ends the registered streams.
+        if self._error is not None:
+            self.deliver(request_id, EngineDeadError(f"engine stopped: {self._error!r}"))
+        else:
+            self.client.add(request_id, prompt_token_ids, text, params, priority)
         finished = False
         try:
             while True:
@@ -143,7 +160,7 @@ class AsyncLLM:
 
     def on_death(self, callback: Callable[[BaseException], None]) -> None:
         """Call ``callback(error)`` once if the engine stops on an error (at once if it
-        has): on the engine thread, after every stream has been ended."""
+        has): on the engine's thread, after every stream has been ended."""
         with self._death_lock:
             error = self._error
             if error is None:
@@ -153,87 +170,16 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed at the engine's next step boundary."""
-        self._commands.put(_AbortCommand(request_id))
+        if self._sinks.pop(request_id, None) is not None and self._error is None:
+            self.client.abort(request_id)
 
     def shutdown(self) -> None:
-        self._commands.put(None)
-        self._thread.join(timeout=30)
+        self.client.shutdown()
 
-    # -- the engine thread ----------------------------------------------------------------
+    # -- called by the engine client, on its thread ----------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while True:
-                block = not self.engine.has_unfinished_requests()
-                if not self._drain_commands(block):
-                    return
-                for output in self.engine.step():
-                    if output.error is None:
-                        self._deliver(output.request_id, output)
-                    else:
-                        failure = f"the engine failed on this request: {output.error}"
-                        self._deliver(output.request_id, RequestFailedError(failure))
-                self._publish_stats()
-        except BaseException as error:
-            logger.exception("engine thread failed: the engine cannot go on")
-            self._die(error)
-
-    def _die(self, error: BaseException) -> None:
-        """End every stream, call the death callbacks, then answer every command that
-        arrives with the error until shut down (so no request waits for ever)."""
-        message = f"engine stopped: {error!r}"
-        with self._death_lock:
-            self._error = error
-            callbacks, self._death_callbacks = self._death_callbacks, []
-        for request_id in list(self._sinks):
-            self._deliver(request_id, EngineDeadError(message))
-        for callback in callbacks:
-            try:
-                callback(error)
-            except Exception:
-                logger.exception("an engine-death callback failed")
-        while (command := self._commands.get()) is not None:
-            if isinstance(command, _AddCommand):
-                self._sinks[command.request_id] = command.sink
-                self._deliver(command.request_id, EngineDeadError(message))
-
-    def _drain_commands(self, block: bool) -> bool:
-        """Apply queued commands (waiting for one if ``block``); False means shut down."""
-        try:
-            command = self._commands.get(block=block)
-        except queue.Empty:
-            return True
-        while True:
-            if command is None:
-                return False
-            self._apply(command)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return True
-
-    def _publish_stats(self) -> None:
-        stats = self.engine.stats()
-        with self._stats_lock:
-            self._stats = stats
-            self._num_unapplied -= self._num_applied_since_publish
-        self._num_applied_since_publish = 0
-
-    def _apply(self, command: _AddCommand | _AbortCommand) -> None:
-        if isinstance(command, _AbortCommand):
-            if self._sinks.pop(command.request_id, None) is not None:
-                self.engine.abort_request(command.request_id)
-            return
-        self._num_applied_since_publish += command.params.n
-        self._sinks[command.request_id] = command.sink
-        try:
-            self.engine.add_request(
-                command.request_id, command.prompt, command.params, priority=command.priority
-            )
-        except Exception as error:
-            self._deliver(command.request_id, error)
-
-    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+    def deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        """Hand ``item`` to the request's stream (dropped when nobody listens)."""
         sink = self._sinks.get(request_id)
         if sink is None:
             return
@@ -244,4 +190,30 @@ class AsyncLLM:
             loop.call_soon_threadsafe(outputs.put_nowait, item)
         except RuntimeError:  # the client's loop is closed: nobody is listening
             if self._error is None:  # else the engine is gone, and the request with it
-                self.engine.abort_request(request_id)
+                self.client.abort(request_id)
+
+    def deliver_failure(self, request_id: str, error: str) -> None:
+        self.deliver(request_id, RequestFailedError(f"the engine failed on this request: {error}"))
+
+    def publish_stats(self, stats: SchedulerStats, num_sequences_taken: int) -> None:
+        """Record the stats after a step; ``num_sequences_taken`` queued sequences have
+        reached the engine since the previous call."""
+        with self._stats_lock:
+            self._stats = stats
+            self._num_unapplied -= num_sequences_taken
+
+    def die(self, error: BaseException) -> None:
+        """End every stream, then call the death callbacks (once)."""
+        message = f"engine stopped: {error!r}"
+        with self._death_lock:
+            if self._error is not None:
+                return
+            self._error = error
+            callbacks, self._death_callbacks = self._death_callbacks, []
+        for request_id in list(self._sinks):
+            self.deliver(request_id, EngineDeadError(message))
+        for callback in callbacks:
+            try:
+                callback(error)
+            except Exception:
+                logger.exception("an engine-death callback failed")

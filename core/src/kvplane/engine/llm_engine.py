@@ -1,15 +1,14 @@
 """The engine loop: schedule, execute, sample, detokenize, repeat.
 
-Single-threaded and synchronous; :class:`kvplane.engine.async_llm.AsyncLLM` runs it on a
-thread of its own for the server.
+Single-threaded and synchronous; :class:`kvplane.engine.async_llm.AsyncLLM` runs it in a
+process of its own for the server (or on a thread of the caller's).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
@@ -19,6 +18,7 @@ from kvplane.engine.kv_sizing import num_kv_blocks
 from kvplane.engine.model_runner import ModelRunner, PendingStep, StepResult
 from kvplane.engine.output_processor import OutputProcessor
 from kvplane.engine.outputs import RequestOutput
+from kvplane.engine.prompts import PromptType, tokenize_prompt, validate_prompt
 from kvplane.engine.step_graphs import (
     StepGraphs,
     graph_families,
@@ -26,7 +26,7 @@ from kvplane.engine.step_graphs import (
 )
 from kvplane.kv_cache.block_manager import BlockManager
 from kvplane.models.base import CausalLM
-from kvplane.models.config import load_tokenizer, resolve_model_config
+from kvplane.models.config import load_engine_tokenizer, resolve_model_config
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.loader import build_model
 from kvplane.plugins import capabilities
@@ -47,9 +47,6 @@ from kvplane.structured.compiler import StructuredOutputCompiler
 
 logger = logging.getLogger(__name__)
 
-#: A prompt: text, token ids, or a dict with "prompt" or "prompt_token_ids".
-PromptType = str | Sequence[int] | Mapping[str, Any]
-
 
 class LLMEngine:
     """Owns the platform, model, KV cache, scheduler and output processing.
@@ -69,11 +66,7 @@ class LLMEngine:
                 "%s has no tokenizer: prompts must be token ids",
                 self.model_config.source.display_name,
             )
-        self.tokenizer = (
-            None
-            if config.skip_tokenizer_init or not has_tokenizer
-            else load_tokenizer(self.model_config.source, config.tokenizer)
-        )
+        self.tokenizer = load_engine_tokenizer(config, self.model_config.source)
         self.device = self.platform.device(0)
         torch.manual_seed(config.seed)
         ctx = BuildContext(
@@ -170,17 +163,7 @@ class LLMEngine:
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return ``(prompt text or None, prompt token ids)`` for any accepted form."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer, and this engine has none")
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, Mapping):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), [int(t) for t in prompt["prompt_token_ids"]]
-            if "prompt" in prompt:
-                return self.tokenize_prompt(str(prompt["prompt"]))
-            raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
-        return None, [int(t) for t in prompt]
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def add_request(
         self,
@@ -199,7 +182,11 @@ class LLMEngine:
         """
         params = params or self.model_config.sampling_defaults.sampling_params()
         text, prompt_token_ids = self.tokenize_prompt(prompt)
-        self._validate_prompt(prompt_token_ids)
+        validate_prompt(
+            prompt_token_ids,
+            self.model_config.max_model_len,
+            self.model_config.hf_config.vocab_size,
+        )
         params.check_token_ids(self.model_config.hf_config.vocab_size)
         if self.tokenizer is None and params.detokenize:
             raise ValueError("detokenize=True needs a tokenizer, and this engine has none")
@@ -244,20 +231,6 @@ class LLMEngine:
             )
         compiler = self._structured_compiler
         return [compiler.new_constraint(params.structured_output) for _ in range(params.n)]
-
-    def _validate_prompt(self, prompt_token_ids: list[int]) -> None:
-        if not prompt_token_ids:
-            raise ValueError("the prompt is empty")
-        max_len = self.model_config.max_model_len
-        if len(prompt_token_ids) >= max_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens, but the context is "
-                f"{max_len} tokens and at least one must be generated"
-            )
-        vocab_size = self.model_config.hf_config.vocab_size
-        bad = [t for t in prompt_token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
     @staticmethod
     def _sequence_id(request_id: str, index: int) -> str:

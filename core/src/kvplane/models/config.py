@@ -42,6 +42,17 @@ def load_hf_config(source: ModelSource) -> Any:
     return AutoConfig.from_pretrained(str(source.directory), **source.hf_kwargs())
 
 
+def load_engine_tokenizer(config: EngineConfig, source: ModelSource) -> Any | None:
+    """The tokenizer an engine of ``config`` uses for the model at ``source``: None with
+    ``skip_tokenizer_init`` or when the model has no tokenizer files and
+    ``config.tokenizer`` names none."""
+    if config.skip_tokenizer_init:
+        return None
+    if not (source.has_files or config.tokenizer is not None):
+        return None
+    return load_tokenizer(source, config.tokenizer)
+
+
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
     """The tokenizer (with chat template) from ``tokenizer`` or the model source.

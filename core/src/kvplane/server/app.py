@@ -88,7 +88,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def detokenize(body: DetokenizeRequest) -> Response:
         state.check_model(body.model)
         pool = state.require_tokenizer_pool()
-        vocab_size = state.engine.engine.model_config.hf_config.vocab_size
+        vocab_size = state.engine.model_config.hf_config.vocab_size
         return await pool.run(partial(_detokenize_answer, body.tokens, vocab_size))
 
     # A route per method: one route for both gives GET and HEAD the same operationId.
@@ -143,7 +143,7 @@ def _detokenize_answer(token_ids: list[int], vocab_size: int, worker: TokenizerW
 
 def _limits(state: ServerState) -> ServerLimits:
     return ServerLimits(
-        vocab_size=state.engine.engine.model_config.hf_config.vocab_size,
+        vocab_size=state.engine.model_config.hf_config.vocab_size,
         max_model_len=state.max_model_len,
         max_num_seqs=state.max_num_seqs,
         max_logprobs=state.settings.max_logprobs,

@@ -17,7 +17,6 @@ bound for this server.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -93,15 +92,18 @@ Priority = Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT), _AS_INTEGER]
 #: vLLM's range of seeds (torch.long); the n sequences of a request use seed, seed + 1...
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), _AS_INTEGER]
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _lone_surrogate_at(value: Any, path: str = "") -> tuple[str, str] | None:
     """Where in ``value`` (strings, lists, dict keys and values) a lone surrogate is, and
     which one; None when there is none. Nested models check their own fields."""
     if isinstance(value, str):
-        found = _SURROGATE.search(value)
-        return None if found is None else (path, found.group())
+        # Encoding is the fast scan (a regex over a 15 MB prompt held the loop 0.3 s).
+        if value.isascii():
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return path, value[error.start]
+        return None
     items: list[tuple[str, Any]] = []
     if isinstance(value, list | tuple):
         items = [(f"{path}.{index}", item) for index, item in enumerate(value)]

@@ -56,7 +56,7 @@ async def start_run(run: RequestRun, request: Request) -> Response | None:
     reports on admission propagate (mapped to 400/503/500 by the error handlers); a
     client that leaves meanwhile gets its requests aborted.
     """
-    vocab_size = run.engine.engine.model_config.hf_config.vocab_size
+    vocab_size = run.engine.model_config.hf_config.vocab_size
     check_token_ids(run.prompts, run.params, vocab_size)
     try:
         await until_disconnected(request, run.start())

@@ -59,7 +59,7 @@ class ServerState:
         """The state of a server about to serve ``engine``: the last step of start-up."""
         names = settings.model_names()
         tokenizer = engine.tokenizer
-        max_model_len = engine.engine.model_config.max_model_len
+        max_model_len = engine.model_config.max_model_len
         state = cls(
             engine=engine,
             settings=settings,
@@ -67,10 +67,10 @@ class ServerState:
             tokenizer=None if tokenizer is None else copy.deepcopy(tokenizer),
             tokenizer_pool=None if tokenizer is None else TokenizerPool(tokenizer, max_model_len),
             max_model_len=max_model_len,
-            max_num_seqs=engine.engine.config.max_num_seqs,
+            max_num_seqs=engine.config.max_num_seqs,
             metrics=ServerMetrics(names[0], engine.stats),
             chat_template=_read_template(settings.chat_template),
-            sampling_defaults=engine.engine.model_config.sampling_defaults,
+            sampling_defaults=engine.model_config.sampling_defaults,
         )
         _freeze_startup_objects()
         return state

@@ -1,0 +1,323 @@
+"""The engine-core process: the engine loop on its own interpreter, fed over pipes.
+
+The server's process keeps HTTP, tokenization and the streams; this process keeps the
+model and steps while there is work, so neither waits on the other's Python. Messages
+are pickled dataclasses (below) on two one-way :func:`multiprocessing.Pipe` connections.
+
+Outputs cross as deltas: each :class:`OutputDelta` carries only what a request gained
+since its previous one (the client side rebuilds the cumulative
+:class:`~kvplane.engine.outputs.RequestOutput`), so a step's message grows with the
+number of tokens it made, not with the length of every output so far.
+
+Lifetime belongs to the parent: this process ignores SIGINT and SIGTERM (a Ctrl-C in a
+terminal reaches the whole process group, and the server drains before it stops the
+engine), and exits when its command pipe closes (the parent has gone).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from typing import Any
+
+from kvplane.config import EngineConfig
+from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.models.config import ModelConfig
+from kvplane.sampling.params import SamplingParams
+from kvplane.scheduler.output import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+# -- parent -> core ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt: str | None
+    params: SamplingParams
+    priority: int
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    pass
+
+
+# -- core -> parent ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """The engine has loaded; what the client side needs to serve (tokenizer loaded there)."""
+
+    model_config: ModelConfig
+    stats: SchedulerStats
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    """The engine could not start: ``error`` as raised (or a RuntimeError carrying its repr
+    when it does not pickle), and its traceback text for the log."""
+
+    error: BaseException
+    traceback: str
+
+
+@dataclass(frozen=True, slots=True)
+class CompletionDelta:
+    index: int
+    #: The cumulative text is the previous one's first ``text_start`` characters followed
+    #: by ``text`` (``text_start`` is below the previous length when a held-back tail was
+    #: dropped, e.g. at a stop string).
+    text_start: int
+    text: str
+    new_token_ids: list[int]
+    new_logprobs: list[Any] | None
+    cumulative_logprob: float | None
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputDelta:
+    request_id: str
+    completions: list[CompletionDelta]
+    finished: bool
+    num_cached_tokens: int
+    metrics: dict[str, float]
+    error: str | None
+    #: Sent once, in the first delta after they are known.
+    prompt_logprobs: list[Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutputs:
+    """One step's outputs, the stats after it, and how many sequences (``n`` per request)
+    the core took in since its previous message (the client's count of queued ones)."""
+
+    deltas: list[OutputDelta]
+    stats: SchedulerStats
+    num_sequences_added: int
+    #: Requests that could not be added (ValueError and the like), with the error.
+    rejected: list[tuple[str, BaseException]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class CoreFailed:
+    """A step raised out of the engine: it cannot go on, and this process exits."""
+
+    error: str
+
+
+# -- the process -------------------------------------------------------------------------
+
+
+def run_engine_core(
+    config: EngineConfig, commands: Connection, outputs: Connection, log_level: int
+) -> None:
+    """The child process's entry point (see the module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if log_level != logging.NOTSET:
+        logging.basicConfig(
+            level=log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+    # The import loads torch and the platforms: inside the child, after the signals.
+    from kvplane.engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(config)
+    except BaseException as error:
+        import traceback
+
+        outputs.send(StartFailed(picklable(error), traceback.format_exc()))
+        sys.exit(1)
+    outputs.send(Ready(engine.model_config, engine.stats()))
+    try:
+        EngineCoreLoop(engine, commands, outputs.send).run()
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the parent has gone: so does the engine
+    except BaseException as error:
+        logger.exception("the engine cannot go on")
+        try:
+            outputs.send(CoreFailed(repr(error)))
+        finally:
+            sys.exit(1)
+
+
+class EngineCoreLoop:
+    """Apply commands, step, emit the step's deltas; block only when there is no work.
+
+    Runs in the engine-core process (``emit`` sends down the outputs pipe) or on a thread
+    of the caller's process (``emit`` hands the outputs over directly).
+    """
+
+    def __init__(
+        self, engine: Any, commands: Connection, emit: Callable[[StepOutputs], None]
+    ) -> None:
+        self.engine = engine
+        self.commands = commands
+        self.emit = emit
+        self.deltas = DeltaTracker()
+        self._num_added = 0
+        self._rejected: list[tuple[str, BaseException]] = []
+
+    def run(self) -> None:
+        """Until a :class:`Shutdown` arrives; what a step raises propagates."""
+        while True:
+            if not self._apply_commands(block=not self.engine.has_unfinished_requests()):
+                return
+            step_outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+            self.emit(
+                StepOutputs(
+                    [self.deltas.delta(output) for output in step_outputs],
+                    self.engine.stats(),
+                    self._num_added,
+                    self._rejected,
+                )
+            )
+            self._num_added = 0
+            self._rejected = []
+
+    def _apply_commands(self, block: bool) -> bool:
+        """Apply every queued command (waiting for one if ``block``); False: shut down."""
+        if not block and not self.commands.poll():
+            return True
+        while True:
+            command = self.commands.recv()
+            if isinstance(command, Shutdown):
+                return False
+            self._apply(command)
+            if not self.commands.poll():
+                return True
+
+    def _apply(self, command: AddRequest | AbortRequest) -> None:
+        if isinstance(command, AbortRequest):
+            self.engine.abort_request(command.request_id)
+            self.deltas.forget(command.request_id)
+            return
+        self._num_added += command.params.n
+        try:
+            self.engine.add_request(
+                command.request_id,
+                {"prompt_token_ids": command.prompt_token_ids, "prompt": command.prompt},
+                command.params,
+                priority=command.priority,
+            )
+        except Exception as error:
+            self._rejected.append((command.request_id, picklable(error)))
+
+
+class DeltaTracker:
+    """What each live request's outputs held when last sent, to send only what is new."""
+
+    def __init__(self) -> None:
+        # request id -> per completion: (previous text, tokens sent, logprobs sent)
+        self._sent: dict[str, list[tuple[str, int, int]]] = {}
+        self._prompt_logprobs_sent: set[str] = set()
+
+    def forget(self, request_id: str) -> None:
+        self._sent.pop(request_id, None)
+        self._prompt_logprobs_sent.discard(request_id)
+
+    def delta(self, output: RequestOutput) -> OutputDelta:
+        request_id = output.request_id
+        sent = self._sent.get(request_id) or [("", 0, 0)] * len(output.outputs)
+        completions = []
+        for completion, (text, num_tokens, num_logprobs) in zip(output.outputs, sent, strict=True):
+            completions.append(_completion_delta(completion, text, num_tokens, num_logprobs))
+        prompt_logprobs = None
+        if output.prompt_logprobs is not None and request_id not in self._prompt_logprobs_sent:
+            prompt_logprobs = output.prompt_logprobs
+            self._prompt_logprobs_sent.add(request_id)
+        if output.finished:
+            self.forget(request_id)
+        else:
+            self._sent[request_id] = [
+                (c.text, len(c.token_ids), len(c.logprobs or ())) for c in output.outputs
+            ]
+        return OutputDelta(
+            request_id,
+            completions,
+            output.finished,
+            output.num_cached_tokens,
+            output.metrics,
+            output.error,
+            prompt_logprobs,
+        )
+
+
+def _completion_delta(
+    completion: CompletionOutput, sent_text: str, num_tokens: int, num_logprobs: int
+) -> CompletionDelta:
+    text = completion.text
+    if text.startswith(sent_text):
+        text_start, new_text = len(sent_text), text[len(sent_text) :]
+    else:
+        text_start, new_text = 0, text
+    return CompletionDelta(
+        completion.index,
+        text_start,
+        new_text,
+        completion.token_ids[num_tokens:],
+        None if completion.logprobs is None else completion.logprobs[num_logprobs:],
+        completion.cumulative_logprob,
+        completion.finish_reason,
+        completion.stop_reason,
+    )
+
+
+def apply_delta(previous: RequestOutput, delta: OutputDelta) -> RequestOutput:
+    """The cumulative output after ``delta``: new lists, so outputs already handed out
+    keep their contents."""
+    completions = []
+    for old, new in zip(previous.outputs, delta.completions, strict=True):
+        logprobs = None
+        if new.new_logprobs is not None:
+            logprobs = [*(old.logprobs or ()), *new.new_logprobs]
+        completions.append(
+            CompletionOutput(
+                index=new.index,
+                text=old.text[: new.text_start] + new.text,
+                token_ids=[*old.token_ids, *new.new_token_ids],
+                cumulative_logprob=new.cumulative_logprob,
+                logprobs=logprobs,
+                finish_reason=new.finish_reason,
+                stop_reason=new.stop_reason,
+            )
+        )
+    return replace(
+        previous,
+        prompt_logprobs=(
+            delta.prompt_logprobs if delta.prompt_logprobs is not None else previous.prompt_logprobs
+        ),
+        outputs=completions,
+        finished=delta.finished,
+        num_cached_tokens=delta.num_cached_tokens,
+        metrics=delta.metrics,
+        error=delta.error,
+    )
+
+
+def picklable(error: BaseException) -> BaseException:
+    """``error`` itself when it survives pickling, else a RuntimeError with its repr."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(repr(error))
+    return error
