@@ -5,7 +5,8 @@ matmul rate), ``tests`` (pytest on tests/platforms/cuda and the conformance kit,
 subprocesses), ``e2e`` (greedy tokens against transformers on the same random weights),
 ``C`` (workload C, with its roofline ceiling), ``A`` (random 1024 -> 128), ``latency``
 (128 -> 256 at batch 1 and 32), ``attention`` (decode attention bandwidth), ``vllm``
-(vLLM on the same workloads, see benchmarks/gpu/vllm_runs.py). Results go to
+(vLLM on the same workloads, see benchmarks/gpu/vllm_runs.py), ``serve`` (kvplane's and
+vLLM's servers side by side, driven by both clients: benchmarks/gpu/serve_compare.py). Results go to
 ``$OUT/gpu_suite.json`` (rewritten after every section) and ``$OUT/gpu_suite.log``.
 
     python3 benchmarks/gpu_suite.py                      # default sections, both models
@@ -35,8 +36,8 @@ from benchmarks.gpu import summary
 from benchmarks.gpu.common import EngineCache, Suite, Tee, bootstrap_kvplane
 from benchmarks.gpu.vllm_runs import ALL_RUNS, DEFAULT_RUNS
 
-SECTIONS = ("env", "tests", "e2e", "C", "A", "latency", "attention", "vllm")
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("env", "tests", "e2e", "C", "A", "latency", "attention", "vllm", "serve")
+DEFAULT_SECTIONS = SECTIONS[:-2]
 DEFAULT_MODELS = ("qwen3-0.6b", "llama-3-8b")
 
 
@@ -123,11 +124,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help="an earlier gpu_suite.json whose kvplane figures the vLLM ratios use",
     )
+    serve = parser.add_argument_group("serve: kvplane's and vLLM's servers, both clients")
+    serve.add_argument("--serve-model", default="/tmp/models/qwen3-0.6b")
+    serve.add_argument("--serve-rates", default="inf,40", help="request rates, in order")
+    serve.add_argument("--serve-runs", type=int, default=3, help="rounds per rate")
+    serve.add_argument("--serve-prompts", type=int, default=500)
+    serve.add_argument(
+        "--serve-seconds", type=float, default=360.0, help="start no round after S seconds"
+    )
     args = parser.parse_args(argv)
 
     if args.sections in (None, "all"):
         auto_vllm = args.sections == "all" or importlib.util.find_spec("vllm") is not None
-        args.sections = list(SECTIONS if auto_vllm else DEFAULT_SECTIONS)
+        args.sections = list(SECTIONS[:-1] if auto_vllm else DEFAULT_SECTIONS)
     else:
         args.sections = _split(args.sections)
     if args.vllm and "vllm" not in args.sections:
@@ -138,6 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.models = _split(args.models)
     args.vllm_runs = _split(args.vllm_runs)
     args.attention_backends = _split(args.attention_backends)
+    args.serve_rates = _split(args.serve_rates)
     return args
 
 
@@ -173,7 +183,15 @@ def run_section(suite: Suite, name: str, fn: Callable[[], Any], model: str | Non
 
 
 def run_all(suite: Suite) -> None:
-    from benchmarks.gpu import attention_bw, e2e, env, tests_run, vllm_runs, workloads
+    from benchmarks.gpu import (
+        attention_bw,
+        e2e,
+        env,
+        serve_compare,
+        tests_run,
+        vllm_runs,
+        workloads,
+    )
 
     args, wanted = suite.args, suite.args.sections
     suite.engines = EngineCache(suite)
@@ -196,6 +214,8 @@ def run_all(suite: Suite) -> None:
         plan.append(("attention", lambda: attention_bw.run_attention(suite), None))
     if "vllm" in wanted:
         plan.append(("vllm", lambda: vllm_runs.run_vllm(suite), None))
+    if "serve" in wanted:
+        plan.append(("serve", lambda: serve_compare.run_serve(suite), None))
     for index, (name, fn, model) in enumerate(plan):
         run_section(suite, name, fn, model)
         upcoming = {step[0] for step in plan[index + 1 :]}

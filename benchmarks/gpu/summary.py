@@ -148,7 +148,16 @@ def _vllm(result: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _serve(result: dict[str, Any]) -> str:
+    lines = []
+    for key, figures in result["medians"].items():
+        shown = ", ".join(f"{name} {value:,.3g}" for name, value in figures.items())
+        lines.append(f"{key}: {shown}")
+    return "\n".join(lines)
+
+
 _FIGURES: dict[str, Callable[[dict[str, Any]], str]] = {
+    "serve": _serve,
     "env": _env,
     "tests": _tests,
     "e2e": _e2e,
