@@ -2,7 +2,8 @@
 # Set up (scripts/setup.sh) and run every test: lint and type checks, the repository's
 # tests, the template plugin's tests, and the conformance kit against the cpu platform,
 # the template platform and the CUDA platform emulated on the CPU (its Triton kernels in
-# Triton's interpreter).
+# Triton's interpreter). The suite runs on two workers (pytest-xdist, a file per worker at
+# a time); the tests marked serial (latency and load) run alone afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,5 +13,6 @@ PY=.venv/bin/python
 .venv/bin/mypy core/src platforms/cpu/src platforms/cuda/src plugins_template/src
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider
-$PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cuda --kvplane-emulate -p no:cacheprovider
-$PY -m pytest -q --durations=25 tests plugins_template/tests
+$PY -m pytest -q -n 2 --pyargs kvplane.testing --kvplane-platform cuda --kvplane-emulate -p no:cacheprovider
+$PY -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=25 tests plugins_template/tests
+$PY -m pytest -q -m serial --durations=10 tests

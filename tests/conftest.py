@@ -17,3 +17,32 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
     from kvplane_cuda.emulation import patch_interpreter_loop_bounds
 
     patch_interpreter_loop_bounds()
+
+
+#: Files that take a minute or more on a 2-core machine. They are collected first, so
+#: that the two workers of scripts/test.sh (pytest-xdist, a file at a time) start them
+#: early and finish together instead of one worker running them alone at the end.
+LONG_FILES = (
+    "tests/platforms/cuda/test_cuda_graph_engine.py",
+    "tests/core/engine/test_async_scheduling.py",
+    "tests/core/engine/test_greedy_matches_transformers.py",
+    "tests/platforms/cuda/test_cuda_decode_attention.py",
+    "tests/core/engine/test_engine_features.py",
+    "tests/core/structured/test_structured_generate.py",
+    "tests/core/server/test_chat.py",
+    "tests/core/server/test_chat_forced_calls.py",
+    "tests/core/server/test_openapi.py",
+    "tests/core/server/test_fuzz.py",
+    "tests/benchmarks/test_gpu_suite_smoke.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    def rank(item: object) -> int:
+        path = str(getattr(item, "path", ""))
+        for index, name in enumerate(LONG_FILES):
+            if path.endswith(name):
+                return index
+        return len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file and among the rest is kept

@@ -67,8 +67,9 @@ def run(llm: LLM, params: list[SamplingParams]) -> list:
 
 
 @pytest.fixture(scope="module")
-def engines() -> tuple[LLM, LLM]:
-    return make_llm(async_scheduling=False), make_llm(async_scheduling=True)
+def engines(smollm_llm: LLM) -> tuple[LLM, LLM]:
+    """The session's engine (step by step on the cpu platform) and an overlapping one."""
+    return smollm_llm, make_llm(async_scheduling=True)
 
 
 def test_same_outputs_as_step_by_step(engines: tuple[LLM, LLM]) -> None:

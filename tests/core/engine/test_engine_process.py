@@ -147,7 +147,7 @@ def test_a_killed_engine_process_ends_every_stream(model_dir: Path) -> None:
     died = threading.Event()
     errors: list[BaseException] = []
     llm.on_death(lambda error: (errors.append(error), died.set()))
-    long = SamplingParams(temperature=0.0, max_tokens=4000, ignore_eos=True, detokenize=False)
+    long = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True, detokenize=False)
     try:
 
         async def killed_midway() -> list[Any]:

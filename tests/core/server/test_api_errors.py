@@ -296,3 +296,17 @@ def test_an_unexpected_error_leaves_the_connection_usable(
         "kvplane:http_request_errors_total", {**labels, "error": "exception"}
     )
     assert after == (before or 0) + 3
+
+
+def test_prompt_and_max_tokens_past_the_context_is_a_400(http: httpx2.Client) -> None:
+    too_many = MAX_MODEL_LEN - 2  # 3 prompt tokens + 62 > 64
+    response = http.post(COMPLETIONS, json=_completion(max_tokens=too_many))
+    _expect_400(response, "max_tokens")
+    assert response.json()["error"]["message"] == (
+        f"This model's maximum context length is {MAX_MODEL_LEN} tokens. However, you "
+        f"requested {too_many + 3} tokens (3 in the prompt, {too_many} in the completion). "
+        "Please reduce the length of the prompt or completion."
+    )
+    # Exactly the context: not refused for its length (the stub engine then fails it).
+    fits = http.post(COMPLETIONS, json=_completion(max_tokens=MAX_MODEL_LEN - 3))
+    assert fits.status_code != 400, fits.text

@@ -172,13 +172,18 @@ def test_a_killed_engine_process_ends_streams_and_the_server(tmp_path: Path) -> 
     try:
 
         async def killed_midway() -> list[dict[str, Any]]:
-            async with httpx2.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http:
-                stream = asyncio.create_task(
-                    stream_events(http, completion([1, 2, 3], 4000, ignore_eos=True))
-                )
-                await asyncio.sleep(1.0)  # tokens are streaming
-                os.kill(engine_process_of(server), signal.SIGKILL)
-                return await stream
+            body = completion([1, 2, 3], 505, ignore_eos=True, stream=True)
+            events: list[dict[str, Any]] = []
+            async with (
+                httpx2.AsyncClient(base_url=server.url, timeout=TIMEOUT) as http,
+                http.stream("POST", "/v1/completions", json=body) as response,
+            ):
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        events.append(json.loads(line.removeprefix("data: ")))
+                        if len(events) == 1:  # tokens are streaming: kill the engine
+                            os.kill(engine_process_of(server), signal.SIGKILL)
+            return events
 
         events = asyncio.run(asyncio.wait_for(killed_midway(), TIMEOUT))
         assert any("choices" in e for e in events)

@@ -28,9 +28,9 @@ ARGS = [
     "dummy",
     "--skip-tokenizer-init",
     "--max-model-len",
-    "256",
+    "1024",
     "--kv-cache-memory-bytes",
-    str(48 * 2**20),
+    str(96 * 2**20),
     "--max-num-seqs",
     "2",
     "--max-waiting-requests",
@@ -52,8 +52,9 @@ def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPro
         process.stop()
 
 
-#: Far more tokens than any machine makes in the grace period (or before a test looks).
-ENDLESS = 2000
+#: Far more tokens than any machine makes in the grace period (or before a test looks),
+#: and with the prompt within the context.
+ENDLESS = 1000
 
 
 def _long(client: openai.AsyncOpenAI, max_tokens: int = ENDLESS) -> object:

@@ -25,7 +25,7 @@ import pytest
 from kvplane.testing.models import save_random_model, tiny_llama_config
 from tests.core.server.conftest import ServerProcess
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 MODEL = "tiny"
 MAX_MODEL_LEN = 32768

@@ -19,7 +19,7 @@ import pytest
 from kvplane.testing.models import save_random_model, tiny_llama_config
 from tests.core.server.conftest import ServerProcess, metrics, wait_for_metrics
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 MODEL = "tiny"
 #: The issue's figures: streams served at once, and streams cut after their first events.

@@ -119,11 +119,20 @@ def generate(model_dir: Path, platform: str, **options: object) -> list[list[int
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
+@pytest.fixture(scope="module")
+def eager(model_dir: Path, platform: str) -> list[list[int]]:
+    """Tokens without graphs (overlapped steps give the same: test_async_scheduling.py)."""
+    return generate(model_dir, platform, enforce_eager=True, async_scheduling=False)
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_replayed_steps_give_the_eager_tokens(
-    model_dir: Path, platform: str, runners: list[ReplayingRunner], async_scheduling: bool
+    model_dir: Path,
+    platform: str,
+    runners: list[ReplayingRunner],
+    eager: list[list[int]],
+    async_scheduling: bool,
 ) -> None:
-    eager = generate(model_dir, platform, enforce_eager=True, async_scheduling=async_scheduling)
     graphed = generate(model_dir, platform, async_scheduling=async_scheduling)
     assert graphed == eager
     decode_runner, mixed_runner = runners[-2:]
@@ -135,9 +144,8 @@ def test_replayed_steps_give_the_eager_tokens(
 
 
 def test_decode_graphs_alone_when_mixed_capture_is_off(
-    model_dir: Path, platform: str, runners: list[ReplayingRunner]
+    model_dir: Path, platform: str, runners: list[ReplayingRunner], eager: list[list[int]]
 ) -> None:
-    eager = generate(model_dir, platform, enforce_eager=True)
     num_runners = len(runners)
     graphed = generate(model_dir, platform, max_mixed_graph_tokens=0)
     assert graphed == eager

@@ -47,6 +47,10 @@ async def create_chat_completion(
         body.chat_template_kwargs,
     )
     state.check_prompt(prompt, "messages")
+    if body.max_completion_tokens:
+        state.check_max_tokens(prompt, body.max_completion_tokens, "max_completion_tokens")
+    else:
+        state.check_max_tokens(prompt, body.max_tokens, "max_tokens")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
     if (body.top_logprobs or 0) > state.settings.max_logprobs:

@@ -43,6 +43,7 @@ async def create_completion(
     prompts = await _prompts(state, body)
     for token_ids in prompts:
         state.check_prompt(token_ids, "prompt")
+        state.check_max_tokens(token_ids, body.max_tokens, "max_tokens")
     prompt_logprobs = body.prompt_logprobs
     if body.echo and body.logprobs is not None:
         prompt_logprobs = body.logprobs  # echoed prompt tokens carry logprobs too

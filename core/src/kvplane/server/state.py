@@ -112,6 +112,19 @@ class ServerState:
             raise bad_request("the prompt is empty", param)
         check_num_tokens(len(token_ids), self.max_model_len, param)
 
+    def check_max_tokens(self, token_ids: list[int], max_tokens: int | None, param: str) -> None:
+        """400 when the prompt and ``max_tokens`` together exceed the context (as vLLM);
+        without ``max_tokens`` the output may run to the end of the context."""
+        if max_tokens is None or len(token_ids) + max_tokens <= self.max_model_len:
+            return
+        raise bad_request(
+            f"This model's maximum context length is {self.max_model_len} tokens. However, "
+            f"you requested {len(token_ids) + max_tokens} tokens ({len(token_ids)} in the "
+            f"prompt, {max_tokens} in the completion). Please reduce the length of the prompt "
+            "or completion.",
+            param,
+        )
+
     def check_capacity(self) -> None:
         """503 when the engine is gone or the waiting queue is at its limit."""
         if not self.engine.is_running:
