@@ -3,7 +3,8 @@
 # tests, the template plugin's tests, and the conformance kit against the cpu platform,
 # the template platform and the CUDA platform emulated on the CPU (its Triton kernels in
 # Triton's interpreter). The suite runs on two workers (pytest-xdist, a file per worker at
-# a time); the tests marked serial (latency and load) run alone afterwards.
+# a time, in collection order: tests/conftest.py puts the long files first); the tests
+# marked serial (latency and load) run alone afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,5 +15,5 @@ PY=.venv/bin/python
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider
 $PY -m pytest -q -n 2 --pyargs kvplane.testing --kvplane-platform cuda --kvplane-emulate -p no:cacheprovider
-$PY -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=25 tests plugins_template/tests
+$PY -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=25 tests plugins_template/tests
 $PY -m pytest -q -m serial --durations=10 tests

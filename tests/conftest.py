@@ -20,8 +20,9 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 
 
 #: Files that take a minute or more on a 2-core machine. They are collected first, so
-#: that the two workers of scripts/test.sh (pytest-xdist, a file at a time) start them
-#: early and finish together instead of one worker running them alone at the end.
+#: that the two workers of scripts/test.sh (pytest-xdist, a file at a time, in collection
+#: order: ``--no-loadscope-reorder``, since xdist would otherwise start the files with the
+#: most tests first) start them early instead of one worker running them alone at the end.
 LONG_FILES = (
     "tests/platforms/cuda/test_cuda_graph_engine.py",
     "tests/core/engine/test_async_scheduling.py",
