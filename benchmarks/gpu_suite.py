@@ -71,8 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     engine = parser.add_argument_group("engine (C, A, latency)")
     engine.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    engine.add_argument("--max-num-seqs", type=int, default=256)
-    engine.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    engine.add_argument("--max-num-seqs", type=int, default=None, help="default: the engine's")
+    engine.add_argument(
+        "--max-num-batched-tokens", type=int, default=None, help="default: the engine's"
+    )
     engine.add_argument(
         "--max-model-len", type=int, default=4096, help="4096, as vllm_nano.py sets for vLLM"
     )

@@ -91,12 +91,16 @@ def run_serve(suite: Suite) -> dict[str, Any]:
                     break
                 for server, port in ports.items():
                     path = out / f"serve_vllmclient_{server}_{rate}_{round_index}.json"
-                    result = _vllm_client(port, rate, args.serve_prompts, path, vllm_env, model)
+                    result = _client_run(
+                        _vllm_client, port, rate, args.serve_prompts, path, vllm_env, model
+                    )
                     runs.append({"client": "vllm", "server": server, "rate": rate, **result})
                     print(f"[serve] vllm client -> {server}, rate {rate}: {result}", flush=True)
                 for server, port in ports.items():
                     path = out / f"serve_kvclient_{server}_{rate}_{round_index}.json"
-                    result = _kvplane_client(port, rate, args.serve_prompts, path, model)
+                    result = _client_run(
+                        _kvplane_client, port, rate, args.serve_prompts, path, model
+                    )
                     runs.append({"client": "kvplane", "server": server, "rate": rate, **result})
                     print(f"[serve] kvplane client -> {server}, rate {rate}: {result}", flush=True)
         return {"runs": runs, "medians": _medians(runs)}
@@ -135,6 +139,19 @@ def _start(name: str, command: list[str], env: dict[str, str], port: int, out: P
     raise RuntimeError(f"{name} server not up in 400 s")
 
 
+def _client_run(client: Any, *client_args: Any) -> dict[str, Any]:
+    """One client run; a failed run is recorded with its output's tail, and the rounds go on."""
+    try:
+        return dict(client(*client_args))
+    except subprocess.CalledProcessError as error:
+        tail = (error.stderr or b"")[-2000:].decode(errors="replace")
+        print(f"[serve] client failed: {tail}", flush=True)
+        return {"error": f"exit {error.returncode}: {tail}"}
+    except (subprocess.TimeoutExpired, OSError, ValueError, KeyError) as error:
+        print(f"[serve] client failed: {error!r}", flush=True)
+        return {"error": repr(error)}
+
+
 def _vllm_client(
     port: int, rate: str, num_prompts: int, path: Path, env: dict[str, str], model: str
 ) -> dict[str, float]:
@@ -166,6 +183,8 @@ def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of each figure per (client, server, rate), and kvplane / vLLM ratios."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
+        if "error" in run:
+            continue
         groups.setdefault((run["client"], run["server"], run["rate"]), []).append(run)
     medians: dict[str, Any] = {}
     for (client, server, rate), group in groups.items():

@@ -55,7 +55,7 @@ def _prepare(suite: Suite, model: str) -> tuple[Any, dict[str, Any], float]:
     llm, info = suite.engines.get(model)
     if "warmup_seconds" not in info:
         vocab = llm.engine.model_config.hf_config.vocab_size
-        num_seqs = min(info["max_num_seqs"], 256 if suite.is_cuda else 8)
+        num_seqs = min(info["max_num_seqs"], 512 if suite.is_cuda else 8)
         info["warmup_seconds"] = warm_up(llm, num_seqs, vocab, 1024 if suite.is_cuda else 64)
     return llm, info, info["warmup_seconds"]
 

@@ -20,6 +20,18 @@ DTYPES: dict[str, torch.dtype] = {
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 
 
+#: Fields set by the program that builds the engine, not by flags or environment variables.
+INTERNAL_FIELDS = ("usage",)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """Most sequences in one step, and most new tokens in one step."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Options of one engine. Validated on construction (``ValueError`` on bad values).
@@ -44,8 +56,10 @@ class EngineConfig:
     load_format: str = "auto"
     tokenizer: str | None = None
     block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
+    #: Batch limits; None: the device's defaults (:mod:`kvplane.engine.batch_limits`),
+    #: filled in when the engine starts.
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     gpu_memory_utilization: float | None = None
@@ -74,6 +88,9 @@ class EngineConfig:
     #: it on a thread of the server's process. The offline ``LLM`` always runs it in the
     #: caller's.
     engine_process: bool = True
+    #: "offline" (whole batches: ``LLM``, the benchmarks) or "online" (requests as they
+    #: come: ``kvplane serve`` sets it); picks the default batch limits.
+    usage: str = "offline"
 
     def __post_init__(self) -> None:
         if self.emulate is not None and self.device is not None:
@@ -86,9 +103,9 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.max_num_seqs < 1:
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
@@ -108,7 +125,15 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_memory_bytes must be positive, got {self.kv_cache_memory_bytes}"
             )
+        if self.usage not in ("offline", "online"):
+            raise ValueError(f"usage must be 'offline' or 'online', got {self.usage!r}")
         self._check_generation_config()
+
+    def batch_limits(self) -> BatchLimits:
+        """The batch limits, once the engine has filled in the device's defaults."""
+        if self.max_num_seqs is None or self.max_num_batched_tokens is None:
+            raise RuntimeError("batch limits not resolved yet: the engine fills them in")
+        return BatchLimits(self.max_num_seqs, self.max_num_batched_tokens)
 
     def _check_generation_config(self) -> None:
         # A bad path or key fails here, before the weights load, not at engine start.

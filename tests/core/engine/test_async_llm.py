@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvplane import AsyncLLM, EngineConfig, SamplingParams
+from kvplane.config import BatchLimits
 from kvplane.testing.models import save_random_model, tiny_llama_config
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, min_tokens=12, detokenize=False)
@@ -38,6 +39,11 @@ async def collect(engine: AsyncLLM, prompt: list[int], request_id: str) -> list[
         final = output
     assert final is not None and final.finished
     return list(final.outputs[0].token_ids)
+
+
+def test_config_has_the_engines_batch_limits(engine: AsyncLLM) -> None:
+    # Filled in where the engine starts (the child process) and sent back with Ready.
+    assert engine.config.batch_limits() == BatchLimits(256, 8192)
 
 
 def test_concurrent_streams_match_sequential(engine: AsyncLLM) -> None:

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from kvplane.cli.main import build_parser
 from kvplane.cli.serve import run
-from kvplane.config import EngineConfig
+from kvplane.config import INTERNAL_FIELDS, EngineConfig
 from kvplane.server.settings import DEFAULT_MODEL_NAME, ServerOptions, ServerSettings
 
 
@@ -34,6 +34,7 @@ def test_every_engine_and_server_option_is_a_flag_and_a_setting() -> None:
         for action in build_parser()._subparsers._group_actions[0].choices["serve"]._actions  # type: ignore[union-attr]
     }
     engine_fields = {field.name for field in dataclasses.fields(EngineConfig)}
+    engine_fields -= set(INTERNAL_FIELDS)
     server_fields = set(ServerOptions.model_fields)
     assert engine_fields | server_fields <= parser_dests
     assert engine_fields | server_fields == set(ServerSettings.model_fields)
@@ -64,6 +65,7 @@ def test_flags_win_over_environment_over_defaults(monkeypatch: pytest.MonkeyPatc
     assert settings.model_names() == ["one", "two"]
     config = settings.engine_config()
     assert config.max_num_seqs == 3 and config.enable_prefix_caching is False
+    assert config.usage == "online"  # a server's engine: the online batch limits
 
 
 def test_model_names_default_to_the_model_given() -> None:

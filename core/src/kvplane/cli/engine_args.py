@@ -14,7 +14,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, get_type_hints
 
-from kvplane.config import EngineConfig
+from kvplane.config import INTERNAL_FIELDS, EngineConfig
 
 #: Help text per option (the field name is the key).
 _HELP = {
@@ -27,8 +27,11 @@ _HELP = {
     "load_format": "auto (read weights) or dummy (random weights, config only)",
     "tokenizer": "tokenizer directory, if not the model's",
     "block_size": "tokens per KV-cache block",
-    "max_num_seqs": "most sequences in one step",
-    "max_num_batched_tokens": "token budget of one step (chunked prefill beyond it)",
+    "max_num_seqs": "most sequences in one step (default: 1024 on a device of 70 GiB or "
+    "more, else 256)",
+    "max_num_batched_tokens": "token budget of one step, chunked prefill beyond it (default: "
+    "16384 offline and 8192 served on a device of 70 GiB or more, 8192 and 2048 on a smaller "
+    "one, 8192 on the CPU)",
     "max_model_len": "context length (default: the model's)",
     "enable_prefix_caching": "reuse KV blocks of shared prompt prefixes",
     "gpu_memory_utilization": "fraction of device memory for weights, activations and KV",
@@ -67,7 +70,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
     group = parser.add_argument_group("engine options")
     hints = get_type_hints(EngineConfig)
     for field in dataclasses.fields(EngineConfig):
-        if field.name in skip:
+        if field.name in skip or field.name in INTERNAL_FIELDS:
             continue
         flag = "--" + field.name.replace("_", "-")
         help_text = _HELP.get(field.name, "")

@@ -179,6 +179,7 @@ class EngineProcessClient(EngineClientBase):
         tokenizer = _TokenizerLoader(config)  # meanwhile: building one can take seconds
         ready = self._wait_until_ready()
         super().__init__(commands, ready.stats)
+        self.config = ready.config
         self.model_config = ready.model_config
         self.tokenizer = tokenizer.result(ready.model_config.source)
         self._closing = False

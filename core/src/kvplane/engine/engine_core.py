@@ -61,6 +61,8 @@ class Shutdown:
 class Ready:
     """The engine has loaded; what the client side needs to serve (tokenizer loaded there)."""
 
+    #: The options with the device's defaults filled in (batch limits).
+    config: EngineConfig
     model_config: ModelConfig
     stats: SchedulerStats
 
@@ -145,7 +147,7 @@ def run_engine_core(
 
         outputs.send(StartFailed(picklable(error), traceback.format_exc()))
         sys.exit(1)
-    outputs.send(Ready(engine.model_config, engine.stats()))
+    outputs.send(Ready(engine.config, engine.model_config, engine.stats()))
     try:
         EngineCoreLoop(engine, commands, outputs.send).run()
     except (EOFError, BrokenPipeError, ConnectionResetError):

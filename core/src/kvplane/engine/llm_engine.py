@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from kvplane.config import EngineConfig
+from kvplane.engine.batch_limits import with_batch_limits
 from kvplane.engine.fault_isolation import FaultIsolation, request_id_of
 from kvplane.engine.kv_sizing import num_kv_blocks
 from kvplane.engine.model_runner import ModelRunner, PendingStep, StepResult
@@ -56,9 +57,11 @@ class LLMEngine:
     """
 
     def __init__(self, config: EngineConfig) -> None:
-        self.config = config
         emulate = (config.emulate,) if config.emulate else ()
         self.platform = select_platform(config.device or config.emulate, emulate=emulate)
+        #: The options as given, with the device's batch limits filled in.
+        self.config = config = with_batch_limits(config, self.platform)
+        limits = config.batch_limits()
         self.model_config = resolve_model_config(config, self.platform)
         has_tokenizer = self.model_config.source.has_files or config.tokenizer is not None
         if not has_tokenizer and not config.skip_tokenizer_init:
@@ -101,8 +104,8 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_num_seqs=limits.max_num_seqs,
+                max_num_batched_tokens=limits.max_num_batched_tokens,
                 max_model_len=self.model_config.max_model_len,
                 enable_prefix_caching=config.enable_prefix_caching,
                 block_size=config.block_size,
@@ -333,11 +336,13 @@ class LLMEngine:
         """Wait for a launched step's tokens and process them; if it failed, the step
         launched after it (``self._in_flight``) is dropped with it."""
         output, launched = in_flight
-        with self.runner.timer.phase("update"):
+        timer = self.runner.timer
+        with timer.phase("wait"):
             try:
                 result = launched.result()  # waits for the device
             except Exception as error:
                 return self._recover(error, output)
+        with timer.phase("update"):
             for request_id, token_id in result.sampled_token_ids.items():
                 request = self.scheduler.get_request(request_id)
                 if request is not None:  # else finished or aborted since

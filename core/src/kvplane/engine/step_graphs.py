@@ -80,11 +80,12 @@ def mixed_bucket_sizes(max_num_batched_tokens: int, max_tokens: int) -> tuple[in
 
 def graph_families(config: EngineConfig) -> list[tuple[type[StepGraphs], tuple[int, ...]]]:
     """The graph families ``config`` asks for, each with its buckets (none when empty)."""
+    limits = config.batch_limits()
     families: list[tuple[type[StepGraphs], tuple[int, ...]]] = [
-        (DecodeGraphs, decode_bucket_sizes(config.max_num_seqs)),
+        (DecodeGraphs, decode_bucket_sizes(limits.max_num_seqs)),
         (
             MixedGraphs,
-            mixed_bucket_sizes(config.max_num_batched_tokens, config.max_mixed_graph_tokens),
+            mixed_bucket_sizes(limits.max_num_batched_tokens, config.max_mixed_graph_tokens),
         ),
     ]
     return [(graphs_class, sizes) for graphs_class, sizes in families if sizes]

@@ -2,9 +2,11 @@
 
 Off by default (one attribute test per phase); ``kvplane bench throughput`` and the GPU
 suite turn it on. Phases: ``schedule``, ``prepare`` (inputs), ``forward`` and ``sample``
-(launching the work) and ``update`` (processing the sampled tokens). With overlapped steps
-``update`` also holds the wait for the previous step's tokens; step by step, that wait
-falls between the phases, and every phase is time the device sits idle.
+(launching the work), ``wait`` (overlapped steps: waiting for the previous step's tokens,
+the time the host has nothing to do) and ``update`` (processing the sampled tokens).
+Step by step, the wait for the tokens falls between the phases, and every phase is time
+the device sits idle; overlapped, the host phases are on the device's critical path only
+where ``wait`` is near zero.
 """
 
 from __future__ import annotations

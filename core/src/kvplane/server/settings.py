@@ -14,7 +14,7 @@ from typing import Annotated, Any, get_type_hints
 from pydantic import Field, create_model, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kvplane.config import EngineConfig
+from kvplane.config import INTERNAL_FIELDS, EngineConfig
 from kvplane.models.source import DEFAULT_MODEL_NAME
 
 #: Prefix of the environment variables (``KVPLANE_PORT``, ``KVPLANE_MAX_NUM_SEQS``...).
@@ -71,9 +71,11 @@ class ServerOptions(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The engine options as an :class:`EngineConfig` (``ValueError`` if invalid)."""
         values = {
-            field.name: getattr(self, field.name) for field in dataclasses.fields(EngineConfig)
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(EngineConfig)
+            if field.name not in INTERNAL_FIELDS
         }
-        return EngineConfig(**values)
+        return EngineConfig(**values, usage="online")
 
     def model_names(self) -> list[str]:
         """Names the server answers to; the first is the one it reports."""
@@ -86,7 +88,9 @@ class ServerOptions(BaseSettings):
 def _engine_fields() -> dict[str, Any]:
     hints = get_type_hints(EngineConfig)
     return {
-        field.name: (hints[field.name], field.default) for field in dataclasses.fields(EngineConfig)
+        field.name: (hints[field.name], field.default)
+        for field in dataclasses.fields(EngineConfig)
+        if field.name not in INTERNAL_FIELDS
     }
 
 

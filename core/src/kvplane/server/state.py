@@ -67,7 +67,7 @@ class ServerState:
             tokenizer=None if tokenizer is None else copy.deepcopy(tokenizer),
             tokenizer_pool=None if tokenizer is None else TokenizerPool(tokenizer, max_model_len),
             max_model_len=max_model_len,
-            max_num_seqs=engine.config.max_num_seqs,
+            max_num_seqs=engine.config.batch_limits().max_num_seqs,
             metrics=ServerMetrics(names[0], engine.stats),
             chat_template=_read_template(settings.chat_template),
             sampling_defaults=engine.model_config.sampling_defaults,
