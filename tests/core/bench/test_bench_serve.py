@@ -57,3 +57,14 @@ def test_serve_json_counts_and_rates(tiny_server: tuple[ServerProcess, Path], tm
         assert result[field] >= 0.0
     assert result["mean_ttft_ms"] <= result["mean_e2el_ms"]
     assert plot.stat().st_size > 10_000
+
+
+def test_streamed_tokens_follow_the_chunks_not_the_finishes() -> None:
+    from kvplane.bench.serve import StreamResult, streamed_tokens
+
+    first = StreamResult(success=True, output_tokens=4, start=10.0, chunk_times=[0.5, 1, 2, 3])
+    # Two chunks for 4 tokens (text held back once): 2 tokens each.
+    second = StreamResult(success=True, output_tokens=4, start=11.0, chunk_times=[0.25, 4])
+    points = streamed_tokens([first, second])
+    assert points == [(0.5, 1), (1, 2), (1.25, 4), (2, 5), (3, 6), (5, 8)]
+    assert streamed_tokens([]) == []

@@ -15,8 +15,7 @@ import pytest
 
 from kvplane.config import EngineConfig
 from kvplane.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
-from kvplane.engine.engine_core import DeltaTracker, apply_delta
-from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.engine.outputs import RequestOutput
 from kvplane.sampling.params import SamplingParams
 from kvplane.testing.models import save_random_model, tiny_llama_config
 
@@ -172,24 +171,3 @@ def test_shutdown_stops_the_process(model_dir: Path) -> None:
     llm.shutdown()
     assert process.exitcode == 0
     assert not llm.is_running
-
-
-def completion(text: str, token_ids: list[int], finish: str | None = None) -> CompletionOutput:
-    return CompletionOutput(0, text, token_ids, None, None, finish_reason=finish)
-
-
-def test_deltas_carry_a_text_that_was_cut_back() -> None:
-    """A held-back tail dropped at a stop string: the rebuilt text is the engine's."""
-    snapshots = [
-        completion("Hello", [1]),
-        completion("Hello wor", [1, 2]),
-        completion("Hello", [1, 2, 3], finish="stop"),  # " wor" + "ld" hit stop " world"
-    ]
-    tracker = DeltaTracker()
-    rebuilt = RequestOutput("r", None, [9], None, [completion("", [])], False)
-    for snapshot in snapshots:
-        output = RequestOutput("r", None, [9], None, [snapshot], snapshot.finished)
-        rebuilt = apply_delta(rebuilt, tracker.delta(output))
-        assert rebuilt.outputs[0].text == snapshot.text
-        assert rebuilt.outputs[0].token_ids == snapshot.token_ids
-    assert rebuilt.finished

@@ -31,6 +31,8 @@ class StreamResult:
     latency: float = 0.0
     start: float = 0.0
     itl: list[float] = field(default_factory=list)
+    #: When each chunk with text arrived, in seconds from ``start``.
+    chunk_times: list[float] = field(default_factory=list)
     error: str = ""
 
 
@@ -68,6 +70,7 @@ async def _stream_one(
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
                 now = time.perf_counter()
+                result.chunk_times.append(now - started)
                 if result.ttft == 0.0:
                     result.ttft = now - started
                 else:
@@ -179,16 +182,11 @@ def plot_serve(results: list[StreamResult], metrics: dict[str, Any], path: str) 
         axis.hist(values, bins=40, color="#3b6ea5")
         axis.set_title(title)
         axis.set_ylabel("requests" if "ITL" not in title else "gaps")
-    origin = min((r.start for r in done), default=0.0)
-    finish_times = sorted((r.start - origin + r.latency, r.output_tokens) for r in done)
     axis = axes.flat[4]
-    tokens, points = 0, []
-    for finish, count in finish_times:
-        tokens += count
-        points.append((finish, tokens))
+    points = streamed_tokens(done)
     if points:
         axis.plot([p[0] for p in points], [p[1] for p in points], color="#a53b3b")
-    axis.set_title(f"output tokens done (throughput {metrics['output_throughput']:.0f} tok/s)")
+    axis.set_title(f"output tokens streamed (throughput {metrics['output_throughput']:.0f} tok/s)")
     axis.set_xlabel("seconds")
     axes.flat[5].axis("off")
     axes.flat[5].text(
@@ -206,3 +204,21 @@ def plot_serve(results: list[StreamResult], metrics: dict[str, Any], path: str) 
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def streamed_tokens(results: list[StreamResult]) -> list[tuple[float, float]]:
+    """``(seconds since the first request started, output tokens received so far)`` at
+    each chunk's arrival; a request's tokens (its usage) are spread over its chunks, since
+    a chunk may hold several tokens when text was held back."""
+    origin = min((r.start for r in results), default=0.0)
+    arrivals = sorted(
+        (r.start - origin + offset, r.output_tokens / len(r.chunk_times))
+        for r in results
+        if r.chunk_times
+        for offset in r.chunk_times
+    )
+    points, tokens = [], 0.0
+    for seconds, count in arrivals:
+        tokens += count
+        points.append((seconds, tokens))
+    return points

@@ -28,13 +28,12 @@ from kvplane.engine.engine_core import (
     Shutdown,
     StartFailed,
     StepOutputs,
-    apply_delta,
     run_engine_core,
 )
-from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.engine.outputs import CompletionOutput, RequestOutput, accumulate
 from kvplane.models.config import load_engine_tokenizer
 from kvplane.models.source import ModelSource, resolve_model
-from kvplane.sampling.params import SamplingParams
+from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.scheduler.output import SchedulerStats
 
 if TYPE_CHECKING:
@@ -66,7 +65,9 @@ class EngineClientBase:
         self._sender = threading.Thread(target=self._send_commands, name="kvplane-engine-sender")
         self._sender.daemon = True
         self._sender.start()
-        self._requests: dict[str, RequestOutput] = {}  # cumulative so far, per live request
+        # Per live request: what its outputs hold, and for CUMULATIVE ones the output so far.
+        self._kinds: dict[str, RequestOutputKind] = {}
+        self._cumulative: dict[str, RequestOutput] = {}
         self._streams: AsyncLLM | None = None
 
     def initial_stats(self) -> SchedulerStats:
@@ -94,20 +95,25 @@ class EngineClientBase:
         priority: int,
     ) -> None:
         """Queue a checked request (any thread)."""
-        empty_logprobs: list[Any] | None = [] if params.logprobs is not None else None
-        self._requests[request_id] = RequestOutput(
-            request_id=request_id,
-            prompt=prompt,
-            prompt_token_ids=prompt_token_ids,
-            prompt_logprobs=None,
-            outputs=[CompletionOutput(i, "", [], None, empty_logprobs) for i in range(params.n)],
-            finished=False,
-        )
+        self._kinds[request_id] = params.output_kind
+        if params.output_kind == RequestOutputKind.CUMULATIVE:
+            empty_logprobs: list[Any] | None = [] if params.logprobs is not None else None
+            self._cumulative[request_id] = RequestOutput(
+                request_id=request_id,
+                prompt=prompt,
+                prompt_token_ids=prompt_token_ids,
+                prompt_logprobs=None,
+                outputs=[
+                    CompletionOutput(i, "", [], None, empty_logprobs) for i in range(params.n)
+                ],
+                finished=False,
+            )
         self._send(AddRequest(request_id, prompt_token_ids, prompt, params, priority))
 
     def abort(self, request_id: str) -> None:
         """Queue an abort (any thread); unknown or finished ids are ignored."""
-        if self._requests.pop(request_id, None) is not None:
+        self._cumulative.pop(request_id, None)
+        if self._kinds.pop(request_id, None) is not None:
             self._send(AbortRequest(request_id))
 
     def _send(self, message: object) -> None:
@@ -124,7 +130,7 @@ class EngineClientBase:
                 return  # the loop has gone; its death is reported where it is watched
             except Exception as error:  # it does not pickle: that request fails alone
                 if isinstance(message, AddRequest) and self._streams is not None:
-                    self._requests.pop(message.request_id, None)
+                    self._forget(message.request_id)
                     self._streams.deliver(message.request_id, error)
                 continue
             if isinstance(message, Shutdown):
@@ -134,22 +140,27 @@ class EngineClientBase:
         streams = self._streams
         assert streams is not None
         for request_id, error in message.rejected:
-            self._requests.pop(request_id, None)
+            self._forget(request_id)
             streams.deliver(request_id, error)
-        for delta in message.deltas:
-            previous = self._requests.get(delta.request_id)
-            if previous is None:  # aborted meanwhile
+        for output in message.outputs:
+            request_id = output.request_id
+            kind = self._kinds.get(request_id)
+            if kind is None:  # aborted meanwhile
                 continue
-            output = apply_delta(previous, delta)
+            if kind == RequestOutputKind.CUMULATIVE:
+                output = accumulate(self._cumulative[request_id], output)
+                self._cumulative[request_id] = output
             if output.finished:
-                self._requests.pop(delta.request_id, None)
-            else:
-                self._requests[delta.request_id] = output
+                self._forget(request_id)
             if output.error is None:
-                streams.deliver(delta.request_id, output)
+                streams.deliver(request_id, output)
             else:
-                streams.deliver_failure(delta.request_id, output.error)
+                streams.deliver_failure(request_id, output.error)
         streams.publish_stats(message.stats, message.num_sequences_added)
+
+    def _forget(self, request_id: str) -> None:
+        self._kinds.pop(request_id, None)
+        self._cumulative.pop(request_id, None)
 
 
 class EngineProcessClient(EngineClientBase):

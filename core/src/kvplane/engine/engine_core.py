@@ -4,10 +4,11 @@ The server's process keeps HTTP, tokenization and the streams; this process keep
 model and steps while there is work, so neither waits on the other's Python. Messages
 are pickled dataclasses (below) on two one-way :func:`multiprocessing.Pipe` connections.
 
-Outputs cross as deltas: each :class:`OutputDelta` carries only what a request gained
-since its previous one (the client side rebuilds the cumulative
-:class:`~kvplane.engine.outputs.RequestOutput`), so a step's message grows with the
-number of tokens it made, not with the length of every output so far.
+Outputs cross as deltas: the engine builds a request that asked for cumulative outputs
+as a ``DELTA`` one, each :class:`~kvplane.engine.outputs.RequestOutput` carrying only
+what the request gained since its previous one, and the client side rebuilds the
+cumulative output. A step's message, and the engine's work for it, grow with the number
+of tokens it made, not with the length of every output so far.
 
 Lifetime belongs to the parent: this process ignores SIGINT and SIGTERM (a Ctrl-C in a
 terminal reaches the whole process group, and the server drains before it stops the
@@ -20,14 +21,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 from kvplane.config import EngineConfig
-from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.engine.outputs import RequestOutput
 from kvplane.models.config import ModelConfig
-from kvplane.sampling.params import SamplingParams
+from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.scheduler.output import SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -77,38 +78,12 @@ class StartFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class CompletionDelta:
-    index: int
-    #: The cumulative text is the previous one's first ``text_start`` characters followed
-    #: by ``text`` (``text_start`` is below the previous length when a held-back tail was
-    #: dropped, e.g. at a stop string).
-    text_start: int
-    text: str
-    new_token_ids: list[int]
-    new_logprobs: list[Any] | None
-    cumulative_logprob: float | None
-    finish_reason: str | None
-    stop_reason: int | str | None
-
-
-@dataclass(frozen=True, slots=True)
-class OutputDelta:
-    request_id: str
-    completions: list[CompletionDelta]
-    finished: bool
-    num_cached_tokens: int
-    metrics: dict[str, float]
-    error: str | None
-    #: Sent once, in the first delta after they are known.
-    prompt_logprobs: list[Any] | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class StepOutputs:
     """One step's outputs, the stats after it, and how many sequences (``n`` per request)
     the core took in since its previous message (the client's count of queued ones)."""
 
-    deltas: list[OutputDelta]
+    #: ``DELTA`` outputs, or the final output of a ``FINAL_ONLY`` request.
+    outputs: list[RequestOutput]
     stats: SchedulerStats
     num_sequences_added: int
     #: Requests that could not be added (ValueError and the like), with the error.
@@ -161,7 +136,7 @@ def run_engine_core(
 
 
 class EngineCoreLoop:
-    """Apply commands, step, emit the step's deltas; block only when there is no work.
+    """Apply commands, step, emit the step's outputs; block only when there is no work.
 
     Runs in the engine-core process (``emit`` sends down the outputs pipe) or on a thread
     of the caller's process (``emit`` hands the outputs over directly).
@@ -173,7 +148,6 @@ class EngineCoreLoop:
         self.engine = engine
         self.commands = commands
         self.emit = emit
-        self.deltas = DeltaTracker()
         self._num_added = 0
         self._rejected: list[tuple[str, BaseException]] = []
 
@@ -185,7 +159,7 @@ class EngineCoreLoop:
             step_outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
             self.emit(
                 StepOutputs(
-                    [self.deltas.delta(output) for output in step_outputs],
+                    step_outputs,
                     self.engine.stats(),
                     self._num_added,
                     self._rejected,
@@ -209,9 +183,11 @@ class EngineCoreLoop:
     def _apply(self, command: AddRequest | AbortRequest) -> None:
         if isinstance(command, AbortRequest):
             self.engine.abort_request(command.request_id)
-            self.deltas.forget(command.request_id)
             return
         self._num_added += command.params.n
+        if command.params.output_kind == RequestOutputKind.CUMULATIVE:
+            # The client rebuilds it (the params arrived pickled: a copy of the caller's).
+            command.params.output_kind = RequestOutputKind.DELTA
         try:
             self.engine.add_request(
                 command.request_id,
@@ -221,97 +197,6 @@ class EngineCoreLoop:
             )
         except Exception as error:
             self._rejected.append((command.request_id, picklable(error)))
-
-
-class DeltaTracker:
-    """What each live request's outputs held when last sent, to send only what is new."""
-
-    def __init__(self) -> None:
-        # request id -> per completion: (previous text, tokens sent, logprobs sent)
-        self._sent: dict[str, list[tuple[str, int, int]]] = {}
-        self._prompt_logprobs_sent: set[str] = set()
-
-    def forget(self, request_id: str) -> None:
-        self._sent.pop(request_id, None)
-        self._prompt_logprobs_sent.discard(request_id)
-
-    def delta(self, output: RequestOutput) -> OutputDelta:
-        request_id = output.request_id
-        sent = self._sent.get(request_id) or [("", 0, 0)] * len(output.outputs)
-        completions = []
-        for completion, (text, num_tokens, num_logprobs) in zip(output.outputs, sent, strict=True):
-            completions.append(_completion_delta(completion, text, num_tokens, num_logprobs))
-        prompt_logprobs = None
-        if output.prompt_logprobs is not None and request_id not in self._prompt_logprobs_sent:
-            prompt_logprobs = output.prompt_logprobs
-            self._prompt_logprobs_sent.add(request_id)
-        if output.finished:
-            self.forget(request_id)
-        else:
-            self._sent[request_id] = [
-                (c.text, len(c.token_ids), len(c.logprobs or ())) for c in output.outputs
-            ]
-        return OutputDelta(
-            request_id,
-            completions,
-            output.finished,
-            output.num_cached_tokens,
-            output.metrics,
-            output.error,
-            prompt_logprobs,
-        )
-
-
-def _completion_delta(
-    completion: CompletionOutput, sent_text: str, num_tokens: int, num_logprobs: int
-) -> CompletionDelta:
-    text = completion.text
-    if text.startswith(sent_text):
-        text_start, new_text = len(sent_text), text[len(sent_text) :]
-    else:
-        text_start, new_text = 0, text
-    return CompletionDelta(
-        completion.index,
-        text_start,
-        new_text,
-        completion.token_ids[num_tokens:],
-        None if completion.logprobs is None else completion.logprobs[num_logprobs:],
-        completion.cumulative_logprob,
-        completion.finish_reason,
-        completion.stop_reason,
-    )
-
-
-def apply_delta(previous: RequestOutput, delta: OutputDelta) -> RequestOutput:
-    """The cumulative output after ``delta``: new lists, so outputs already handed out
-    keep their contents."""
-    completions = []
-    for old, new in zip(previous.outputs, delta.completions, strict=True):
-        logprobs = None
-        if new.new_logprobs is not None:
-            logprobs = [*(old.logprobs or ()), *new.new_logprobs]
-        completions.append(
-            CompletionOutput(
-                index=new.index,
-                text=old.text[: new.text_start] + new.text,
-                token_ids=[*old.token_ids, *new.new_token_ids],
-                cumulative_logprob=new.cumulative_logprob,
-                logprobs=logprobs,
-                finish_reason=new.finish_reason,
-                stop_reason=new.stop_reason,
-            )
-        )
-    return replace(
-        previous,
-        prompt_logprobs=(
-            delta.prompt_logprobs if delta.prompt_logprobs is not None else previous.prompt_logprobs
-        ),
-        outputs=completions,
-        finished=delta.finished,
-        num_cached_tokens=delta.num_cached_tokens,
-        metrics=delta.metrics,
-        error=delta.error,
-    )
 
 
 def picklable(error: BaseException) -> BaseException:

@@ -1,7 +1,9 @@
 """Per-request text, logprobs and finish reasons; builds the engine's RequestOutputs.
 
 Runs on the engine's thread after each step. Owns each sequence's incremental
-detokenizer and applies the stop rules of :mod:`kvplane.sampling.stop`.
+detokenizer and applies the stop rules of :mod:`kvplane.sampling.stop`. Outputs are of
+the request's :class:`~kvplane.sampling.params.RequestOutputKind`: a ``DELTA`` output
+costs what is new, whatever the output's length; a ``CUMULATIVE`` one copies it all.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any
 from kvplane.engine.outputs import CompletionOutput, RequestOutput
 from kvplane.sampling.detokenizer import IncrementalDetokenizer
 from kvplane.sampling.logprobs import SampleLogprobs
-from kvplane.sampling.params import SamplingParams
+from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.sampling.stop import FINISH_LENGTH, check_stop, partial_stop_len
 from kvplane.scheduler.request import Request, RequestStatus
 from kvplane.scheduler.scheduler import SchedulerStats
@@ -35,6 +37,17 @@ class _SequenceOutput:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # What earlier outputs held (delta outputs start from here).
+    num_chars_sent: int = 0
+    num_tokens_sent: int = 0
+
+    def visible_text(self, stop_strings: Sequence[str]) -> str:
+        """The text an output may show: while running, a tail that may still grow into a
+        stop string is held back."""
+        text = self.text
+        if self.finish_reason is None and stop_strings:
+            text = text[: len(text) - partial_stop_len(text, stop_strings)]
+        return text
 
 
 @dataclass(slots=True)
@@ -48,8 +61,8 @@ class _RequestState:
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     changed: bool = False
-    # Offline callers only read the final output: skip building the interim ones.
-    final_only: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    prompt_logprobs_sent: bool = False
     error: str | None = None  # why the engine failed on this request
 
     @property
@@ -78,7 +91,8 @@ class OutputProcessor:
         params: SamplingParams,
         final_only: bool = False,
     ) -> None:
-        """Track a request; with ``final_only`` only its finished output is built."""
+        """Track a request; with ``final_only`` only its finished output is built, whatever
+        ``params.output_kind`` says."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         prompt_token_ids = sequences[0].prompt_token_ids
@@ -89,7 +103,7 @@ class OutputProcessor:
             params=params,
             sequences=[],
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
-            final_only=final_only,
+            output_kind=RequestOutputKind.FINAL_ONLY if final_only else params.output_kind,
         )
         for index, request in enumerate(sequences):
             detokenizer = (
@@ -188,11 +202,12 @@ class OutputProcessor:
         return RequestStatus.FINISHED_STOPPED
 
     def collect_outputs(self, stats: SchedulerStats | None = None) -> list[RequestOutput]:
-        """Outputs of every request that changed since the last call (``final_only``
+        """Outputs of every request that changed since the last call (``FINAL_ONLY``
         requests: only once finished); finished requests are dropped afterwards."""
         outputs = []
         for request_id, state in list(self._requests.items()):
-            if not state.changed or (state.final_only and not state.finished):
+            final_only = state.output_kind == RequestOutputKind.FINAL_ONLY
+            if not state.changed or (final_only and not state.finished):
                 continue
             state.changed = False
             outputs.append(self._make_output(state))
@@ -201,24 +216,16 @@ class OutputProcessor:
         return outputs
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
-        completions = []
+        delta = state.output_kind == RequestOutputKind.DELTA
         stop_strings = state.params.stop or []
-        for sequence in state.sequences:
-            text = sequence.text
-            if sequence.finish_reason is None and stop_strings:
-                # Hold back a tail that may still grow into a stop string.
-                text = text[: len(text) - partial_stop_len(text, stop_strings)]
-            completions.append(
-                CompletionOutput(
-                    index=sequence.index,
-                    text=text,
-                    token_ids=list(sequence.request.output_token_ids),
-                    cumulative_logprob=sequence.cumulative_logprob,
-                    logprobs=list(sequence.logprobs) if sequence.logprobs is not None else None,
-                    finish_reason=sequence.finish_reason,
-                    stop_reason=sequence.stop_reason,
-                )
-            )
+        completions = [
+            self._completion(sequence, stop_strings, delta) for sequence in state.sequences
+        ]
+        # Whole by the first output: that comes with the first token, after the prompt.
+        prompt_logprobs = state.prompt_logprobs
+        if delta:
+            prompt_logprobs = None if state.prompt_logprobs_sent else prompt_logprobs
+            state.prompt_logprobs_sent = True
         metrics = {"arrival_time": state.arrival_time}
         if state.first_token_time is not None:
             metrics["first_token_time"] = state.first_token_time
@@ -226,12 +233,37 @@ class OutputProcessor:
             request_id=state.request_id,
             prompt=state.prompt,
             prompt_token_ids=state.prompt_token_ids,
-            prompt_logprobs=state.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             outputs=completions,
             finished=state.finished,
             num_cached_tokens=state.sequences[0].request.num_cached_tokens,
             metrics=metrics,
             error=state.error,
+        )
+
+    @staticmethod
+    def _completion(
+        sequence: _SequenceOutput, stop_strings: Sequence[str], delta: bool
+    ) -> CompletionOutput:
+        """One completion's output: all of it, or (``delta``) what earlier ones lacked."""
+        text = sequence.visible_text(stop_strings)
+        token_ids = sequence.request.output_token_ids
+        logprobs = sequence.logprobs
+        first_char = first_token = 0
+        if delta:
+            # Held-back text never holds a stop string's start, so what was sent is a
+            # prefix of the text from now on.
+            first_char, first_token = sequence.num_chars_sent, sequence.num_tokens_sent
+        sequence.num_chars_sent = max(len(text), sequence.num_chars_sent)
+        sequence.num_tokens_sent = len(token_ids)
+        return CompletionOutput(
+            index=sequence.index,
+            text=text[first_char:],
+            token_ids=token_ids[first_token:],
+            cumulative_logprob=sequence.cumulative_logprob,
+            logprobs=None if logprobs is None else logprobs[first_token:],
+            finish_reason=sequence.finish_reason,
+            stop_reason=sequence.stop_reason,
         )
 
     def _decode_logprob_tokens(self, entry: SampleLogprobs) -> None:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvplane.sampling.sampler import SampleLogprobs
 
 
 @dataclass(slots=True)
 class CompletionOutput:
-    """One of a request's ``n`` completions, cumulative so far."""
+    """One of a request's ``n`` completions: cumulative so far, or what is new since the
+    request's previous output (``RequestOutputKind.DELTA``; ``cumulative_logprob`` is
+    still the sum so far)."""
 
     index: int
     text: str
@@ -43,3 +45,28 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+
+
+def accumulate(previous: RequestOutput, delta: RequestOutput) -> RequestOutput:
+    """The cumulative output after ``delta`` (a ``DELTA`` output of the same request):
+    new lists, so that outputs already handed out keep their contents."""
+    completions = []
+    for old, new in zip(previous.outputs, delta.outputs, strict=True):
+        logprobs = None
+        if new.logprobs is not None:
+            logprobs = [*(old.logprobs or ()), *new.logprobs]
+        completions.append(
+            replace(
+                new,
+                text=old.text + new.text,
+                token_ids=[*old.token_ids, *new.token_ids],
+                logprobs=logprobs,
+            )
+        )
+    prompt_logprobs = delta.prompt_logprobs
+    return replace(
+        delta,
+        prompt=previous.prompt,
+        prompt_logprobs=previous.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+        outputs=completions,
+    )

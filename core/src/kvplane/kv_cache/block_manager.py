@@ -150,9 +150,15 @@ class BlockManager:
         table). Returns None, changing nothing, when the free blocks do not suffice.
         """
         rid = request.request_id
+        table = self._tables.get(rid)
+        if num_new_tokens == 1 and table is not None and not computed_block_ids:
+            # A decode step (every running request, every step): its token falls into an
+            # existing block of this table alone, or it takes the general path.
+            index = request.num_computed_tokens // self.block_size
+            if index < len(table) and self.pool.blocks[table[index]].ref_count == 1:
+                return []
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be >= 0, got {num_new_tokens}")
-        table = self._tables.get(rid)
         if computed_block_ids:
             if table is not None:
                 raise ValueError(f"request {rid!r} already has blocks; cannot take cached ones")

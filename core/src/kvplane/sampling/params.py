@@ -29,6 +29,17 @@ class SamplingType(enum.IntEnum):
     RANDOM_SEED = 2
 
 
+class RequestOutputKind(enum.IntEnum):
+    """What each of a request's outputs holds (vLLM's names and values)."""
+
+    #: Everything so far: text, token ids and logprobs from the first token on.
+    CUMULATIVE = 0
+    #: Only what is new since the request's previous output (prompt logprobs once).
+    DELTA = 1
+    #: One output, when the request has finished.
+    FINAL_ONLY = 2
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """How to sample one request's output; vLLM's names, defaults and ranges.
@@ -68,6 +79,9 @@ class SamplingParams:
     #: Constrain the output to a JSON schema, JSON object, regex or grammar; compiled by the
     #: engine on admission (``ValueError`` if it cannot compile). See :mod:`kvplane.structured`.
     structured_output: StructuredOutputParams | None = None
+    #: What each streamed output holds: the whole output so far, only what is new (each
+    #: step's cost independent of the output's length), or the finished output alone.
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         self._normalize()
@@ -129,6 +143,7 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.output_kind = RequestOutputKind(self.output_kind)  # ValueError if unknown
         if self.top_k == -1:
             self.top_k = 0
         if self.logit_bias is not None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from kvplane.models.generation_config import SamplingDefaults
-from kvplane.sampling.params import SamplingParams
+from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.server.errors import APIError, bad_request
 from kvplane.server.protocol import _SamplingFields
 from kvplane.structured import StructuredOutputParams
@@ -94,6 +94,10 @@ def build_sampling_params(
             allowed_token_ids=request.allowed_token_ids,
             structured_output=structured_output,
             detokenize=detokenize,
+            # A response sent whole needs the engine's last output only.
+            output_kind=(
+                RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
+            ),
         )
     except ValueError as error:
         raise _param_error(str(error)) from error

@@ -25,7 +25,7 @@ from starlette.requests import Request
 from kvplane.engine.async_llm import AsyncLLM
 from kvplane.engine.outputs import CompletionOutput, RequestOutput
 from kvplane.sampling.logprobs import SampleLogprobs
-from kvplane.sampling.params import SamplingParams
+from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.server.metrics import ServerMetrics
 
 T = TypeVar("T")
@@ -147,7 +147,11 @@ class RequestRun:
         now = time.monotonic()
         self._last[index] = output
         if self._first_token_time[index] is None and any(c.token_ids for c in output.outputs):
-            self._first_token_time[index] = now
+            # A final-only output comes long after its first token: the engine's time of it
+            # then (time.monotonic, one clock for every process of the machine).
+            final_only = self.params.output_kind == RequestOutputKind.FINAL_ONLY
+            first = output.metrics.get("first_token_time") if final_only else None
+            self._first_token_time[index] = now if first is None else first
         if not output.finished:
             return
         self._finished[index] = True
