@@ -56,7 +56,6 @@ def run_serve(suite: Suite) -> dict[str, Any]:
                 *_server_command("vllm.entrypoints.cli.main", model, VLLM_PORT),
                 "--gpu-memory-utilization",
                 "0.45",
-                "--disable-log-requests",
             ],
             vllm_env,
             VLLM_PORT,

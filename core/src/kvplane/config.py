@@ -91,6 +91,9 @@ class EngineConfig:
     #: "offline" (whole batches: ``LLM``, the benchmarks) or "online" (requests as they
     #: come: ``kvplane serve`` sets it); picks the default batch limits.
     usage: str = "offline"
+    #: Seconds between the server engine loop's stats lines (throughput, queue, KV-cache
+    #: usage, where the loop's time goes; see :mod:`kvplane.engine.loop_stats`); 0: none.
+    log_stats_interval: float = 10.0
 
     def __post_init__(self) -> None:
         if self.emulate is not None and self.device is not None:
@@ -103,6 +106,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.log_stats_interval < 0:
+            raise ValueError(f"log_stats_interval must be >= 0, got {self.log_stats_interval}")
         if self.max_num_seqs is not None and self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:

@@ -96,6 +96,8 @@ def test_streams_match_the_in_process_engine(engine: AsyncLLM, model_dir: Path) 
         assert lengths == sorted(lengths)  # cumulative, never shrinking
     first, last = got[0][0], got[0][-1]
     assert first.outputs[0].token_ids is not last.outputs[0].token_ids  # no shared lists
+    for (prompt, _), outputs in zip(cases, got, strict=True):  # the prompt crosses once
+        assert all(output.prompt_token_ids == prompt for output in outputs)
 
 
 def test_a_failing_request_fails_alone(engine: AsyncLLM) -> None:

@@ -35,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     throughput.add_argument("--baseline-batch-size", type=int, default=64)
     throughput.add_argument("--output-json", default=None)
-    add_engine_arguments(throughput, skip=("seed", "engine_process"))
+    add_engine_arguments(throughput, skip=("seed", "engine_process", "log_stats_interval"))
     throughput.set_defaults(handler=run_throughput)
 
     latency = commands.add_parser("latency", help="latency of one batch, repeated")
@@ -51,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="random weights of a built-in config (e.g. qwen3-0.6b)",
     )
     latency.add_argument("--output-json", default=None)
-    add_engine_arguments(latency, skip=("seed", "engine_process"))
+    add_engine_arguments(latency, skip=("seed", "engine_process", "log_stats_interval"))
     latency.add_argument("--seed", type=int, default=0)
     latency.set_defaults(handler=run_latency)
 

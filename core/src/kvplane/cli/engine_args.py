@@ -49,6 +49,9 @@ _HELP = {
     "a generation_config.json (default: auto)",
     "engine_process": "run the engine in a child process of the server (--no-engine-process: "
     "on a thread of the server's process; default: a child process)",
+    "log_stats_interval": "seconds between the server's engine stats lines (throughput, "
+    "running and waiting requests, KV-cache usage, where the engine loop's time goes); 0: "
+    "none (default: 10)",
     "override_generation_config": "JSON object of generation_config.json sampling keys that "
     "win over --generation-config's, e.g. '{\"temperature\": 0.5}' (default: none)",
 }

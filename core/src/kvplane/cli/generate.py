@@ -26,7 +26,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
-    add_engine_arguments(parser, skip=("engine_process",))
+    add_engine_arguments(parser, skip=("engine_process", "log_stats_interval"))
     parser.set_defaults(handler=run)
     return parser
 

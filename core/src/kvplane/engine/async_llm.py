@@ -1,9 +1,10 @@
 """The asynchronous engine the server uses: streams on the event loop, the engine apart.
 
 :class:`AsyncLLM` owns the streams: it tokenizes and checks a prompt, hands the request
-to an engine client and delivers each output to the request's asyncio queue with
-``call_soon_threadsafe``, so a step never waits for a client and a client never blocks a
-step. Two clients run the engine loop:
+to an engine client and hands each step's outputs to the requests' streams with one
+``call_soon_threadsafe`` (see :mod:`kvplane.engine.output_sink`: a stream that falls
+behind gets its waiting outputs merged), so a step never waits for a client and a client
+never blocks a step. Two clients run the engine loop:
 
 - :class:`~kvplane.engine.core_client.EngineProcessClient` (``AsyncLLM.from_config``
   with ``engine_process=True``, the server's default): the engine in a child process
@@ -28,6 +29,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from kvplane.config import EngineConfig
+from kvplane.engine.output_sink import OutputSink, put_all
 from kvplane.engine.outputs import RequestOutput
 from kvplane.engine.prompts import PromptType, tokenize_prompt, validate_prompt
 from kvplane.sampling.params import SamplingParams
@@ -58,7 +60,7 @@ class AsyncLLM:
 
         # An LLMEngine is stepped on a thread here.
         self.client = engine if isinstance(engine, EngineClientBase) else EngineThreadClient(engine)
-        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._sinks: dict[str, OutputSink] = {}
         self._error: BaseException | None = None
         self._death_callbacks: list[Callable[[BaseException], None]] = []
         self._death_lock = threading.Lock()  # _error and the callbacks, set across threads
@@ -134,10 +136,10 @@ class AsyncLLM:
         text, prompt_token_ids = tokenize_prompt(self.tokenizer, prompt)
         config = self.model_config
         validate_prompt(prompt_token_ids, config.max_model_len, config.hf_config.vocab_size)
-        outputs: asyncio.Queue[Any] = asyncio.Queue()
+        sink = OutputSink(request_id, asyncio.get_running_loop(), params.output_kind)
         with self._stats_lock:
             self._num_unapplied += params.n
-        self._sinks[request_id] = (asyncio.get_running_loop(), outputs)
+        self._sinks[request_id] = sink
         # A death after the check above ends this stream too: die() sets the error before
         # it ends the registered streams.
         if self._error is not None:
@@ -147,7 +149,7 @@ class AsyncLLM:
         finished = False
         try:
             while True:
-                item = await outputs.get()
+                item = await sink.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -180,17 +182,25 @@ class AsyncLLM:
 
     def deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         """Hand ``item`` to the request's stream (dropped when nobody listens)."""
-        sink = self._sinks.get(request_id)
-        if sink is None:
-            return
-        loop, outputs = sink
-        if isinstance(item, BaseException) or item.finished:
-            self._sinks.pop(request_id, None)
-        try:
-            loop.call_soon_threadsafe(outputs.put_nowait, item)
-        except RuntimeError:  # the client's loop is closed: nobody is listening
-            if self._error is None:  # else the engine is gone, and the request with it
-                self.client.abort(request_id)
+        self.deliver_all([(request_id, item)])
+
+    def deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each ``(request_id, item)`` to its stream: one wake-up per event loop."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[OutputSink, Any]]] = {}
+        for request_id, item in items:
+            sink = self._sinks.get(request_id)
+            if sink is None:
+                continue
+            if isinstance(item, BaseException) or item.finished:
+                self._sinks.pop(request_id, None)
+            batches.setdefault(sink.loop, []).append((sink, item))
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(put_all, batch)
+            except RuntimeError:  # the client's loop is closed: nobody is listening
+                if self._error is None:  # else the engine is gone, and the requests too
+                    for sink, _ in batch:
+                        self.client.abort(sink.request_id)
 
     def deliver_failure(self, request_id: str, error: str) -> None:
         self.deliver(request_id, RequestFailedError(f"the engine failed on this request: {error}"))

@@ -65,8 +65,10 @@ class EngineClientBase:
         self._sender = threading.Thread(target=self._send_commands, name="kvplane-engine-sender")
         self._sender.daemon = True
         self._sender.start()
-        # Per live request: what its outputs hold, and for CUMULATIVE ones the output so far.
+        # Per live request: what its outputs hold, its prompt (the loop's outputs leave it
+        # out), and for CUMULATIVE ones the output so far.
         self._kinds: dict[str, RequestOutputKind] = {}
+        self._prompts: dict[str, tuple[str | None, list[int]]] = {}
         self._cumulative: dict[str, RequestOutput] = {}
         self._streams: AsyncLLM | None = None
 
@@ -96,6 +98,7 @@ class EngineClientBase:
     ) -> None:
         """Queue a checked request (any thread)."""
         self._kinds[request_id] = params.output_kind
+        self._prompts[request_id] = (prompt, prompt_token_ids)
         if params.output_kind == RequestOutputKind.CUMULATIVE:
             empty_logprobs: list[Any] | None = [] if params.logprobs is not None else None
             self._cumulative[request_id] = RequestOutput(
@@ -113,6 +116,7 @@ class EngineClientBase:
     def abort(self, request_id: str) -> None:
         """Queue an abort (any thread); unknown or finished ids are ignored."""
         self._cumulative.pop(request_id, None)
+        self._prompts.pop(request_id, None)
         if self._kinds.pop(request_id, None) is not None:
             self._send(AbortRequest(request_id))
 
@@ -139,27 +143,31 @@ class EngineClientBase:
     def _dispatch(self, message: StepOutputs) -> None:
         streams = self._streams
         assert streams is not None
+        deliveries: list[tuple[str, RequestOutput | BaseException]] = []
         for request_id, error in message.rejected:
             self._forget(request_id)
-            streams.deliver(request_id, error)
+            deliveries.append((request_id, error))
         for output in message.outputs:
             request_id = output.request_id
             kind = self._kinds.get(request_id)
             if kind is None:  # aborted meanwhile
                 continue
+            output.prompt, output.prompt_token_ids = self._prompts[request_id]
             if kind == RequestOutputKind.CUMULATIVE:
                 output = accumulate(self._cumulative[request_id], output)
                 self._cumulative[request_id] = output
             if output.finished:
                 self._forget(request_id)
             if output.error is None:
-                streams.deliver(request_id, output)
+                deliveries.append((request_id, output))
             else:
                 streams.deliver_failure(request_id, output.error)
+        streams.deliver_all(deliveries)
         streams.publish_stats(message.stats, message.num_sequences_added)
 
     def _forget(self, request_id: str) -> None:
         self._kinds.pop(request_id, None)
+        self._prompts.pop(request_id, None)
         self._cumulative.pop(request_id, None)
 
 

@@ -7,8 +7,9 @@ are pickled dataclasses (below) on two one-way :func:`multiprocessing.Pipe` conn
 Outputs cross as deltas: the engine builds a request that asked for cumulative outputs
 as a ``DELTA`` one, each :class:`~kvplane.engine.outputs.RequestOutput` carrying only
 what the request gained since its previous one, and the client side rebuilds the
-cumulative output. A step's message, and the engine's work for it, grow with the number
-of tokens it made, not with the length of every output so far.
+cumulative output. Outputs cross without their prompt (text and ids), which the client
+kept when it sent the request. A step's message, and the engine's work for it, grow with
+the number of tokens it made, not with the length of every prompt and output so far.
 
 Lifetime belongs to the parent: this process ignores SIGINT and SIGTERM (a Ctrl-C in a
 terminal reaches the whole process group, and the server drains before it stops the
@@ -26,7 +27,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from kvplane.config import EngineConfig
-from kvplane.engine.outputs import RequestOutput
+from kvplane.engine.loop_stats import LoopStats
+from kvplane.engine.outputs import CompletionOutput, RequestOutput
 from kvplane.models.config import ModelConfig
 from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.scheduler.output import SchedulerStats
@@ -89,6 +91,74 @@ class StepOutputs:
     #: Requests that could not be added (ValueError and the like), with the error.
     rejected: list[tuple[str, BaseException]] = field(default_factory=list)
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # Outputs cross as plain tuples: pickling a slotted dataclass goes through Python
+        # code per object, on the engine's critical path.
+        wire = [_output_to_wire(output) for output in self.outputs]
+        return (
+            _step_outputs_from_wire,
+            (wire, self.stats, self.num_sequences_added, self.rejected),
+        )
+
+
+def _output_to_wire(output: RequestOutput) -> tuple[Any, ...]:
+    completions = [
+        (
+            c.index,
+            c.text,
+            c.token_ids,
+            c.cumulative_logprob,
+            c.logprobs,
+            c.finish_reason,
+            c.stop_reason,
+        )
+        for c in output.outputs
+    ]
+    return (
+        output.request_id,
+        output.prompt,
+        output.prompt_token_ids,
+        output.prompt_logprobs,
+        completions,
+        output.finished,
+        output.num_cached_tokens,
+        output.metrics,
+        output.error,
+    )
+
+
+def _step_outputs_from_wire(
+    wire: list[tuple[Any, ...]],
+    stats: SchedulerStats,
+    num_sequences_added: int,
+    rejected: list[tuple[str, BaseException]],
+) -> StepOutputs:
+    outputs = [
+        RequestOutput(
+            request_id,
+            prompt,
+            prompt_token_ids,
+            prompt_logprobs,
+            [CompletionOutput(*completion) for completion in completions],
+            finished,
+            num_cached_tokens,
+            metrics,
+            error,
+        )
+        for (
+            request_id,
+            prompt,
+            prompt_token_ids,
+            prompt_logprobs,
+            completions,
+            finished,
+            num_cached_tokens,
+            metrics,
+            error,
+        ) in wire
+    ]
+    return StepOutputs(outputs, stats, num_sequences_added, rejected)
+
 
 @dataclass(frozen=True, slots=True)
 class CoreFailed:
@@ -150,33 +220,44 @@ class EngineCoreLoop:
         self.emit = emit
         self._num_added = 0
         self._rejected: list[tuple[str, BaseException]] = []
+        self.stats = LoopStats(engine, engine.config.log_stats_interval)
 
     def run(self) -> None:
         """Until a :class:`Shutdown` arrives; what a step raises propagates."""
+        stats = self.stats
         while True:
             if not self._apply_commands(block=not self.engine.has_unfinished_requests()):
                 return
-            step_outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-            self.emit(
-                StepOutputs(
-                    step_outputs,
-                    self.engine.stats(),
-                    self._num_added,
-                    self._rejected,
+            step_outputs = []
+            if self.engine.has_unfinished_requests():
+                with stats.phase("step"):
+                    step_outputs = self.engine.step()
+                stats.count_step()
+            for output in step_outputs:
+                # The client has the prompt: a step's message grows with its new tokens only.
+                output.prompt, output.prompt_token_ids = None, []
+            with stats.phase("emit"):
+                self.emit(
+                    StepOutputs(step_outputs, self.engine.stats(), self._num_added, self._rejected)
                 )
-            )
             self._num_added = 0
             self._rejected = []
+            stats.maybe_log()
 
     def _apply_commands(self, block: bool) -> bool:
         """Apply every queued command (waiting for one if ``block``); False: shut down."""
         if not block and not self.commands.poll():
             return True
+        if block:
+            with self.stats.phase("idle"):
+                self.commands.poll(None)
+            self.stats.maybe_log()
         while True:
-            command = self.commands.recv()
-            if isinstance(command, Shutdown):
-                return False
-            self._apply(command)
+            with self.stats.phase("commands"):
+                command = self.commands.recv()
+                if isinstance(command, Shutdown):
+                    return False
+                self._apply(command)
             if not self.commands.poll():
                 return True
 

@@ -131,6 +131,8 @@ class LLMEngine:
         self._structured_compiler: StructuredOutputCompiler | None = None
         #: Tokens sampled since the engine started (every sequence, finished or not).
         self.num_generated_tokens = 0
+        #: Tokens computed since the engine started (prompt and output, every step's).
+        self.num_scheduled_tokens = 0
 
     # -- graphs ---------------------------------------------------------------------------
 
@@ -292,6 +294,7 @@ class LLMEngine:
             output = self._isolation.schedule()
         if output.is_empty:
             return outputs
+        self.num_scheduled_tokens += output.num_batched_tokens
         try:
             result = self.runner.execute(
                 output, self._sampling_states, self._prompt_logprobs_ids(output)
@@ -311,6 +314,7 @@ class LLMEngine:
             output = self._isolation.schedule()
         launched = None
         if not output.is_empty:
+            self.num_scheduled_tokens += output.num_batched_tokens
             try:
                 launched = self.runner.launch(
                     output, self._sampling_states, self._prompt_logprobs_ids(output)

@@ -67,7 +67,11 @@ class _RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(sequence.finish_reason is not None for sequence in self.sequences)
+        # A loop, not all(<generator>): read for every request every step.
+        for sequence in self.sequences:
+            if sequence.finish_reason is None:
+                return False
+        return True
 
 
 class OutputProcessor:
@@ -206,16 +210,18 @@ class OutputProcessor:
         requests: only once finished); finished requests are dropped afterwards."""
         outputs = []
         for request_id, state in list(self._requests.items()):
-            final_only = state.output_kind == RequestOutputKind.FINAL_ONLY
-            if not state.changed or (final_only and not state.finished):
+            if not state.changed:
+                continue
+            finished = state.finished
+            if state.output_kind == RequestOutputKind.FINAL_ONLY and not finished:
                 continue
             state.changed = False
-            outputs.append(self._make_output(state))
-            if state.finished:
+            outputs.append(self._make_output(state, finished))
+            if finished:
                 self.abort_request(request_id)
         return outputs
 
-    def _make_output(self, state: _RequestState) -> RequestOutput:
+    def _make_output(self, state: _RequestState, finished: bool) -> RequestOutput:
         delta = state.output_kind == RequestOutputKind.DELTA
         stop_strings = state.params.stop or []
         completions = [
@@ -235,7 +241,7 @@ class OutputProcessor:
             prompt_token_ids=state.prompt_token_ids,
             prompt_logprobs=prompt_logprobs,
             outputs=completions,
-            finished=state.finished,
+            finished=finished,
             num_cached_tokens=state.sequences[0].request.num_cached_tokens,
             metrics=metrics,
             error=state.error,

@@ -67,6 +67,7 @@ def accumulate(previous: RequestOutput, delta: RequestOutput) -> RequestOutput:
     return replace(
         delta,
         prompt=previous.prompt,
+        prompt_token_ids=previous.prompt_token_ids,
         prompt_logprobs=previous.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
         outputs=completions,
     )
