@@ -19,22 +19,24 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
     patch_interpreter_loop_bounds()
 
 
-#: Files that take a minute or more on a 2-core machine. They are collected first, so
-#: that the two workers of scripts/test.sh (pytest-xdist, a file at a time, in collection
-#: order: ``--no-loadscope-reorder``, since xdist would otherwise start the files with the
-#: most tests first) start them early instead of one worker running them alone at the end.
+#: Files that take half a minute or more on a 2-core machine, longest first (measured
+#: on the two workers; a file that starts a worker's main test server or SmolLM2 engine
+#: pays for it). They are collected first, so that the two workers of scripts/test.sh
+#: (pytest-xdist, a file at a time, in collection order: ``--no-loadscope-reorder``,
+#: since xdist would otherwise start the files with the most tests first) start them
+#: early instead of one worker running them alone at the end.
 LONG_FILES = (
     "tests/platforms/cuda/test_cuda_graph_engine.py",
-    "tests/core/engine/test_async_scheduling.py",
     "tests/core/engine/test_greedy_matches_transformers.py",
     "tests/platforms/cuda/test_cuda_decode_attention.py",
-    "tests/core/engine/test_engine_features.py",
-    "tests/core/structured/test_structured_generate.py",
-    "tests/core/server/test_chat.py",
     "tests/core/server/test_chat_forced_calls.py",
-    "tests/core/server/test_openapi.py",
+    "tests/core/server/test_chat.py",
+    "tests/core/engine/test_async_scheduling.py",
     "tests/core/server/test_fuzz.py",
-    "tests/benchmarks/test_gpu_suite_smoke.py",
+    "tests/core/server/test_openapi.py",
+    "tests/core/server/test_engine_failures.py",
+    "tests/core/server/test_lifecycle.py",
+    "tests/platforms/cuda/test_cuda_sampling.py",
 )
 
 

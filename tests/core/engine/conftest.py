@@ -1,15 +1,19 @@
-"""Shared fixtures: the embedded SmolLM2 model in kvplane and in transformers (the oracle)."""
+"""Shared fixtures: the embedded SmolLM2 model in transformers (the oracle), a tiny model
+with SmolLM2's tokenizer, and helpers for SmolLM2 engines (the session's own,
+``smollm_llm``, is in ``tests/core/conftest.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
 from kvplane import LLM
-from kvplane.models.source import default_model_path
-from kvplane.testing.models import hf_greedy_tokens
+from kvplane.models.config import load_tokenizer
+from kvplane.models.source import default_model_path, resolve_model
+from kvplane.testing.models import save_random_model, tiny_llama_config
 
 #: Varied prompts: prose, code, lists, chat-like, a non-ASCII one.
 PROMPTS = [
@@ -43,10 +47,15 @@ def assert_no_block_leak(llm: LLM) -> None:
 
 
 @pytest.fixture(scope="session")
-def smollm_llm() -> Iterator[LLM]:
-    llm = make_llm()
-    yield llm
-    assert_no_block_leak(llm)
+def tiny_smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-weight Llama with SmolLM2's vocabulary and tokenizer: text prompts
+    and detokenized outputs like SmolLM2's, for tests of engine bookkeeping that need many
+    steps but not SmolLM2's weights (a step costs a fraction of SmolLM2's)."""
+    directory = tmp_path_factory.mktemp("tiny-smollm")
+    tokenizer = load_tokenizer(resolve_model(None, "auto"))  # cached: the engines' own
+    save_random_model(tiny_llama_config(vocab_size=len(tokenizer)), directory)
+    tokenizer.save_pretrained(str(directory))
+    return directory
 
 
 @pytest.fixture(scope="session")
@@ -60,14 +69,28 @@ def hf_smollm() -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
-def hf_greedy(hf_smollm: torch.nn.Module) -> Callable[[list[int], int], list[int]]:
-    """Greedy continuation by transformers ``generate``, EOS suppressed (min_new_tokens)."""
-    cache: dict[tuple[tuple[int, ...], int], list[int]] = {}
+def hf_greedy_choices(hf_smollm: torch.nn.Module) -> Callable[[list[int], list[int]], list[int]]:
+    """transformers' greedy pick at each position of ``token_ids`` after the prompt, EOS
+    suppressed as ``generate``'s ``min_new_tokens`` suppresses it.
 
-    def generate(prompt_token_ids: list[int], num_tokens: int) -> list[int]:
-        key = (tuple(prompt_token_ids), num_tokens)
+    One forward pass over prompt + ``token_ids`` (teacher forcing) instead of ``generate``
+    (a pass per token, ten times the cost): ``token_ids`` is transformers' greedy
+    continuation exactly when the picks equal it, and the first difference is where the
+    continuations part. Cached per session: several tests check the same outputs.
+    """
+    eos = hf_smollm.generation_config.eos_token_id
+    suppressed_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    cache: dict[tuple[tuple[int, ...], tuple[int, ...]], list[int]] = {}
+
+    def choices(prompt_token_ids: list[int], token_ids: list[int]) -> list[int]:
+        key = (tuple(prompt_token_ids), tuple(token_ids))
         if key not in cache:
-            cache[key] = hf_greedy_tokens(hf_smollm, prompt_token_ids, num_tokens)
+            with torch.inference_mode():
+                input_ids = torch.tensor([prompt_token_ids + token_ids[:-1]])
+                # [len(token_ids), vocab_size]: the logits that choose each of token_ids
+                logits = hf_smollm(input_ids).logits[0, len(prompt_token_ids) - 1 :]
+                logits[:, suppressed_ids] = float("-inf")
+                cache[key] = logits.argmax(dim=-1).tolist()
         return cache[key]
 
-    return generate
+    return choices

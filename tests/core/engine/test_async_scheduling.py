@@ -8,6 +8,8 @@ requests that need their tokens on the host (penalties).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvplane import LLM, SamplingParams
@@ -78,9 +80,15 @@ def test_same_outputs_as_step_by_step(engines: tuple[LLM, LLM]) -> None:
     assert run(overlap_llm, params_mix()) == run(sync_llm, params_mix())
 
 
-def test_same_outputs_under_preemption() -> None:
-    # Room for ~1.5 sequences of max_model_len: running requests get preempted.
-    options = dict(max_model_len=128, kv_cache_memory_bytes=9 * 2**20, max_num_seqs=8)
+def test_same_outputs_under_preemption(tiny_smollm_dir: Path) -> None:
+    # A tiny random-weight model with SmolLM2's tokenizer: the bookkeeping under
+    # preemption does not depend on the weights, and recomputation takes many steps.
+    model = str(tiny_smollm_dir)
+    bytes_per_block = make_llm(model=model, max_model_len=128).engine.runner.bytes_per_block()
+    # Room for 1.5 sequences of max_model_len: running requests get preempted.
+    options = dict(
+        model=model, max_model_len=128, kv_cache_memory_bytes=12 * bytes_per_block, max_num_seqs=8
+    )
     params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)] * len(PROMPTS)
     sync_llm = make_llm(async_scheduling=False, **options)
     overlap_llm = make_llm(async_scheduling=True, **options)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,9 +27,7 @@ def compiler(smollm_tokenizer: Any) -> StructuredOutputCompiler:
 
 
 @pytest.fixture(scope="session")
-def structured_llm() -> Iterator[LLM]:
-    llm = LLM(device="cpu", dtype="float32", kv_cache_memory_bytes=256 * 2**20, max_model_len=1024)
-    yield llm
-    assert not llm.engine.has_unfinished_requests()
-    block_manager = llm.engine.scheduler.block_manager
-    assert block_manager.num_free_blocks == block_manager.num_blocks
+def structured_llm(smollm_llm: LLM) -> LLM:
+    """The session's SmolLM2 engine (``tests/core/conftest.py``): same settings, and
+    another would cost its own load."""
+    return smollm_llm
