@@ -4,8 +4,9 @@
 # processes, the server's /metrics, and (PYSPY=1) py-spy's samples of both server processes.
 # Usage (repository root, kvplane and its server wheels on PYTHONPATH, py-spy on PATH):
 #   bash benchmarks/gpu/profile_serve.sh MODEL_DIR NUM_PROMPTS "SERVE ARGS" ["SERVE ARGS"...]
-# Writes under $OUT/<n>/ for the n-th configuration: serve.log, bench_*.json, cpu.txt,
-# metrics.txt, and api.raw / engine.raw (py-spy's collapsed stacks with thread names).
+# Writes $OUT/profile_serve.tar.gz holding <n>/ for the n-th configuration: serve.log,
+# bench_*.json, cpu.txt, metrics.txt, and api.raw / engine.raw (py-spy's collapsed stacks
+# with thread names).
 set -u
 model=$1; num_prompts=$2; shift 2
 port=8123
@@ -84,3 +85,5 @@ for serve_args in "$@"; do
     profile_one "${OUT:-./.out}/$index" $serve_args
     index=$((index + 1))
 done
+# One archive: the device hands back only a few files.
+(cd "${OUT:-./.out}" && tar czf profile_serve.tar.gz $(seq 0 $((index - 1))) && rm -rf $(seq 0 $((index - 1))))

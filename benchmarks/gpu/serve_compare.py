@@ -18,6 +18,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -111,6 +112,20 @@ def run_serve(suite: Suite) -> dict[str, Any]:
                 server.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 server.kill()
+        _pack(out)
+
+
+def _pack(out: Path) -> None:
+    """The servers' logs and every client run's result in one archive: the device hands
+    back only a few files."""
+    files = sorted(out.glob("serve_*.json")) + sorted(out.glob("serve_*.log"))
+    if not files:
+        return
+    with tarfile.open(out / "serve_files.tar.gz", "w:gz") as archive:
+        for path in files:
+            archive.add(path, arcname=path.name)
+    for path in files:
+        path.unlink()
 
 
 def _server_command(module: str, model: str, port: int) -> list[str]:

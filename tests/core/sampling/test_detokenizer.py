@@ -19,6 +19,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from kvplane.sampling import IncrementalDetokenizer
+from kvplane.sampling.detokenizer import rust_decoder
 
 REPLACEMENT = "\ufffd"
 CORPUS = [
@@ -213,3 +214,32 @@ def test_prompt_context_keeps_the_leading_space(tokenizer: Any) -> None:
     assert detokenizer.output_token_ids == output
     if tokenizer.kvplane_kind == "sentencepiece":
         assert decode(tokenizer, output) == "Paris. 世界"  # what the default mode gives
+
+
+def test_the_rust_decode_is_used_where_it_matches(tokenizer: Any) -> None:
+    """The tests above then check the direct Rust path: all three tokenizers take it."""
+    assert rust_decoder(tokenizer) is not None
+    assert IncrementalDetokenizer(tokenizer, [])._rust_decode is not None
+    # transformers' decode honours this flag where Rust has no such option: not direct.
+    assert (
+        IncrementalDetokenizer(tokenizer, [], spaces_between_special_tokens=False)._rust_decode
+        is None
+    )
+
+
+def test_a_rust_decode_that_differs_is_not_used(tokenizer: Any) -> None:
+    class Backend:
+        def decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+            return tokenizer.backend_tokenizer.decode(token_ids, skip_special_tokens) + "!"
+
+    class Wrapper:  # transformers' decode, a Rust decode that adds a character
+        backend_tokenizer = Backend()
+        all_special_tokens = tokenizer.all_special_tokens
+
+        def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+            return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+        def decode(self, token_ids: list[int], **kwargs: Any) -> str:
+            return str(tokenizer.decode(token_ids, **kwargs))
+
+    assert rust_decoder(Wrapper()) is None

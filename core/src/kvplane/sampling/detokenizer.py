@@ -10,15 +10,29 @@ offsets stay, so the bytes are decoded together once the character is complete.
 
 Decoding windows with ``tokenizer.decode`` (rather than converting tokens to strings by
 hand) keeps ``skip_special_tokens`` and the tokenizer's decoder pipeline (byte fallback,
-metaspace, leading-space strip) exactly as in a one-shot decode.
+metaspace, leading-space strip) exactly as in a one-shot decode. Where the tokenizer's
+Rust ``decode`` gives the same texts (checked once per tokenizer, :func:`rust_decoder`),
+it is called directly: transformers' wrapper costs more than the decode it wraps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _REPLACEMENT_CHAR = "\ufffd"
+# Texts on which the Rust tokenizer's decode must match transformers' for it to be used
+# directly: special tokens, byte-fallback and multi-byte pieces, spaces and punctuation.
+_PROBE_TEXTS = (
+    "Hello, world! It's 3.14 -- isn't it?",
+    "  two  spaces\n\nand\ttabs  ",
+    "naïve café — 日本語 🤖 ünïcödé",
+)
+# Per tokenizer: its Rust decode, if that gives what ``tokenizer.decode`` gives, else None.
+_rust_decoders: weakref.WeakKeyDictionary[Any, Callable[..., str] | None] = (
+    weakref.WeakKeyDictionary()
+)
 # Prompt tokens decoded in front of the output when use_prompt_context is set (vLLM's 5).
 _NUM_PROMPT_CONTEXT_TOKENS = 5
 
@@ -65,6 +79,9 @@ class IncrementalDetokenizer:
         self._prefix_offset = 0
         self._read_offset = self._num_context  # tokens before this one are in _text
         self._text = ""
+        # Two decodes per token: transformers' wrapper around the Rust call costs more
+        # than the decode itself, so the Rust call is made directly where it is the same.
+        self._rust_decode = rust_decoder(tokenizer) if spaces_between_special_tokens else None
 
     @property
     def text(self) -> str:
@@ -110,9 +127,48 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:
             return ""
+        if self._rust_decode is not None:
+            return self._rust_decode(token_ids, skip_special_tokens=self.skip_special_tokens)
         return self.tokenizer.decode(
             token_ids,
             skip_special_tokens=self.skip_special_tokens,
             clean_up_tokenization_spaces=False,
             spaces_between_special_tokens=self.spaces_between_special_tokens,
         )
+
+
+def rust_decoder(tokenizer: Any) -> Callable[..., str] | None:
+    """``tokenizer``'s Rust ``decode`` when it gives what ``tokenizer.decode(...,
+    clean_up_tokenization_spaces=False)`` gives (checked once per tokenizer on whole and
+    cut-short token windows of a few texts, both ways of ``skip_special_tokens``), else None."""
+    try:
+        return _rust_decoders[tokenizer]
+    except KeyError:
+        pass
+    except TypeError:  # not weakly referenceable: check, but do not remember
+        return _checked_rust_decoder(tokenizer)
+    decoder = _checked_rust_decoder(tokenizer)
+    _rust_decoders[tokenizer] = decoder
+    return decoder
+
+
+def _checked_rust_decoder(tokenizer: Any) -> Callable[..., str] | None:
+    rust = getattr(tokenizer, "backend_tokenizer", None)
+    if rust is None or not hasattr(rust, "decode"):
+        return None
+    special = "".join(list(getattr(tokenizer, "all_special_tokens", []))[:4])
+    try:
+        for text in (*_PROBE_TEXTS, special + " x " + special):
+            token_ids = list(tokenizer.encode(text, add_special_tokens=True))
+            # Every window from the start: cut-short ones end inside multi-byte characters.
+            for end in range(1, len(token_ids) + 1):
+                for skip in (True, False):
+                    window = token_ids[:end]
+                    expected = tokenizer.decode(
+                        window, skip_special_tokens=skip, clean_up_tokenization_spaces=False
+                    )
+                    if rust.decode(window, skip_special_tokens=skip) != expected:
+                        return None
+    except Exception:  # an unusual tokenizer: keep transformers' decode
+        return None
+    return rust.decode  # type: ignore[no-any-return]
