@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from kvplane.log import configure_logging
 from kvplane.version import __version__
 
 #: Subcommand modules, in the order ``kvplane --help`` lists them.
@@ -99,13 +99,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"kvplane: error: {error} (--debug shows the traceback)", file=sys.stderr)
         return 2
-
-
-def configure_logging(level: str) -> None:
-    """Log records at ``level`` and above to stderr, with timestamps (once per process)."""
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
 
 
 def is_user_error(error: BaseException) -> bool:

@@ -29,6 +29,7 @@ from typing import Any
 from kvplane.config import EngineConfig
 from kvplane.engine.loop_stats import LoopStats
 from kvplane.engine.outputs import CompletionOutput, RequestOutput
+from kvplane.log import configure_logging
 from kvplane.models.config import ModelConfig
 from kvplane.sampling.params import RequestOutputKind, SamplingParams
 from kvplane.scheduler.output import SchedulerStats
@@ -177,11 +178,7 @@ def run_engine_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if log_level != logging.NOTSET:
-        logging.basicConfig(
-            level=log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            datefmt="%H:%M:%S",
-        )
+        configure_logging(log_level)
     # The import loads torch and the platforms: inside the child, after the signals.
     from kvplane.engine.llm_engine import LLMEngine
 
