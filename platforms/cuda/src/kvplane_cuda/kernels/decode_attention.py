@@ -121,7 +121,8 @@ def partition_bounds(seq_len, kv_begin, split, NUM_SPLITS: tl.constexpr, BLOCK_N
     return split_begin, split_end
 
 
-@triton.jit
+# The block table's width changes from step to step (eager steps): one compiled variant.
+@triton.jit(do_not_specialize=["stride_table"])
 def _decode_split_kernel(
     out_ptr, partial_out_ptr, partial_lse_ptr, counters_ptr, query_ptr, key_cache_ptr,
     value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,

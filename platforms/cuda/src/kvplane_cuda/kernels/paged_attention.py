@@ -120,7 +120,9 @@ def attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
     return m_new, l_i, acc
 
 
-@triton.jit
+# Arguments that change from step to step: Triton would compile a variant per value class
+# (1, a multiple of 16, other), each at its first use, in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs", "num_search_steps", "stride_table"])
 def _unified_kernel(
     out_ptr, query_ptr, key_cache_ptr, value_cache_ptr,
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
