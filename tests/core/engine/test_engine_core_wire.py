@@ -1,6 +1,6 @@
 """A step's outputs cross the engine-core pipe as plain tuples (``StepOutputs.__reduce__``):
-every field arrives as it left, and a field added to the output classes without the
-wire format fails here."""
+every field but the prompt arrives as it left (the client puts the prompt back), and a
+field added to the output classes without the wire format fails here."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_every_field_crosses() -> None:
     ]
     output = RequestOutput(
         request_id="r1",
-        prompt="hi",
+        prompt="a prompt that stays behind",
         prompt_token_ids=[1, 2],
         prompt_logprobs=[None, logprobs],
         outputs=completions,
@@ -60,7 +60,10 @@ def test_every_field_crosses() -> None:
     stats = SchedulerStats(3, 1, 0.5, 10, 4, 2)
     message = StepOutputs([output], stats, 2, [("r2", ValueError("too long"))])
     crossed = pickle.loads(pickle.dumps(message))
-    assert crossed.outputs == [output]
+    # The prompt stays behind: the client kept it (tests/core/engine/test_engine_process.py
+    # checks that streams get it back).
+    assert crossed.outputs == [dataclasses.replace(output, prompt=None, prompt_token_ids=[])]
+    assert b"stays behind" not in pickle.dumps(message)
     assert crossed.stats == stats and crossed.num_sequences_added == 2
     ((request_id, error),) = crossed.rejected
     assert request_id == "r2" and isinstance(error, ValueError) and str(error) == "too long"

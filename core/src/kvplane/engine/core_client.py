@@ -16,6 +16,7 @@ import logging
 import multiprocessing
 import queue
 import threading
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -65,11 +66,7 @@ class EngineClientBase:
         self._sender = threading.Thread(target=self._send_commands, name="kvplane-engine-sender")
         self._sender.daemon = True
         self._sender.start()
-        # Per live request: what its outputs hold, its prompt (the loop's outputs leave it
-        # out), and for CUMULATIVE ones the output so far.
-        self._kinds: dict[str, RequestOutputKind] = {}
-        self._prompts: dict[str, tuple[str | None, list[int]]] = {}
-        self._cumulative: dict[str, RequestOutput] = {}
+        self._live: dict[str, _LiveRequest] = {}
         self._streams: AsyncLLM | None = None
 
     def initial_stats(self) -> SchedulerStats:
@@ -97,11 +94,10 @@ class EngineClientBase:
         priority: int,
     ) -> None:
         """Queue a checked request (any thread)."""
-        self._kinds[request_id] = params.output_kind
-        self._prompts[request_id] = (prompt, prompt_token_ids)
+        cumulative = None
         if params.output_kind == RequestOutputKind.CUMULATIVE:
             empty_logprobs: list[Any] | None = [] if params.logprobs is not None else None
-            self._cumulative[request_id] = RequestOutput(
+            cumulative = RequestOutput(
                 request_id=request_id,
                 prompt=prompt,
                 prompt_token_ids=prompt_token_ids,
@@ -111,13 +107,12 @@ class EngineClientBase:
                 ],
                 finished=False,
             )
+        self._live[request_id] = _LiveRequest(prompt, prompt_token_ids, cumulative)
         self._send(AddRequest(request_id, prompt_token_ids, prompt, params, priority))
 
     def abort(self, request_id: str) -> None:
         """Queue an abort (any thread); unknown or finished ids are ignored."""
-        self._cumulative.pop(request_id, None)
-        self._prompts.pop(request_id, None)
-        if self._kinds.pop(request_id, None) is not None:
+        if self._live.pop(request_id, None) is not None:
             self._send(AbortRequest(request_id))
 
     def _send(self, message: object) -> None:
@@ -134,7 +129,7 @@ class EngineClientBase:
                 return  # the loop has gone; its death is reported where it is watched
             except Exception as error:  # it does not pickle: that request fails alone
                 if isinstance(message, AddRequest) and self._streams is not None:
-                    self._forget(message.request_id)
+                    self._live.pop(message.request_id, None)
                     self._streams.deliver(message.request_id, error)
                 continue
             if isinstance(message, Shutdown):
@@ -145,19 +140,18 @@ class EngineClientBase:
         assert streams is not None
         deliveries: list[tuple[str, RequestOutput | BaseException]] = []
         for request_id, error in message.rejected:
-            self._forget(request_id)
+            self._live.pop(request_id, None)
             deliveries.append((request_id, error))
         for output in message.outputs:
             request_id = output.request_id
-            kind = self._kinds.get(request_id)
-            if kind is None:  # aborted meanwhile
+            live = self._live.get(request_id)
+            if live is None:  # aborted meanwhile
                 continue
-            output.prompt, output.prompt_token_ids = self._prompts[request_id]
-            if kind == RequestOutputKind.CUMULATIVE:
-                output = accumulate(self._cumulative[request_id], output)
-                self._cumulative[request_id] = output
+            output.prompt, output.prompt_token_ids = live.prompt, live.prompt_token_ids
+            if live.cumulative is not None:
+                output = live.cumulative = accumulate(live.cumulative, output)
             if output.finished:
-                self._forget(request_id)
+                del self._live[request_id]
             if output.error is None:
                 deliveries.append((request_id, output))
             else:
@@ -165,10 +159,15 @@ class EngineClientBase:
         streams.deliver_all(deliveries)
         streams.publish_stats(message.stats, message.num_sequences_added)
 
-    def _forget(self, request_id: str) -> None:
-        self._kinds.pop(request_id, None)
-        self._prompts.pop(request_id, None)
-        self._cumulative.pop(request_id, None)
+
+@dataclass(slots=True)
+class _LiveRequest:
+    """What the client keeps of a request until its last output: the prompt (outputs
+    arrive without it), and for a ``CUMULATIVE`` request its output so far."""
+
+    prompt: str | None
+    prompt_token_ids: list[int]
+    cumulative: RequestOutput | None
 
 
 class EngineProcessClient(EngineClientBase):

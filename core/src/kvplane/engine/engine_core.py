@@ -7,8 +7,9 @@ are pickled dataclasses (below) on two one-way :func:`multiprocessing.Pipe` conn
 Outputs cross as deltas: the engine builds a request that asked for cumulative outputs
 as a ``DELTA`` one, each :class:`~kvplane.engine.outputs.RequestOutput` carrying only
 what the request gained since its previous one, and the client side rebuilds the
-cumulative output. Outputs cross without their prompt (text and ids), which the client
-kept when it sent the request. A step's message, and the engine's work for it, grow with
+cumulative output. Outputs cross without their prompt (text and ids; see
+``StepOutputs.__reduce__``), which the client kept when it sent the request, and puts
+back. A step's message, and the engine's work for it, grow with
 the number of tokens it made, not with the length of every prompt and output so far.
 
 Lifetime belongs to the parent: this process ignores SIGINT and SIGTERM (a Ctrl-C in a
@@ -93,8 +94,9 @@ class StepOutputs:
     rejected: list[tuple[str, BaseException]] = field(default_factory=list)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # Outputs cross as plain tuples: pickling a slotted dataclass goes through Python
-        # code per object, on the engine's critical path.
+        # Outputs cross as plain tuples (pickling a slotted dataclass goes through Python
+        # code per object, on the engine's critical path), without the prompt: the client
+        # kept it when it sent the request.
         wire = [_output_to_wire(output) for output in self.outputs]
         return (
             _step_outputs_from_wire,
@@ -117,8 +119,6 @@ def _output_to_wire(output: RequestOutput) -> tuple[Any, ...]:
     ]
     return (
         output.request_id,
-        output.prompt,
-        output.prompt_token_ids,
         output.prompt_logprobs,
         completions,
         output.finished,
@@ -137,8 +137,8 @@ def _step_outputs_from_wire(
     outputs = [
         RequestOutput(
             request_id,
-            prompt,
-            prompt_token_ids,
+            None,
+            [],
             prompt_logprobs,
             [CompletionOutput(*completion) for completion in completions],
             finished,
@@ -148,8 +148,6 @@ def _step_outputs_from_wire(
         )
         for (
             request_id,
-            prompt,
-            prompt_token_ids,
             prompt_logprobs,
             completions,
             finished,
@@ -230,9 +228,6 @@ class EngineCoreLoop:
                 with stats.phase("step"):
                     step_outputs = self.engine.step()
                 stats.count_step()
-            for output in step_outputs:
-                # The client has the prompt: a step's message grows with its new tokens only.
-                output.prompt, output.prompt_token_ids = None, []
             with stats.phase("emit"):
                 self.emit(
                     StepOutputs(step_outputs, self.engine.stats(), self._num_added, self._rejected)

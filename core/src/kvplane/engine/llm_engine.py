@@ -289,12 +289,9 @@ class LLMEngine:
             previous, self._in_flight = self._in_flight, None
             outputs = self._process_in_flight(previous)
         timer = self.runner.timer
-        timer.count_step()
-        with timer.phase("schedule"):
-            output = self._isolation.schedule()
+        output = self._schedule()
         if output.is_empty:
             return outputs
-        self.num_scheduled_tokens += output.num_batched_tokens
         try:
             result = self.runner.execute(
                 output, self._sampling_states, self._prompt_logprobs_ids(output)
@@ -308,13 +305,9 @@ class LLMEngine:
 
     def _step_overlapped(self) -> list[RequestOutput]:
         """Launch step k, then finish step k - 1 on the host while step k runs."""
-        timer = self.runner.timer
-        timer.count_step()
-        with timer.phase("schedule"):
-            output = self._isolation.schedule()
+        output = self._schedule()
         launched = None
         if not output.is_empty:
-            self.num_scheduled_tokens += output.num_batched_tokens
             try:
                 launched = self.runner.launch(
                     output, self._sampling_states, self._prompt_logprobs_ids(output)
@@ -333,6 +326,15 @@ class LLMEngine:
                 if request is not None:
                     request.append_output_token(PLACEHOLDER_TOKEN_ID)
         return outputs
+
+    def _schedule(self) -> SchedulerOutput:
+        """The next step's schedule, timed and counted."""
+        timer = self.runner.timer
+        timer.count_step()
+        with timer.phase("schedule"):
+            output = self._isolation.schedule()
+        self.num_scheduled_tokens += output.num_batched_tokens
+        return output
 
     def _process_in_flight(
         self, in_flight: tuple[SchedulerOutput, PendingStep]

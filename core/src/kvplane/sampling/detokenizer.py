@@ -22,12 +22,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 _REPLACEMENT_CHAR = "\ufffd"
-# Texts on which the Rust tokenizer's decode must match transformers' for it to be used
-# directly: special tokens, byte-fallback and multi-byte pieces, spaces and punctuation.
-_PROBE_TEXTS = (
+#: Texts on which calling a tokenizer's Rust side directly must give what transformers
+#: gives before kvplane does so (here for decoding, in the server's tokenizer pool for
+#: encoding): multi-byte and byte-fallback pieces, runs of spaces, tabs and newlines, and
+#: the spaces before punctuation that transformers' clean-up would remove.
+PROBE_TEXTS = (
     "Hello, world! It's 3.14 -- isn't it?",
     "  two  spaces\n\nand\ttabs  ",
     "naïve café — 日本語 🤖 ünïcödé",
+    "a , b . c 's d n't ?",
 )
 # Per tokenizer: its Rust decode, if that gives what ``tokenizer.decode`` gives, else None.
 _rust_decoders: weakref.WeakKeyDictionary[Any, Callable[..., str] | None] = (
@@ -158,7 +161,7 @@ def _checked_rust_decoder(tokenizer: Any) -> Callable[..., str] | None:
         return None
     special = "".join(list(getattr(tokenizer, "all_special_tokens", []))[:4])
     try:
-        for text in (*_PROBE_TEXTS, special + " x " + special):
+        for text in (*PROBE_TEXTS, special + " x " + special):
             token_ids = list(tokenizer.encode(text, add_special_tokens=True))
             # Every window from the start: cut-short ones end inside multi-byte characters.
             for end in range(1, len(token_ids) + 1):

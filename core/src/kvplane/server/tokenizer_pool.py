@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
 
+from kvplane.sampling.detokenizer import PROBE_TEXTS
 from kvplane.server.prompt_limits import check_num_chars, check_num_tokens, max_chars_per_token
 
 logger = logging.getLogger(__name__)
@@ -34,15 +35,6 @@ T = TypeVar("T")
 
 #: Most pool threads: tokenizing is one core per request, and every thread holds a copy.
 MAX_NUM_THREADS = 4
-
-# Texts on which the Rust tokenizer must encode and decode as transformers does, for the
-# worker to call it directly (the last one catches transformers' clean-up of spaces).
-_PROBE_TEXTS = (
-    "Hello, world!",
-    "  two  spaces\n\nand\ttabs  ",
-    "naïve café — 日本語 🤖",
-    "a , b . c 's d n't ?",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +172,7 @@ def _equivalent_rust_tokenizer(tokenizer: Any) -> Any | None:
     # transformers sets this before each encode of its own; set once here, the same way.
     rust.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
     special = list(getattr(tokenizer, "all_special_tokens", []))[:4]
-    for text in (*_PROBE_TEXTS, "".join(special) + " x"):
+    for text in (*PROBE_TEXTS, "".join(special) + " x"):
         for add_special_tokens in (True, False):
             expected = list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
             (encoding,) = rust.encode_batch_fast([text], add_special_tokens=add_special_tokens)
