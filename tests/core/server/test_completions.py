@@ -179,3 +179,30 @@ def test_async_streaming_several_prompts(server: ServerProcess) -> None:
     texts = asyncio.run(run())
     assert sorted(texts) == [0, 1, 2, 3]
     assert texts[0] == texts[1] and texts[2] == texts[3] and texts[0] != texts[2]
+
+
+def test_streamed_logprobs_and_usage_match_non_streaming(client: openai.OpenAI) -> None:
+    """A stream's chunks carry deltas: their logprobs (echoed prompt included) join into
+    the whole response's, with the same text offsets, and the running usage counts up."""
+    whole = greedy(client, PROMPT, max_tokens=8, echo=True, logprobs=1)
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        echo=True,
+        logprobs=1,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+    )
+    chunks = [chunk for chunk in stream if chunk.choices]
+    expected = whole.choices[0].logprobs
+    assert expected is not None
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens or []] == expected.tokens
+    assert [o for lp in streamed for o in lp.text_offset or []] == expected.text_offset
+    assert [p for lp in streamed for p in lp.token_logprobs or []] == pytest.approx(
+        expected.token_logprobs
+    )
+    completion_tokens = [c.usage.completion_tokens for c in chunks if c.usage is not None]
+    assert completion_tokens == sorted(completion_tokens) and completion_tokens[-1] == 8

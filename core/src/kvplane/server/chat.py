@@ -25,6 +25,7 @@ from kvplane.server.responses import (
     sse_error,
     start_run,
     usage_of,
+    usage_of_run,
 )
 from kvplane.server.runner import RequestRun
 from kvplane.server.state import ServerState
@@ -176,11 +177,10 @@ class _ChatFormatter:
     # -- stream ----------------------------------------------------------------------------
 
     async def stream(self) -> AsyncIterator[str]:
+        """The chunks of a stream; the run's outputs are deltas."""
         states: dict[int, _ChoiceStream] = {}
-        final: RequestOutput | None = None
         try:
             async for _, output in self.run:
-                final = output
                 for completion in output.outputs:
                     state = states.get(completion.index)
                     if state is None:
@@ -190,10 +190,12 @@ class _ChatFormatter:
                     for delta, finish_reason, logprobs in state.advance(completion, self):
                         chunk = self._chunk(completion.index, delta, finish_reason, logprobs)
                         if self._continuous_usage:
-                            chunk["usage"] = usage_of([final])
+                            chunk["usage"] = usage_of_run(self.run)
                         yield sse(chunk)
             if self.body.include_usage:
-                chunk = self._envelope("chat.completion.chunk", []) | {"usage": usage_of([final])}
+                chunk = self._envelope("chat.completion.chunk", []) | {
+                    "usage": usage_of_run(self.run)
+                }
                 yield sse(chunk)
         except Exception as error:
             yield sse_error(error)
@@ -247,40 +249,38 @@ class _ChatFormatter:
 
 
 class _ChoiceStream:
-    """What has been sent of one choice; turns its next output into deltas."""
+    """What has been sent of one choice; turns its next output (a delta) into chunks."""
 
     def __init__(self, parser: ToolParser | None) -> None:
         self.parser = parser
-        self.num_chars = 0
-        self.num_tokens = 0
+        self.text = ""  # the whole text so far, kept only for a tool parser
         self.has_calls = False
         self.finished = False
 
     def advance(
         self, completion: CompletionOutput, formatter: _ChatFormatter
     ) -> list[tuple[dict[str, Any], str | None, dict[str, Any] | None]]:
-        """``(delta, finish_reason, logprobs)`` to send for ``completion``'s new part."""
+        """``(delta, finish_reason, logprobs)`` to send for ``completion``, the part of
+        the choice that is new since its previous output."""
         if self.finished:
             return []
-        previous = completion.text[: self.num_chars]
-        delta_text = completion.text[self.num_chars :]
-        logprobs = formatter.logprobs(completion, self.num_tokens)
-        has_new_tokens = len(completion.token_ids) > self.num_tokens
-        self.num_chars = len(completion.text)
-        self.num_tokens = len(completion.token_ids)
+        delta_text = completion.text
+        logprobs = formatter.logprobs(completion, 0)
         deltas: list[dict[str, Any]] = []
         if self.parser is None:
             if delta_text:
                 deltas.append({"content": delta_text})
         else:
+            previous = self.text
+            self.text += delta_text
             if delta_text:
                 deltas += self._tool_delta(
-                    self.parser.extract_tool_calls_streaming(previous, completion.text, delta_text)
+                    self.parser.extract_tool_calls_streaming(previous, self.text, delta_text)
                 )
             if completion.finished:
-                deltas += self._tool_delta(self.parser.finish_streaming(completion.text))
+                deltas += self._tool_delta(self.parser.finish_streaming(self.text))
         sends: list[tuple[dict[str, Any], str | None, dict[str, Any] | None]] = []
-        if not deltas and has_new_tokens and logprobs:
+        if not deltas and completion.token_ids and logprobs:
             deltas.append({})  # text held back, but the tokens' logprobs go now
         for position, delta in enumerate(deltas):
             sends.append((delta, None, logprobs if position == 0 else None))

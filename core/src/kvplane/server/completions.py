@@ -25,6 +25,7 @@ from kvplane.server.responses import (
     sse_error,
     start_run,
     usage_of,
+    usage_of_run,
 )
 from kvplane.server.runner import RequestRun
 from kvplane.server.state import ServerState
@@ -123,7 +124,9 @@ class _Formatter:
         choices = []
         for prompt_index, output in enumerate(finals):
             for completion in output.outputs:
-                text, logprobs = self._choice_content(prompt_index, output, completion, 0, 0)
+                text, logprobs = self._choice_content(
+                    prompt_index, output.prompt_logprobs, completion, 0
+                )
                 choices.append(
                     {
                         "index": prompt_index * self.body.n + completion.index,
@@ -136,26 +139,31 @@ class _Formatter:
         return self._envelope(choices) | {"usage": usage_of(finals)}
 
     async def stream(self) -> AsyncIterator[str]:
-        sent: dict[int, tuple[int, int]] = {}  # choice -> (characters, tokens) sent
+        """The chunks of a stream; the run's outputs are deltas."""
+        num_chars_sent: dict[int, int] = {}  # choice -> characters sent (logprobs' offsets)
         finished: set[int] = set()
-        finals: list[RequestOutput | None] = [None] * len(self.run.prompts)
+        # Each prompt's logprobs come with its first output only.
+        prompt_logprobs: dict[int, list[SampleLogprobs | None] | None] = {}
         try:
             async for prompt_index, output in self.run:
-                finals[prompt_index] = output
+                if output.prompt_logprobs is not None:
+                    prompt_logprobs[prompt_index] = output.prompt_logprobs
                 for completion in output.outputs:
                     choice = prompt_index * self.body.n + completion.index
-                    num_chars, num_tokens = sent.get(choice, (0, 0))
-                    is_new = (
-                        len(completion.token_ids) > num_tokens or len(completion.text) > num_chars
-                    )
+                    is_new = bool(completion.token_ids or completion.text)
                     if choice in finished or not (is_new or completion.finished):
                         continue
+                    started = choice in num_chars_sent
                     text, logprobs = self._choice_content(
-                        prompt_index, output, completion, num_chars, num_tokens, choice in sent
+                        prompt_index,
+                        prompt_logprobs.get(prompt_index),
+                        completion,
+                        num_chars_sent.get(choice, 0),
+                        started,
                     )
                     if completion.finished:
                         finished.add(choice)
-                    sent[choice] = (len(completion.text), len(completion.token_ids))
+                    num_chars_sent[choice] = num_chars_sent.get(choice, 0) + len(completion.text)
                     chunk = self._envelope(
                         [
                             {
@@ -168,10 +176,10 @@ class _Formatter:
                         ]
                     )
                     if self._continuous_usage:
-                        chunk["usage"] = usage_of(finals)
+                        chunk["usage"] = usage_of_run(self.run)
                     yield sse(chunk)
             if self.body.include_usage:
-                yield sse(self._envelope([]) | {"usage": usage_of(finals)})
+                yield sse(self._envelope([]) | {"usage": usage_of_run(self.run)})
         except Exception as error:
             yield sse_error(error)
         finally:
@@ -195,27 +203,28 @@ class _Formatter:
     def _choice_content(
         self,
         prompt_index: int,
-        output: RequestOutput,
+        prompt_logprobs: list[SampleLogprobs | None] | None,
         completion: CompletionOutput,
-        num_chars: int,
-        num_tokens: int,
+        num_chars_before: int,
         started: bool = False,
     ) -> tuple[str, dict[str, Any] | None]:
-        """Text and logprobs from character ``num_chars`` / token ``num_tokens`` on; the
-        first piece of a choice starts with the prompt when echoing."""
-        text = completion.text[num_chars:]
-        token_ids = completion.token_ids[num_tokens:]
-        entries: list[SampleLogprobs | None] = list((completion.logprobs or [])[num_tokens:])
+        """Text and logprobs of ``completion`` (whole, or a stream's delta that follows
+        ``num_chars_before`` characters); the first piece of a choice starts with the
+        prompt when echoing."""
+        text = completion.text
+        token_ids = completion.token_ids
+        entries: list[SampleLogprobs | None] = list(completion.logprobs or [])
         echo = self.body.echo and not started
         if echo:
             text = self._prompt_text(prompt_index) + text
         if self.body.logprobs is None:
             return text, None
         offset = len(self._prompt_text(prompt_index)) if self.body.echo else 0
-        offset += num_chars
+        offset += num_chars_before
         if echo:
-            prompt_entries = list(output.prompt_logprobs or [None] * len(output.prompt_token_ids))
-            token_ids = list(output.prompt_token_ids) + token_ids
+            prompt_token_ids = self.run.prompts[prompt_index]
+            prompt_entries = list(prompt_logprobs or [None] * len(prompt_token_ids))
+            token_ids = list(prompt_token_ids) + token_ids
             entries = prompt_entries + entries
             offset = 0
         return text, self._logprobs(token_ids, entries, offset)

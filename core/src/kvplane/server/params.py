@@ -94,9 +94,10 @@ def build_sampling_params(
             allowed_token_ids=request.allowed_token_ids,
             structured_output=structured_output,
             detokenize=detokenize,
-            # A response sent whole needs the engine's last output only.
+            # A stream sends what is new (a step costs what it adds, not the output's
+            # length); a response sent whole needs the engine's last output only.
             output_kind=(
-                RequestOutputKind.CUMULATIVE if request.stream else RequestOutputKind.FINAL_ONLY
+                RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
             ),
         )
     except ValueError as error:

@@ -119,6 +119,11 @@ def usage_of(outputs: Iterable[RequestOutput | None]) -> dict[str, Any]:
     )
 
 
+def usage_of_run(run: RequestRun) -> dict[str, Any]:
+    """Usage of a run's outputs so far (streams, whose outputs are deltas)."""
+    return usage(*run.token_counts())
+
+
 def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) and logprob > _MIN_LOGPROB else _MIN_LOGPROB
 

@@ -4,7 +4,10 @@ A :class:`RequestRun` lives on the event-loop thread. ``await run.start()`` subm
 prompt and returns once each has produced its first output, so a request the engine
 rejects (a schema that cannot compile, a token id outside the vocabulary...) raises here,
 before a streaming response has sent its status line. Iterating then yields
-``(prompt_index, cumulative RequestOutput)`` until every prompt has finished.
+``(prompt_index, RequestOutput)`` until every prompt has finished: each output as the
+request's ``params.output_kind`` says (streams ask for ``DELTA``: what is new since the
+prompt's previous output, so a step costs what it adds, not the output's length).
+:meth:`RequestRun.token_counts` counts the tokens whatever the kind.
 
 Leaving early (client gone, handler cancelled) and :meth:`RequestRun.close` abort the
 engine requests still running; :meth:`RequestRun.cancel` (server shutdown) makes the
@@ -63,6 +66,8 @@ class RequestRun:
         self._buffer: deque[_Item] = deque()
         self._tasks: list[asyncio.Task[None]] = []
         self._last: list[RequestOutput | None] = [None] * len(prompts)
+        # Output tokens so far of each prompt's completions (deltas add up here).
+        self._num_output_tokens: list[list[int]] = [[0] * params.n for _ in prompts]
         self._first_token_time: list[float | None] = [None] * len(prompts)
         self._finished = [False] * len(prompts)
         self._closed = False
@@ -87,6 +92,16 @@ class RequestRun:
                 await self.close()
                 raise output
             started[index] = True
+
+    def token_counts(self) -> tuple[int, int, int]:
+        """``(prompt, output, cached prompt)`` tokens of the prompts that have an output
+        so far: each prompt counted once, every completion's tokens."""
+        present = [index for index, last in enumerate(self._last) if last is not None]
+        return (
+            sum(len(self.prompts[index]) for index in present),
+            sum(sum(self._num_output_tokens[index]) for index in present),
+            sum(getattr(self._last[index], "num_cached_tokens", 0) for index in present),
+        )
 
     def cancel(self) -> None:
         """End the iteration now with ``finish_reason="abort"`` (server shutdown)."""
@@ -146,6 +161,11 @@ class RequestRun:
             return
         now = time.monotonic()
         self._last[index] = output
+        counts = self._num_output_tokens[index]
+        delta = self.params.output_kind == RequestOutputKind.DELTA
+        for completion in output.outputs:
+            before = counts[completion.index] if delta else 0
+            counts[completion.index] = before + len(completion.token_ids)
         if self._first_token_time[index] is None and any(c.token_ids for c in output.outputs):
             # A final-only output comes long after its first token: the engine's time of it
             # then (time.monotonic, one clock for every process of the machine).
@@ -160,22 +180,38 @@ class RequestRun:
         for position, completion in enumerate(output.outputs):
             self.metrics.record_sequence(
                 len(self.prompts[index]) if position == 0 else 0,
-                len(completion.token_ids),
+                counts[completion.index],
                 completion.finish_reason,
                 ttft,
                 now - self.arrival,
             )
 
     def _aborted_output(self, index: int) -> RequestOutput:
+        """The output that ends an unfinished prompt, each running completion
+        ``"abort"``: nothing new (a ``DELTA`` stream has sent the rest), or its last."""
         last = self._last[index]
+        empty: list[SampleLogprobs] | None = [] if self.params.logprobs is not None else None
         if last is None:
-            empty: list[SampleLogprobs] | None = [] if self.params.logprobs is not None else None
             completions = [
                 CompletionOutput(i, "", [], None, empty, finish_reason="abort")
                 for i in range(self.params.n)
             ]
             return RequestOutput(
                 self.engine_request_id(index), None, self.prompts[index], None, completions, True
+            )
+        if self.params.output_kind == RequestOutputKind.DELTA:
+            completions = [
+                dataclasses.replace(
+                    c,
+                    text="",
+                    token_ids=[],
+                    logprobs=empty,
+                    finish_reason=c.finish_reason or "abort",
+                )
+                for c in last.outputs
+            ]
+            return dataclasses.replace(
+                last, prompt_logprobs=None, outputs=completions, finished=True
             )
         completions = [
             c if c.finished else dataclasses.replace(c, finish_reason="abort") for c in last.outputs
