@@ -79,7 +79,9 @@ def _shrink(requests: list[Any], factor: int, vocab_size: int) -> list[Any]:
 @contextmanager
 def step_phases(llm: Any, into: dict[str, Any]) -> Iterator[None]:
     """Turn the engine's step timer on around a timed call; ``into["step_phases_ms"]``
-    gets host milliseconds per step by phase (absent on engines without a timer)."""
+    gets host milliseconds per step by phase, ``into["large_decode_steps_ms"]`` the same
+    over decode steps of 256 or more sequences with their period and host share (both
+    absent on engines without a timer)."""
     timer = getattr(llm.engine.runner, "timer", None)
     if timer is None:
         yield
@@ -91,6 +93,7 @@ def step_phases(llm: Any, into: dict[str, Any]) -> Iterator[None]:
     finally:
         timer.enabled = False
         into["step_phases_ms"] = timer.summary()
+        into["large_decode_steps_ms"] = timer.large_decode_summary()
 
 
 def run_c(suite: Suite) -> dict[str, Any]:

@@ -30,7 +30,10 @@ def run_kvplane(
     """Time one ``generate`` over all requests (model load and warm-up excluded).
 
     The result also holds the engine's host milliseconds per step by phase
-    (``step_ms_<phase>``, see :mod:`kvplane.engine.step_timer`) and ``num_steps``.
+    (``step_ms_<phase>``, see :mod:`kvplane.engine.step_timer`) and ``num_steps``, and
+    the same over the decode steps of at least 256 sequences (``decode256_*``: ``steps``,
+    ``ms_<phase>``, ``ms_step`` the period, ``ms_host`` schedule + prepare + update,
+    ``host_share`` host / period).
     """
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = throughput_params(requests, temperature)
@@ -50,6 +53,11 @@ def run_kvplane(
     phases = timer.summary()
     result["num_steps"] = phases.pop("steps")
     result.update({f"step_ms_{name}": value for name, value in phases.items()})
+    large = timer.large_decode_summary()
+    label = f"decode{timer.large_batch}"
+    for name, value in large.items():
+        key = name if name in ("steps", "host_share") else f"ms_{name}"
+        result[f"{label}_{key}"] = value
     return result
 
 

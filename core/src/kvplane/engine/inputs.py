@@ -80,6 +80,20 @@ class StepInputs:
     logits_indices: torch.Tensor  # [num_logit_rows] int64, token index of each row
 
 
+def _block_tables(output: SchedulerOutput) -> np.ndarray:
+    """``[num_seqs, max(max_blocks, 1)]`` int32: each scheduled request's block table,
+    zero-padded; gathered from the scheduler's table array when it has one."""
+    scheduled = output.scheduled
+    num_cols = max(max((len(s.block_ids) for s in scheduled), default=1), 1)
+    if output.block_table is not None:
+        rows = np.fromiter((s.block_table_row for s in scheduled), np.intp, len(scheduled))
+        return output.block_table[rows, :num_cols]
+    block_tables = np.zeros((len(scheduled), num_cols), dtype=np.int32)
+    for row, item in enumerate(scheduled):
+        block_tables[row, : len(item.block_ids)] = item.block_ids
+    return block_tables
+
+
 def build_host_inputs(
     output: SchedulerOutput,
     block_size: int,
@@ -98,10 +112,7 @@ def build_host_inputs(
     np.cumsum(query_lens, out=query_start_loc[1:])
     seq_lens = (starts + query_lens).astype(np.int32)
 
-    max_blocks = max((len(s.block_ids) for s in scheduled), default=1)
-    block_tables = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)
-    for row, item in enumerate(scheduled):
-        block_tables[row, : len(item.block_ids)] = item.block_ids
+    block_tables = _block_tables(output)  # [num_seqs, max_blocks]
 
     max_query_len = int(query_lens.max()) if num_seqs else 0
     if max_query_len == 1:

@@ -333,6 +333,8 @@ class LLMEngine:
         timer.count_step()
         with timer.phase("schedule"):
             output = self._isolation.schedule()
+        num_seqs = len(output.scheduled)
+        timer.label_step(num_seqs, output.num_batched_tokens == num_seqs)
         self.num_scheduled_tokens += output.num_batched_tokens
         return output
 

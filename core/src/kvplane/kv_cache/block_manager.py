@@ -6,6 +6,7 @@ from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from kvplane.kv_cache.block_pool import BlockPool, check_invariant
+from kvplane.kv_cache.block_table_array import BlockTableArray
 from kvplane.kv_cache.hashing import BlockHash, hash_block_tokens
 
 if TYPE_CHECKING:  # the scheduler package imports this module; avoid the cycle at runtime
@@ -31,6 +32,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        # The same tables as rows of one array: what a step's inputs gather.
+        self.table_array = BlockTableArray()
         # Leading blocks of each table that are already registered (or found) in the cache.
         self._num_hashed_blocks: dict[str, int] = {}
         # Chained hashes of each request's full token blocks, so nothing is hashed twice.
@@ -186,6 +189,7 @@ class BlockManager:
             if self.enable_prefix_caching and request.num_preemptions == 0:
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += request.num_computed_tokens
+        first_changed = cow_indices[0] if cow_indices else len(table)
         # Take the cached blocks before allocating, so allocation cannot evict them.
         for block_id in computed_block_ids:
             self.pool.take(block_id)
@@ -198,6 +202,8 @@ class BlockManager:
             table[i] = fresh.block_id
         for _ in range(num_fresh):
             table.append(self.pool.allocate().block_id)
+        if first_changed < len(table) or rid not in self.table_array:
+            self.table_array.write(rid, first_changed, table[first_changed:])
         return copies
 
     def free(self, request: Request) -> None:
@@ -209,6 +215,7 @@ class BlockManager:
         rid = request.request_id
         for block_id in reversed(self._tables.pop(rid, ())):
             self.pool.release(block_id)
+        self.table_array.release(rid)
         self._num_hashed_blocks.pop(rid, None)
         self._token_hashes.pop(rid, None)
 
@@ -226,6 +233,7 @@ class BlockManager:
         for block_id in table:
             self.pool.take(block_id)
         self._tables[child.request_id] = list(table)
+        self.table_array.write(child.request_id, 0, table)
         self._num_hashed_blocks[child.request_id] = self._num_hashed_blocks[parent.request_id]
 
     # ---------------------------------------------------------------- internals
@@ -248,7 +256,8 @@ class BlockManager:
 
         Ref counts equal the number of tables holding each block, no table holds a block
         twice, the free queue is exactly the unheld blocks, the hash map matches the
-        blocks. O(num_blocks + total table length); meant for tests.
+        blocks, the table array holds the tables. O(num_blocks + total table length);
+        meant for tests.
         """
         self.pool.check_invariants()
         holders = [0] * self.pool.num_blocks
@@ -260,6 +269,7 @@ class BlockManager:
             )
             for block_id in table:
                 holders[block_id] += 1
+        self.table_array.check_invariants(self._tables)
         for block in self.pool.blocks:
             check_invariant(
                 block.ref_count == holders[block.block_id],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvplane.scheduler.request import Request
 
 
@@ -12,7 +14,8 @@ class ScheduledRequest:
     """Compute tokens ``start_position : start_position + num_new_tokens`` of ``request``.
 
     Their KV goes to ``block_ids`` (the request's whole block table after allocation:
-    token ``i`` at slot ``block_ids[i // block_size] * block_size + i % block_size``).
+    token ``i`` at slot ``block_ids[i // block_size] * block_size + i % block_size``),
+    which is also row ``block_table_row`` of the output's ``block_table`` (-1: none).
     ``is_sampling``: the step computes the request's last known token, so the engine
     samples the next one from that position's logits.
     """
@@ -22,6 +25,7 @@ class ScheduledRequest:
     start_position: int  # num_computed_tokens before the step
     block_ids: tuple[int, ...]
     is_sampling: bool
+    block_table_row: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +48,9 @@ class SchedulerOutput:
     the source of a copy and the destination of a later one, so apply them in order or
     read every source before writing any destination (as the reference hook does).
     ``preempted_request_ids`` lost their blocks this step and will recompute later.
+    ``block_table`` (``[rows, cols]`` int32, zero past each table's end) holds every
+    scheduled request's ``block_ids`` at its ``block_table_row``; it is the block
+    manager's live array, so it holds this step's tables only until the next schedule.
     """
 
     scheduled: tuple[ScheduledRequest, ...]
@@ -51,6 +58,7 @@ class SchedulerOutput:
     block_copies: tuple[tuple[int, int], ...]
     preempted_request_ids: tuple[str, ...]
     num_batched_tokens: int
+    block_table: np.ndarray | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -188,6 +188,7 @@ class Scheduler:
             block_copies=tuple(step.copies),
             preempted_request_ids=tuple(step.preempted),
             num_batched_tokens=self.config.max_num_batched_tokens - budget,
+            block_table=self.block_manager.table_array.array,
         )
 
     def update_from_output(
@@ -313,7 +314,10 @@ class Scheduler:
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens
         block_ids = tuple(self.block_manager.block_ids(request.request_id))
-        step.scheduled.append(ScheduledRequest(request, num_new, start, block_ids, is_sampling))
+        row = self.block_manager.table_array.row_of(request.request_id)
+        step.scheduled.append(
+            ScheduledRequest(request, num_new, start, block_ids, is_sampling, row)
+        )
         if is_sampling:
             for child in self._children.pop(request.request_id, ()):
                 self.block_manager.fork(request, child)
