@@ -132,7 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--serve-runs", type=int, default=3, help="rounds per rate")
     serve.add_argument("--serve-prompts", type=int, default=500)
     serve.add_argument(
-        "--serve-seconds", type=float, default=360.0, help="start no round after S seconds"
+        "--serve-seconds",
+        type=float,
+        default=500.0,
+        help="from the suite's start: start no round that would end after S seconds",
     )
     args = parser.parse_args(argv)
 

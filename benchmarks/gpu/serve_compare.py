@@ -84,10 +84,15 @@ def run_serve(suite: Suite) -> dict[str, Any]:
         for name, port in ports.items():  # first requests compile and capture: not measured
             _vllm_client(port, "inf", 64, out / f"serve_warmup_{name}.json", vllm_env, model)
         runs: list[dict[str, Any]] = []
-        deadline = time.monotonic() + args.serve_seconds
+        # The suite's clock: no round starts that would end after --serve-seconds, judged
+        # by the last round of the same rate (the servers' start counts too).
+        deadline = suite.started + args.serve_seconds
         for rate in args.serve_rates:
+            round_seconds = 0.0
             for round_index in range(args.serve_runs):
-                if time.monotonic() > deadline:
+                round_started = time.perf_counter()
+                if round_started + round_seconds > deadline:
+                    print(f"[serve] rate {rate}: {round_index} rounds, out of time", flush=True)
                     break
                 for server, port in ports.items():
                     path = out / f"serve_vllmclient_{server}_{rate}_{round_index}.json"
@@ -103,6 +108,7 @@ def run_serve(suite: Suite) -> dict[str, Any]:
                     )
                     runs.append({"client": "kvplane", "server": server, "rate": rate, **result})
                     print(f"[serve] kvplane client -> {server}, rate {rate}: {result}", flush=True)
+                round_seconds = time.perf_counter() - round_started
         return {"runs": runs, "medians": _medians(runs)}
     finally:
         for server in servers:
