@@ -18,6 +18,7 @@ from typing import Any
 
 from kvplane.bench.datasets import BenchRequest
 from kvplane.bench.results import summarize
+from kvplane.bench.sse_client import Endpoint, post_events
 
 
 @dataclass(slots=True)
@@ -37,7 +38,7 @@ class StreamResult:
 
 
 async def _stream_one(
-    client: Any, url: str, model: str, request: BenchRequest, api_key: str | None
+    endpoint: Endpoint, model: str, request: BenchRequest, api_key: str | None
 ) -> StreamResult:
     payload = {
         "model": model,
@@ -53,29 +54,29 @@ async def _stream_one(
     result = StreamResult(prompt_len=len(request.prompt_token_ids))
     result.start = started = time.perf_counter()
     last = started
+
+    def on_event(data: bytes) -> None:
+        nonlocal last
+        if data == b"[DONE]":
+            return
+        chunk = json.loads(data.decode())
+        if chunk.get("usage"):
+            result.output_tokens = chunk["usage"]["completion_tokens"]
+        if not chunk.get("choices") or not chunk["choices"][0].get("text"):
+            return
+        now = time.perf_counter()
+        result.chunk_times.append(now - started)
+        if result.ttft == 0.0:
+            result.ttft = now - started
+        else:
+            result.itl.append(now - last)
+        last = now
+
     try:
-        async with client.stream("POST", url, json=payload, headers=headers) as response:
-            if response.status_code != 200:
-                result.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    result.output_tokens = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices") or not chunk["choices"][0].get("text"):
-                    continue
-                now = time.perf_counter()
-                result.chunk_times.append(now - started)
-                if result.ttft == 0.0:
-                    result.ttft = now - started
-                else:
-                    result.itl.append(now - last)
-                last = now
+        response = await post_events(endpoint, json.dumps(payload).encode(), on_event, headers)
+        if response.status != 200:
+            result.error = f"HTTP {response.status}: {response.error_body[:200]!r}"
+            return result
         result.latency = time.perf_counter() - started
         result.success = result.output_tokens > 0
     except Exception as error:  # a failed request is a result, not a crash
@@ -103,30 +104,25 @@ async def run_serve(
     api_key: str | None = None,
 ) -> tuple[dict[str, Any], list[StreamResult]]:
     """Run the workload against ``base_url``; returns (metrics, per-request results)."""
-    import httpx
     from tqdm import tqdm
 
-    url = base_url.rstrip("/") + (
-        "/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/completions"
+    endpoint = Endpoint.from_url(
+        base_url.rstrip("/")
+        + ("/completions" if base_url.rstrip("/").endswith("/v1") else "/v1/completions")
     )
     limit = asyncio.Semaphore(max_concurrency or len(requests))
     progress = tqdm(total=len(requests), desc="requests", unit="req")
-    timeout = httpx.Timeout(None)
-    limits = httpx.Limits(max_connections=max_concurrency or len(requests) + 8)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
 
-        async def limited(request: BenchRequest) -> StreamResult:
-            async with limit:
-                result = await _stream_one(client, url, model, request, api_key)
-            progress.update(1)
-            return result
+    async def limited(request: BenchRequest) -> StreamResult:
+        async with limit:
+            result = await _stream_one(endpoint, model, request, api_key)
+        progress.update(1)
+        return result
 
-        started = time.perf_counter()
-        tasks = [
-            asyncio.create_task(limited(r)) async for r in _arrivals(requests, request_rate, seed)
-        ]
-        results = list(await asyncio.gather(*tasks))
-        duration = time.perf_counter() - started
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(limited(r)) async for r in _arrivals(requests, request_rate, seed)]
+    results = list(await asyncio.gather(*tasks))
+    duration = time.perf_counter() - started
     progress.close()
     return serve_metrics(results, duration), results
 
