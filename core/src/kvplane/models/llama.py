@@ -135,9 +135,10 @@ class LlamaAttention(torch.nn.Module):
         qkv = self.qkv_proj(hidden)
         query, key, value = qkv.split(self.qkv_proj.output_sizes, dim=-1)
         if self.q_norm is not None and self.k_norm is not None:
-            # Norm ops take [rows, width]: one row per (token, head).
-            query = self.q_norm(query.reshape(-1, self.head_size))
-            key = self.k_norm(key.reshape(-1, self.head_size))
+            # Per-head norms over [tokens, heads, head_size] views of the fused output:
+            # the norm reads them in place (no copy of the slices first).
+            query = self.q_norm(query.unflatten(-1, (self.num_heads, self.head_size)))
+            key = self.k_norm(key.unflatten(-1, (self.num_kv_heads, self.head_size)))
         query = query.reshape(num_tokens, self.num_heads, self.head_size)
         key = key.reshape(num_tokens, self.num_kv_heads, self.head_size)
         value = value.reshape(num_tokens, self.num_kv_heads, self.head_size)

@@ -14,11 +14,14 @@ from kvplane.ops import steps
 
 
 def rms_norm(
-    x: torch.Tensor,  # [num_tokens, hidden_size]
+    x: torch.Tensor,  # [..., hidden_size], any strides
     weight: torch.Tensor,  # [hidden_size]
     eps: float,
-) -> torch.Tensor:  # [num_tokens, hidden_size]
-    """``x / sqrt(mean(x**2) + eps) * weight``; never mutates its inputs."""
+) -> torch.Tensor:  # x's shape
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dim; never mutates its
+    inputs. ``x`` may be a strided view, e.g. ``[tokens, heads, head_size]`` heads sliced
+    from a fused QKV output (Qwen3's per-head norms), which implementations read in
+    place where they can."""
     x_f32 = x.float()
     variance = x_f32.pow(2).mean(dim=-1, keepdim=True)
     normed = x_f32 * torch.rsqrt(variance + eps)

@@ -45,6 +45,30 @@ def test_rms_norm(
     assert torch.equal(x_device.cpu(), x), "rms_norm must not mutate its input"
 
 
+@pytest.mark.parametrize(("num_tokens", "num_heads", "head_size"), [(1, 2, 64), (9, 16, 128)])
+def test_rms_norm_of_heads_sliced_from_a_fused_projection(
+    kvplane_platform: Platform,
+    kvplane_device: torch.device,
+    kvplane_dtype: torch.dtype,
+    kvplane_generator: torch.Generator,
+    num_tokens: int,
+    num_heads: int,
+    head_size: int,
+) -> None:
+    """Per-head norms (Qwen3's q/k norm) take ``[tokens, heads, head_size]`` views of a
+    fused QKV output: rows strided in two dims, which no 2-D view covers."""
+    width = num_heads * head_size
+    fused = randn((num_tokens, 3 * width), kvplane_dtype, kvplane_generator, scale=2.0)
+    weight = randn((head_size,), kvplane_dtype, kvplane_generator)
+    fused_device = fused.to(kvplane_device, copy=True)
+    heads = fused_device[:, width : 2 * width].unflatten(-1, (num_heads, head_size))
+    out = kvplane_platform.ops.rms_norm(heads, weight.to(kvplane_device, copy=True), 1e-6)
+    assert out.shape == (num_tokens, num_heads, head_size) and out.dtype == kvplane_dtype
+    expected_input = fused[:, width : 2 * width].unflatten(-1, (num_heads, head_size))
+    assert_close(out, reference.rms_norm(expected_input, weight, 1e-6))
+    assert torch.equal(fused_device.cpu(), fused), "rms_norm must not mutate its input"
+
+
 @pytest.mark.parametrize(("num_tokens", "hidden_size"), TOKEN_HIDDEN_SHAPES)
 def test_fused_add_rms_norm(
     kvplane_platform: Platform,

@@ -34,6 +34,8 @@ def _load_summed(x_row, residual_row, sum_row, offsets, mask, HAS_RESIDUAL: tl.c
 def _rms_norm_kernel(
     x_ptr,
     x_row_stride,
+    x_group_size,  # rows of x per outer index: x is [outer, group, hidden] (1: 2-D rows)
+    x_group_stride,
     residual_ptr,
     residual_row_stride,
     sum_ptr,  # where the residual sum goes (may alias x or residual)
@@ -48,7 +50,7 @@ def _rms_norm_kernel(
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_row_stride
+    x_row = x_ptr + (row // x_group_size) * x_row_stride + (row % x_group_size) * x_group_stride
     residual_row = residual_ptr + row * residual_row_stride
     sum_row = sum_ptr + row * sum_row_stride
     out_row = out_ptr + row * out_row_stride
@@ -86,17 +88,31 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:  # [..., hidden] -> [rows, hidden
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _strided_rows(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``x`` as rows the kernel can address: ``(tensor, (row stride, group size, group
+    stride))``. A 3-D ``[outer, group, hidden]`` view with unit channel stride is read in
+    place (e.g. the per-head query slice of a fused QKV output, whose rows cannot be one
+    2-D view); anything else becomes 2-D rows (a copy only when no such view exists)."""
+    if x.dim() == 3 and x.stride(-1) == 1:
+        return x, (x.stride(0), x.shape[1], x.stride(1))
+    rows = _as_rows(x)
+    return rows, (rows.stride(0), 1, 0)
+
+
 def _launch(
-    x: torch.Tensor,  # [num_tokens, hidden_size], unit channel stride
+    x: torch.Tensor,  # rows of hidden_size channels, unit channel stride (see x_strides)
     residual: torch.Tensor | None,  # [num_tokens, hidden_size] or None
     summed: torch.Tensor | None,  # [num_tokens, hidden_size], x.dtype, or None
     out: torch.Tensor,  # [num_tokens, hidden_size]
     weight: torch.Tensor,  # [hidden_size]
     eps: float,
+    x_strides: tuple[int, int, int] | None = None,  # row stride, group size, group stride
 ) -> None:
-    num_tokens, hidden_size = x.shape
+    num_tokens, hidden_size = out.shape
     if num_tokens == 0:
         return
+    if x_strides is None:
+        x_strides = (x.stride(0), 1, 0)
     single_block = hidden_size <= _MAX_SINGLE_BLOCK
     block = triton.next_power_of_2(hidden_size) if single_block else _CHUNK
     if residual is not None and summed is not None:
@@ -105,7 +121,7 @@ def _launch(
         has_residual, residual_arg, sum_arg = False, x, x
     _rms_norm_kernel[(num_tokens,)](
         x,
-        x.stride(0),
+        *x_strides,
         residual_arg,
         residual_arg.stride(0),
         sum_arg,
@@ -123,14 +139,15 @@ def _launch(
 
 
 def rms_norm(
-    x: torch.Tensor,  # [num_tokens, hidden_size]
+    x: torch.Tensor,  # [..., hidden_size]
     weight: torch.Tensor,  # [hidden_size]
     eps: float,
-) -> torch.Tensor:  # [num_tokens, hidden_size]
-    """``x / sqrt(mean(x**2) + eps) * weight``; never mutates its inputs."""
-    rows = _as_rows(x)
-    out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
-    _launch(rows, None, None, out, weight.contiguous(), eps)
+) -> torch.Tensor:  # x's shape, contiguous
+    """``x / sqrt(mean(x**2) + eps) * weight`` over the last dim; never mutates its
+    inputs."""
+    rows, x_strides = _strided_rows(x)
+    out = torch.empty((x.numel() // x.shape[-1], x.shape[-1]), dtype=x.dtype, device=x.device)
+    _launch(rows, None, None, out, weight.contiguous(), eps, x_strides)
     return out.view(x.shape)
 
 
