@@ -59,38 +59,95 @@ def main() -> None:
 
     model = args.model or str(default_model_path())
     engine_args = ["--model", model, "--device", args.device, *args.engine_args.split()]
-    workload = ["--input-len", str(args.input_len), "--output-len", str(args.output_len),
-                "--num-prompts", str(args.num_prompts)]
+    workload = [
+        "--input-len",
+        str(args.input_len),
+        "--output-len",
+        str(args.output_len),
+        "--num-prompts",
+        str(args.num_prompts),
+    ]
     work = Path(tempfile.mkdtemp())
 
-    kvplane("bench", "throughput", *engine_args, *workload,
-            "--output-json", str(work / "throughput.json"))
+    kvplane(
+        "bench",
+        "throughput",
+        *engine_args,
+        *workload,
+        "--output-json",
+        str(work / "throughput.json"),
+    )
     offline = json.loads((work / "throughput.json").read_text())
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "kvplane.cli.main", "serve", *engine_args,
-                               "--served-model-name", "bench", "--host", "127.0.0.1",
-                               "--port", str(port), "--uvicorn-log-level", "warning"])
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvplane.cli.main",
+            "serve",
+            *engine_args,
+            "--served-model-name",
+            "bench",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--uvicorn-log-level",
+            "warning",
+        ]
+    )
     try:
         wait_ready(url, server)
         # One short warm-up pass, as the offline benchmark warms up too.
-        kvplane("bench", "serve", "--base-url", url, "--model", model, "--served-model-name",
-                "bench", "--input-len", "16", "--output-len", "4", "--num-prompts", "2")
-        kvplane("bench", "serve", "--base-url", url, "--model", model, "--served-model-name",
-                "bench", *workload, "--request-rate", "inf",
-                "--output-json", str(work / "serve.json"))
+        kvplane(
+            "bench",
+            "serve",
+            "--base-url",
+            url,
+            "--model",
+            model,
+            "--served-model-name",
+            "bench",
+            "--input-len",
+            "16",
+            "--output-len",
+            "4",
+            "--num-prompts",
+            "2",
+        )
+        kvplane(
+            "bench",
+            "serve",
+            "--base-url",
+            url,
+            "--model",
+            model,
+            "--served-model-name",
+            "bench",
+            *workload,
+            "--request-rate",
+            "inf",
+            "--output-json",
+            str(work / "serve.json"),
+        )
     finally:
         server.terminate()
         server.wait(timeout=120)
     serving = json.loads((work / "serve.json").read_text())
 
     ratio = serving["output_throughput"] / offline["output_tokens_per_second"]
-    result = {"offline_output_tokens_per_second": offline["output_tokens_per_second"],
-              "serve_output_tokens_per_second": serving["output_throughput"],
-              "ratio": ratio, "workload": vars(args)}
-    print(f"offline {offline['output_tokens_per_second']:.1f} out tok/s, "
-          f"serve {serving['output_throughput']:.1f} out tok/s, ratio {ratio:.3f}")
+    result = {
+        "offline_output_tokens_per_second": offline["output_tokens_per_second"],
+        "serve_output_tokens_per_second": serving["output_throughput"],
+        "ratio": ratio,
+        "workload": vars(args),
+    }
+    print(
+        f"offline {offline['output_tokens_per_second']:.1f} out tok/s, "
+        f"serve {serving['output_throughput']:.1f} out tok/s, ratio {ratio:.3f}"
+    )
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
 

@@ -17,6 +17,7 @@ export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export OMP_NUM_THREADS=1
 PY=.venv/bin/python
 .venv/bin/ruff check core platforms plugins_template tests benchmarks
+.venv/bin/ruff format --check core platforms plugins_template tests benchmarks
 .venv/bin/mypy core/src platforms/cpu/src platforms/cuda/src plugins_template/src
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider

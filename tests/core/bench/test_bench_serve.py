@@ -14,8 +14,11 @@ from tests.core.server.conftest import ServerProcess
 
 pytestmark = pytest.mark.slow
 
-LATENCY_FIELDS = [f"{stat}_{name}_ms" for name in ("ttft", "tpot", "itl", "e2el")
-                  for stat in ("mean", "median", "p99")]
+LATENCY_FIELDS = [
+    f"{stat}_{name}_ms"
+    for name in ("ttft", "tpot", "itl", "e2el")
+    for stat in ("mean", "median", "p99")
+]
 
 
 @pytest.fixture(scope="module")
@@ -23,10 +26,21 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     directory = tmp_path_factory.mktemp("tiny")
     save_random_model(tiny_llama_config(max_position_embeddings=1024), directory)
     process = ServerProcess(
-        ["--model", str(directory), "--served-model-name", "tiny", "--device", "cpu",
-         "--skip-tokenizer-init", "--kv-cache-memory-bytes", str(8 * 2**20),
-         "--uvicorn-log-level", "warning"],
-        {}, tmp_path_factory.mktemp("log") / "server.log",
+        [
+            "--model",
+            str(directory),
+            "--served-model-name",
+            "tiny",
+            "--device",
+            "cpu",
+            "--skip-tokenizer-init",
+            "--kv-cache-memory-bytes",
+            str(8 * 2**20),
+            "--uvicorn-log-level",
+            "warning",
+        ],
+        {},
+        tmp_path_factory.mktemp("log") / "server.log",
     )
     try:
         process.wait_ready()
@@ -36,14 +50,37 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
 
 
 @pytest.mark.parametrize("rate", ["inf", "50"])
-def test_serve_json_counts_and_rates(tiny_server: tuple[ServerProcess, Path], tmp_path: Path,
-                                     rate: str) -> None:
+def test_serve_json_counts_and_rates(
+    tiny_server: tuple[ServerProcess, Path], tmp_path: Path, rate: str
+) -> None:
     server, directory = tiny_server
     output, plot = tmp_path / "serve.json", tmp_path / "serve.png"
-    status = main(["bench", "serve", "--base-url", server.url, "--model", str(directory),
-                   "--served-model-name", "tiny", "--input-len", "24", "--output-len", "10",
-                   "--num-prompts", "16", "--request-rate", rate, "--max-concurrency", "8",
-                   "--output-json", str(output), "--plot", str(plot)])
+    status = main(
+        [
+            "bench",
+            "serve",
+            "--base-url",
+            server.url,
+            "--model",
+            str(directory),
+            "--served-model-name",
+            "tiny",
+            "--input-len",
+            "24",
+            "--output-len",
+            "10",
+            "--num-prompts",
+            "16",
+            "--request-rate",
+            rate,
+            "--max-concurrency",
+            "8",
+            "--output-json",
+            str(output),
+            "--plot",
+            str(plot),
+        ]
+    )
     assert status == 0
     result = json.loads(output.read_text())
     assert result["completed"] == 16 and result["failed"] == 0

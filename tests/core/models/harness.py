@@ -23,14 +23,17 @@ RELATIVE_TOLERANCE = 1e-4
 def load_tiny(directory: Path, **options: Any) -> LLM:
     options.setdefault("kv_cache_memory_bytes", 8 * 2**20)
     options.setdefault("max_num_batched_tokens", 64)
-    return LLM(model=str(directory), device="cpu", dtype="float32",
-               skip_tokenizer_init=True, **options)
+    return LLM(
+        model=str(directory), device="cpu", dtype="float32", skip_tokenizer_init=True, **options
+    )
 
 
 def random_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab_size, (length,), generator=generator).tolist()
-            for length in PROMPT_LENGTHS]
+    return [
+        torch.randint(0, vocab_size, (length,), generator=generator).tolist()
+        for length in PROMPT_LENGTHS
+    ]
 
 
 hf_greedy = hf_greedy_tokens
@@ -56,9 +59,13 @@ def randomize_biases(model: torch.nn.Module, seed: int = 2) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
 
 
-def check_architecture(config: Any, directory: Path, num_tokens: int = 32,
-                       prepare_reference: Callable[[torch.nn.Module], None] | None = None,
-                       **options: Any) -> LLM:
+def check_architecture(
+    config: Any,
+    directory: Path,
+    num_tokens: int = 32,
+    prepare_reference: Callable[[torch.nn.Module], None] | None = None,
+    **options: Any,
+) -> LLM:
     """Assert kvplane matches transformers on ``config``; returns the kvplane LLM.
 
     ``prepare_reference`` (e.g. :func:`randomize_norm_weights`) may change the random
@@ -79,8 +86,9 @@ def check_architecture(config: Any, directory: Path, num_tokens: int = 32,
     scale = expected_logits.abs().max().item()
     assert error <= RELATIVE_TOLERANCE * scale, f"logits differ: {error} vs scale {scale}"
 
-    params = SamplingParams(temperature=0.0, max_tokens=num_tokens, min_tokens=num_tokens,
-                            detokenize=False)
+    params = SamplingParams(
+        temperature=0.0, max_tokens=num_tokens, min_tokens=num_tokens, detokenize=False
+    )
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     for prompt, output in zip(prompts, outputs, strict=True):
         assert list(output.outputs[0].token_ids) == hf_greedy(reference, prompt, num_tokens), (

@@ -51,8 +51,9 @@ print(json.dumps({"model_bytes": model_bytes, "peak_extra_bytes": peak - before}
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_peak_host_memory_while_loading_is_under_1_3x_the_model(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", SAVE, str(tmp_path)], check=True)
-    result = subprocess.run([sys.executable, "-c", LOAD, str(tmp_path)], check=True,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD, str(tmp_path)], check=True, capture_output=True, text=True
+    )
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     ratio = figures["peak_extra_bytes"] / figures["model_bytes"]
     print(f"model {figures['model_bytes'] / 2**20:.0f} MiB, peak while loading {ratio:.2f}x")

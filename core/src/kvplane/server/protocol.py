@@ -92,6 +92,7 @@ Priority = Annotated[int, Field(ge=-MAX_SAFE_INT, le=MAX_SAFE_INT), _AS_INTEGER]
 #: vLLM's range of seeds (torch.long); the n sequences of a request use seed, seed + 1...
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), _AS_INTEGER]
 
+
 def _lone_surrogate_at(value: Any, path: str = "") -> tuple[str, str] | None:
     """Where in ``value`` (strings, lists, dict keys and values) a lone surrogate is, and
     which one; None when there is none. Nested models check their own fields."""

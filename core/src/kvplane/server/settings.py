@@ -20,6 +20,7 @@ from kvplane.models.source import DEFAULT_MODEL_NAME
 #: Prefix of the environment variables (``KVPLANE_PORT``, ``KVPLANE_MAX_NUM_SEQS``...).
 ENV_PREFIX = "KVPLANE_"
 
+
 class ServerOptions(BaseSettings):
     """The server's own options (the engine's are added by :data:`ServerSettings`)."""
 
