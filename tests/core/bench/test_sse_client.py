@@ -40,11 +40,13 @@ async def _serve(handler: Handler, body: bytes = b"{}") -> tuple[object, list[by
     return response, events
 
 
-def test_events_split_anywhere_arrive_whole_and_in_order() -> None:
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
+def test_events_split_anywhere_arrive_whole_and_in_order(newline: bytes) -> None:
     """The server sends its chunked body a few bytes at a time, so chunk sizes, events
-    and TCP reads all cut each other at odd places."""
+    and TCP reads all cut each other at odd places; lines end either way."""
     events = [json.dumps({"choices": [{"text": f" t{i}"}]}).encode() for i in range(50)]
-    stream = b"".join(b"data: " + e + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    lines = [b"data: " + e for e in events] + [b": a comment", b"data: [DONE]"]
+    stream = b"".join(line + newline + newline for line in lines)
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         request = await _read_request(reader)

@@ -7,8 +7,9 @@ busy and delayed the events it measured. Here the event loop hands the socket's 
 the protocol, httptools removes the chunked framing in C, and each event's ``data:``
 payload goes to a callback at once, with no coroutine or task per event.
 
-Events are separated by a blank line (``\\n\\n``), the form kvplane's and vLLM's servers
-send. One connection per request (``Connection: close``), ``http`` or ``https``.
+Each ``data:`` line is one event's payload (lines end in ``\\n`` or ``\\r\\n``; the JSON
+events of OpenAI-style streams are one line each). One connection per request
+(``Connection: close``), ``http`` or ``https``.
 """
 
 from __future__ import annotations
@@ -116,11 +117,10 @@ class _EventStream(asyncio.Protocol):
         pending = self._pending
         pending += body
         start = 0
-        while (end := pending.find(b"\n\n", start)) >= 0:
-            for line in pending[start:end].split(b"\n"):
-                if line.startswith(b"data:"):
-                    self.on_event(bytes(line[5:].strip()))
-            start = end + 2
+        while (end := pending.find(b"\n", start)) >= 0:
+            if pending.startswith(b"data:", start):
+                self.on_event(bytes(pending[start + 5 : end].strip()))
+            start = end + 1
         del pending[:start]
 
     def on_message_complete(self) -> None:
