@@ -82,16 +82,11 @@ class StepInputs:
 
 def _block_tables(output: SchedulerOutput) -> np.ndarray:
     """``[num_seqs, max(max_blocks, 1)]`` int32: each scheduled request's block table,
-    zero-padded; gathered from the scheduler's table array when it has one."""
+    zero-padded, gathered from the scheduler's table array."""
     scheduled = output.scheduled
     num_cols = max(max((len(s.block_ids) for s in scheduled), default=1), 1)
-    if output.block_table is not None:
-        rows = np.fromiter((s.block_table_row for s in scheduled), np.intp, len(scheduled))
-        return output.block_table[rows, :num_cols]
-    block_tables = np.zeros((len(scheduled), num_cols), dtype=np.int32)
-    for row, item in enumerate(scheduled):
-        block_tables[row, : len(item.block_ids)] = item.block_ids
-    return block_tables
+    rows = np.fromiter((s.block_table_row for s in scheduled), np.intp, len(scheduled))
+    return output.block_table[rows, :num_cols]
 
 
 def build_host_inputs(

@@ -19,7 +19,7 @@ overlapped.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 #: The phases that are host work on a step's critical path when steps do not overlap.
@@ -29,8 +29,14 @@ HOST_PHASES = ("schedule", "prepare", "update")
 class StepTimer:
     """Accumulates seconds per named phase over many steps."""
 
-    def __init__(self, enabled: bool = False, large_batch: int = 256) -> None:
+    def __init__(
+        self,
+        enabled: bool = False,
+        large_batch: int = 256,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.enabled = enabled
+        self._clock = clock
         self.large_batch = large_batch
         self.seconds: dict[str, float] = {}
         self.num_steps = 0
@@ -46,11 +52,11 @@ class StepTimer:
         if not self.enabled:
             yield
             return
-        started = time.perf_counter()
+        started = self._clock()
         try:
             yield
         finally:
-            elapsed = time.perf_counter() - started
+            elapsed = self._clock() - started
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
             self._period_seconds[name] = self._period_seconds.get(name, 0.0) + elapsed
 
@@ -59,7 +65,7 @@ class StepTimer:
         if not self.enabled:
             return
         self.num_steps += 1
-        now = time.perf_counter()
+        now = self._clock()
         if self._period_is_large and self._period_start is not None:
             self.num_large_steps += 1
             totals = self.large_seconds

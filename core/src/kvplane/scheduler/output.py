@@ -15,7 +15,7 @@ class ScheduledRequest:
 
     Their KV goes to ``block_ids`` (the request's whole block table after allocation:
     token ``i`` at slot ``block_ids[i // block_size] * block_size + i % block_size``),
-    which is also row ``block_table_row`` of the output's ``block_table`` (-1: none).
+    which is also row ``block_table_row`` of the output's ``block_table``.
     ``is_sampling``: the step computes the request's last known token, so the engine
     samples the next one from that position's logits.
     """
@@ -25,7 +25,7 @@ class ScheduledRequest:
     start_position: int  # num_computed_tokens before the step
     block_ids: tuple[int, ...]
     is_sampling: bool
-    block_table_row: int = -1
+    block_table_row: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +58,7 @@ class SchedulerOutput:
     block_copies: tuple[tuple[int, int], ...]
     preempted_request_ids: tuple[str, ...]
     num_batched_tokens: int
-    block_table: np.ndarray | None = None
+    block_table: np.ndarray
 
     @property
     def is_empty(self) -> bool:
