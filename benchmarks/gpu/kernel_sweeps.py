@@ -32,7 +32,10 @@ PerLaunch = Callable[[list[Callable[[], Any]]], float]
 #: (keys a tile, warps, stages) of the decode candidates; rows come from the group size.
 DECODE_CANDIDATES = ((64, 4, 2), (64, 4, 3), (64, 4, 4), (32, 4, 3), (32, 4, 4), (32, 4, 5))
 #: (rows, keys, warps, stages) of the prefill candidates.
-PREFILL_CANDIDATES = ((128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4))
+PREFILL_CANDIDATES = (
+    (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2),
+    (128, 32, 4, 3), (128, 64, 4, 3), (256, 64, 8, 2),
+)  # fmt: skip
 #: (sequences, new tokens each, cached tokens each) of the prefill shapes.
 PREFILL_SHAPES = ((4, 2048, 0), (1, 2048, 8192))
 

@@ -35,6 +35,44 @@ def group_of(name: str) -> str:
     return "other"
 
 
+#: Idle stretches of the device shorter than this are launch spacing, not host stalls.
+GAP_FLOOR_US = 20.0
+
+
+def idle_gaps(intervals: list[tuple[float, float, str]]) -> dict[str, Any]:
+    """Where the device sat idle between kernels: ``intervals`` are (start us, end us,
+    name) of every device activity. Returns the busy and idle totals over the span,
+    idle time by gap size, and the longest gaps with the kernels on either side."""
+    intervals = sorted(intervals)
+    gaps: list[tuple[float, str, str]] = []
+    busy_end = intervals[0][1] if intervals else 0.0
+    last_name = intervals[0][2] if intervals else ""
+    for start, end, name in intervals[1:]:
+        if start - busy_end > GAP_FLOOR_US:
+            gaps.append((start - busy_end, last_name, name))
+        if end > busy_end:
+            busy_end, last_name = end, name
+    buckets = {"20us-100us": 0.0, "100us-1ms": 0.0, "1ms-10ms": 0.0, ">=10ms": 0.0}
+    for length, _, _ in gaps:
+        key = (
+            "20us-100us" if length < 100 else "100us-1ms" if length < 1000
+            else "1ms-10ms" if length < 10_000 else ">=10ms"
+        )  # fmt: skip
+        buckets[key] += length / 1000
+    span_us = (busy_end - intervals[0][0]) if intervals else 0.0
+    longest = sorted(gaps, reverse=True)[:25]
+    return {
+        "span_ms": span_us / 1000,
+        "idle_ms": sum(g[0] for g in gaps) / 1000,
+        "num_gaps": len(gaps),
+        "idle_ms_by_gap": buckets,
+        "longest": [
+            {"ms": length / 1000, "after": before[:80], "before": after[:80]}
+            for length, before, after in longest
+        ],
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen3-0.6b", help="built-in config or folder")
@@ -70,6 +108,11 @@ def main() -> int:
             continue
         kernels[event.key] = {"us": device_us, "calls": float(event.count)}
     total_us = sum(k["us"] for k in kernels.values())
+    intervals = [
+        (event.time_range.start, event.time_range.end, event.name)
+        for event in profiler.events()
+        if event.device_type.name == "CUDA"
+    ]
     groups: dict[str, float] = {}
     for name, entry in kernels.items():
         groups[group_of(name)] = groups.get(group_of(name), 0.0) + entry["us"]
@@ -80,6 +123,7 @@ def main() -> int:
         "device_ms_per_step": total_us / 1000 / max(figures["num_steps"], 1),
         "groups_ms": {name: us / 1000 for name, us in sorted(groups.items())},
         "kernels": [{"name": name, **entry} for name, entry in ranked[:40]],
+        "idle": idle_gaps(intervals),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +134,11 @@ def main() -> int:
         print(f"  {name:14s} {ms:9.1f} ms  {100 * ms * 1000 / total_us:5.1f}%")
     for name, entry in ranked[:15]:
         print(f"  {entry['us'] / 1000:9.1f} ms {int(entry['calls']):7d}x  {name[:90]}")
+    idle = report["idle"]
+    print(f"idle {idle['idle_ms']:,.1f} ms of {idle['span_ms']:,.1f} in {idle['num_gaps']} gaps")
+    print(f"  by gap: {idle['idle_ms_by_gap']}")
+    for gap in idle["longest"][:10]:
+        print(f"  {gap['ms']:7.2f} ms after {gap['after'][:40]} before {gap['before'][:40]}")
     return 0
 
 

@@ -76,21 +76,21 @@ def test_greedy_is_argmax(
     assert out.logprobs == [None] * logits.shape[0]
 
 
+#: Sampling options of rows whose logits are processed (a working copy is made) and of
+#: rows that only sample (the sampler reads the caller's tensor directly).
+PROCESSED = dict(
+    temperature=0.8, logit_bias={3: 5.0}, repetition_penalty=1.5, output=[4, 5],
+    min_tokens=5, eos=(0,),
+)  # fmt: skip
+SAMPLED_ONLY = dict(temperature=0.8, top_k=5, output=[4, 5])
+
+
+@pytest.mark.parametrize("options", [PROCESSED, SAMPLED_ONLY], ids=["processed", "sampled-only"])
 def test_logits_are_not_modified(
-    sampler: Sampler, make_state: MakeState, logits: torch.Tensor
+    sampler: Sampler, make_state: MakeState, logits: torch.Tensor, options: dict[str, Any]
 ) -> None:
     before = logits.clone()
-    states = [
-        make_state(
-            temperature=0.8,
-            logit_bias={3: 5.0},
-            repetition_penalty=1.5,
-            output=[4, 5],
-            min_tokens=5,
-            eos=(0,),
-        )
-        for _ in range(logits.shape[0])
-    ]
+    states = [make_state(**options) for _ in range(logits.shape[0])]
     sampler(logits, states)
     assert torch.equal(logits, before)
 

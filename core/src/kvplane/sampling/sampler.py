@@ -144,7 +144,11 @@ class Sampler:
         if num_seqs == 0:
             return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [], transfer)
         raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
-        work = raw_logits.to(torch.float32, copy=True)  # [num_seqs, vocab_size], mutated
+        # [num_seqs, vocab_size] float32, mutated by the processing below: a copy only
+        # when some row asks for processing (the rest of the path reads its input only).
+        work = raw_logits
+        if work.dtype != torch.float32 or _processes_logits(states):
+            work = raw_logits.to(torch.float32, copy=True)
         self._apply_bias_and_allowed(work, states, transfer)
         self._apply_constraints(work, states, transfer)
         self._apply_min_tokens(work, states, transfer)
@@ -363,6 +367,23 @@ class Sampler:
                 state.generator = make_generator(state.params.seed, device)
             noise[row].exponential_(generator=state.generator)
         return noise.clamp_(min=_TINY)
+
+
+def _processes_logits(states: Sequence[SequenceSamplingState]) -> bool:
+    """Whether any row's logits are changed before sampling (bias, allowed tokens,
+    constraints, processors, min_tokens, penalties): what the ``_apply_*`` steps act on."""
+    for state in states:
+        params = state.params
+        if (
+            params.logit_bias
+            or params.allowed_token_ids is not None
+            or state.allowed_mask_fn is not None
+            or state.logits_processors
+            or len(state.output_token_ids) < params.min_tokens
+            or params.has_penalties
+        ):
+            return True
+    return False
 
 
 def unpack_bitmask(

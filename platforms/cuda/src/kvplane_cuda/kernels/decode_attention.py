@@ -1,7 +1,10 @@
 """Split-KV decode attention: one new token per sequence, the context split across programs.
 
 See :mod:`.paged_attention` for the cache layout and the shared tile helpers. Grid
-``(num_seqs, num_kv_heads, num_splits)``: each program attends the group's query heads
+``(num_kv_heads, num_seqs, num_splits)``: the KV heads of one sequence run in consecutive
+programs, so the slots' rows (every KV head of a token side by side) are read together
+while they are open in DRAM (``heads_fastest=False``, ``(num_seqs, num_kv_heads, ...)``,
+is kept for benchmarks). Each program attends the group's query heads
 (padded to 16 rows for ``tl.dot``) over one partition of the visible context, computed on
 the device from the real ``seq_len`` (partitions may be empty), and writes a float32
 partial output plus its log-sum-exp. With one split the program writes the output
@@ -133,10 +136,16 @@ def _decode_split_kernel(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr,
 ):
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_FASTEST:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        num_kv_heads = tl.num_programs(0)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        num_kv_heads = tl.num_programs(1)
     split = tl.program_id(2)
     # Everything below waits on these three loads: one round trip, before any branch.
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -180,7 +189,7 @@ def _decode_split_kernel(
     else:
         # An empty partition stores lse -inf and zeros: the merge gives it no weight.
         lse = tl.where(l_i > 0.0, m_i + tl.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
-        num_heads = tl.num_programs(1) * GROUP_SIZE
+        num_heads = num_kv_heads * GROUP_SIZE
         parts = (seq.to(tl.int64) * num_heads + heads) * NUM_SPLITS + split  # [G]
         tl.store(partial_lse_ptr + parts, lse, mask=(offs_g < GROUP_SIZE) & has_token)
         tl.store(partial_out_ptr + parts[:, None] * HEAD_SIZE + offs_d[None, :], out,
@@ -189,7 +198,7 @@ def _decode_split_kernel(
             # One thread performs the (scalar) atomic: the barrier orders every thread's
             # partial stores before it, and its release (cumulative) publishes them all.
             tl.debug_barrier()
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            counter = counters_ptr + seq * num_kv_heads + kv_head
             arrived = tl.atomic_add(counter, 1, mask=has_token, sem="acq_rel", scope="gpu")
             if has_token & (arrived == NUM_SPLITS - 1):
                 # The last arrival: its acquire saw the other NUM_SPLITS - 1 releases, so
@@ -288,6 +297,7 @@ def decode_attention(
     *,
     fused_reduce: bool = True,
     tile: Tile | None = None,  # None: decode_tile (benchmarks sweep others)
+    heads_fastest: bool = True,
 ) -> None:
     """Split-KV attention of each sequence's single new token over its whole context.
 
@@ -318,8 +328,9 @@ def decode_attention(
         if found is not None:
             counters, fused = found, True
     merge_rows = triton.next_power_of_2(group_size)
+    grid = (num_kv_heads, num_seqs) if heads_fastest else (num_seqs, num_kv_heads)
     with on_device(query.device):
-        _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        _decode_split_kernel[(*grid, num_splits)](
             out, partial_out, partial_lse, counters, query, kv_cache[0], kv_cache[1],
             block_tables, seq_lens, query_start_loc, scale, logit_softcap or 0.0,
             sliding_window or 0, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -329,8 +340,8 @@ def decode_attention(
             BLOCK_N=tile.block_n, NUM_SPLITS=num_splits,
             SPLIT_CHUNK=merge_chunk(merge_rows, head_pad, num_splits), FUSED_REDUCE=fused,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-            PRECISION=dot_precision(query.dtype), num_warps=tile.num_warps,
-            num_stages=tile.num_stages,
+            PRECISION=dot_precision(query.dtype), HEADS_FASTEST=heads_fastest,
+            num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
         if num_splits > 1 and not fused:
             _decode_reduce_kernel[(num_seqs, num_heads)](

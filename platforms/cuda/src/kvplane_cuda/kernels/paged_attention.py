@@ -13,7 +13,7 @@ module holds the first and the pieces both share; :mod:`.decode_attention` the s
   them), so a program finds its sequence by binary search over ``query_start_loc`` on the
   device and the grid is ``num_tokens // block_q + num_seqs`` tiles; spare tiles exit.
 - :func:`decode_attention` serves batches of one new token per sequence with split-KV:
-  grid ``(num_seqs, num_kv_heads, num_splits)``; each program attends the group's query
+  grid ``(num_kv_heads, num_seqs, num_splits)``; each program attends the group's query
   heads (padded to 16 rows for ``tl.dot``) over one partition of the visible context,
   computed on the device from the real ``seq_len`` (partitions may be empty), and writes
   a float32 partial output plus its log-sum-exp. The same launch merges them: each

@@ -37,8 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvplane.ops.steps import exponential_race
-
 #: Vocabulary chunk per loop step: on a GPU, and in the interpreter (fewer, wider steps).
 _BLOCK = 2048
 _INTERPRETER_BLOCK = 16384
@@ -92,25 +90,28 @@ def _top_k_top_p_sample_kernel(
     probs_row = probs_ptr + row * probs_row_stride
     offsets = tl.arange(0, BLOCK)
 
-    # Pass 1: the max; for top-p also the min, how often it occurs and the total mass.
-    max_lanes = tl.full([BLOCK], -1.0, tl.float32)
-    min_lanes = tl.full([BLOCK], float("inf"), tl.float32)
-    min_counts = tl.zeros([BLOCK], tl.int32)
-    mass_lanes = tl.zeros([BLOCK], tl.float64)
-    for start in range(0, vocab_size, BLOCK):
-        cols = start + offsets
-        valid = cols < vocab_size
-        probs = tl.load(probs_row + cols, mask=valid, other=0.0)
-        max_lanes = tl.maximum(max_lanes, tl.where(valid, probs, -1.0))
-        if HAS_TOP_P:
-            candidate = tl.where(valid, probs, float("inf"))
-            is_equal = valid & (candidate == min_lanes)
-            min_counts = tl.where(
-                candidate < min_lanes, 1, tl.where(is_equal, min_counts + 1, min_counts)
-            )
-            min_lanes = tl.minimum(min_lanes, candidate)
-            mass_lanes += tl.where(valid, probs.to(tl.float64), 0.0)
-    max_prob = tl.max(max_lanes, axis=0)
+    # Pass 1 (only with a filter): the max; for top-p also the min, how often it
+    # occurs and the total mass. Without one, the race below is the only pass.
+    max_prob = tl.full([], 1.0, tl.float32)
+    if HAS_TOP_K or HAS_TOP_P or HAS_MIN_P:
+        max_lanes = tl.full([BLOCK], -1.0, tl.float32)
+        min_lanes = tl.full([BLOCK], float("inf"), tl.float32)
+        min_counts = tl.zeros([BLOCK], tl.int32)
+        mass_lanes = tl.zeros([BLOCK], tl.float64)
+        for start in range(0, vocab_size, BLOCK):
+            cols = start + offsets
+            valid = cols < vocab_size
+            probs = tl.load(probs_row + cols, mask=valid, other=0.0)
+            max_lanes = tl.maximum(max_lanes, tl.where(valid, probs, -1.0))
+            if HAS_TOP_P:
+                candidate = tl.where(valid, probs, float("inf"))
+                is_equal = valid & (candidate == min_lanes)
+                min_counts = tl.where(
+                    candidate < min_lanes, 1, tl.where(is_equal, min_counts + 1, min_counts)
+                )
+                min_lanes = tl.minimum(min_lanes, candidate)
+                mass_lanes += tl.where(valid, probs.to(tl.float64), 0.0)
+        max_prob = tl.max(max_lanes, axis=0)
 
     # Brackets (lo, hi] in bit patterns; a search is done once hi - lo <= 1.
     # top-k: count(probs >= lo) >= k > count(probs >= hi); the threshold is lo.
@@ -219,8 +220,6 @@ def top_k_top_p_sample(
     The token of :func:`kvplane.ops.reference.top_k_top_p_sample` (see the module
     docstring for where summation order could tell them apart); no sort, no host sync.
     """
-    if top_k is None and top_p is None and min_p is None:
-        return exponential_race(probs, exponential_noise)
     if probs.dtype != torch.float32 or exponential_noise.dtype != torch.float32:
         raise ValueError(
             f"top_k_top_p_sample takes float32 probs and noise, got {probs.dtype} "
