@@ -44,16 +44,16 @@ def idle_gaps(intervals: list[tuple[float, float, str]]) -> dict[str, Any]:
     name) of every device activity. Returns the busy and idle totals over the span,
     idle time by gap size, and the longest gaps with the kernels on either side."""
     intervals = sorted(intervals)
-    gaps: list[tuple[float, str, str]] = []
+    gaps: list[tuple[float, str, str, float]] = []  # (length, before, after, start) in us
     busy_end = intervals[0][1] if intervals else 0.0
     last_name = intervals[0][2] if intervals else ""
     for start, end, name in intervals[1:]:
         if start - busy_end > GAP_FLOOR_US:
-            gaps.append((start - busy_end, last_name, name))
+            gaps.append((start - busy_end, last_name, name, busy_end - intervals[0][0]))
         if end > busy_end:
             busy_end, last_name = end, name
     buckets = {"20us-100us": 0.0, "100us-1ms": 0.0, "1ms-10ms": 0.0, ">=10ms": 0.0}
-    for length, _, _ in gaps:
+    for length, *_ in gaps:
         key = (
             "20us-100us" if length < 100 else "100us-1ms" if length < 1000
             else "1ms-10ms" if length < 10_000 else ">=10ms"
@@ -67,8 +67,8 @@ def idle_gaps(intervals: list[tuple[float, float, str]]) -> dict[str, Any]:
         "num_gaps": len(gaps),
         "idle_ms_by_gap": buckets,
         "longest": [
-            {"ms": length / 1000, "after": before[:80], "before": after[:80]}
-            for length, before, after in longest
+            {"ms": length / 1000, "at_ms": at / 1000, "after": before[:80], "before": after[:80]}
+            for length, before, after, at in longest
         ],
     }
 
@@ -138,7 +138,10 @@ def main() -> int:
     print(f"idle {idle['idle_ms']:,.1f} ms of {idle['span_ms']:,.1f} in {idle['num_gaps']} gaps")
     print(f"  by gap: {idle['idle_ms_by_gap']}")
     for gap in idle["longest"][:10]:
-        print(f"  {gap['ms']:7.2f} ms after {gap['after'][:40]} before {gap['before'][:40]}")
+        print(
+            f"  {gap['ms']:7.2f} ms at {gap['at_ms']:8.1f} ms, after {gap['after'][:40]} "
+            f"before {gap['before'][:40]}"
+        )
     return 0
 
 
