@@ -48,10 +48,11 @@ def params_of_generate(llm: LLM, monkeypatch: pytest.MonkeyPatch, *args: Any) ->
     """The SamplingParams ``llm.generate(prompts, *args)`` hands the engine, per prompt."""
     seen: list[SamplingParams] = []
 
-    def add_request(request_id: str, prompt: Any, params: SamplingParams, **kwargs: Any) -> None:
+    def add_request(request_id: str, prompt: Any, params: SamplingParams, **kwargs: Any) -> int:
         seen.append(params)
         if len(seen) == 2:
             raise Captured(seen)
+        return len(prompt)  # the engine returns the prompt's token count
 
     monkeypatch.setattr(llm.engine, "add_request", add_request)
     monkeypatch.setattr(llm.engine, "abort_request", lambda request_ids: None)

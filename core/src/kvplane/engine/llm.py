@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, cast
 
 from kvplane.config import EngineConfig
@@ -66,15 +66,12 @@ class LLM:
         priorities = list(priority) if priority is not None else [0] * len(prompt_list)
         if len(priorities) != len(prompt_list):
             raise ValueError("priority must have one entry per prompt")
-        request_ids = []
+        entries = list(zip(prompt_list, params_list, priorities, strict=True))
+        intake = _RequestIntake(self.engine, entries, self._request_counter)
         try:
-            for prompt, params, prio in zip(prompt_list, params_list, priorities, strict=True):
-                request_id = str(next(self._request_counter))
-                self.engine.add_request(request_id, prompt, params, priority=prio, final_only=True)
-                request_ids.append(request_id)
-            return self._run_to_completion(request_ids, params_list, use_tqdm)
+            return self._run_to_completion(intake, params_list, use_tqdm)
         except BaseException:
-            self.engine.abort_request(request_ids)
+            self.engine.abort_request(intake.request_ids)
             raise
 
     def chat(
@@ -106,13 +103,17 @@ class LLM:
         return self.generate(prompts, sampling_params)
 
     def _run_to_completion(
-        self, request_ids: list[str], params_list: Sequence[SamplingParams], use_tqdm: bool
+        self, intake: _RequestIntake, params_list: Sequence[SamplingParams], use_tqdm: bool
     ) -> list[RequestOutput]:
-        pending = set(request_ids)
+        request_ids = intake.request_ids
+        pending: set[str] = set()
         finished: dict[str, RequestOutput] = {}
-        progress = _TokenProgress(self.engine, params_list, len(request_ids)) if use_tqdm else None
+        progress = _TokenProgress(self.engine, params_list, len(params_list)) if use_tqdm else None
         try:
-            while pending:
+            while True:
+                intake.add_needed(pending)
+                if not pending:
+                    break
                 for output in self.engine.step():
                     if output.finished and output.request_id in pending:
                         finished[output.request_id] = output
@@ -123,6 +124,61 @@ class LLM:
             if progress is not None:
                 progress.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+class _RequestIntake:
+    """Feeds ``generate``'s requests to the engine as its steps need them.
+
+    Queuing hundreds of long prompts (tokenizing, checking, building each request's
+    state) is host work during which the device would idle, so only enough go in before
+    the first step to fill it, and more before each later step, while the device runs
+    the one launched before (overlapped steps). The engine always holds at least
+    ``BACKLOG_STEPS`` steps' worth of unscheduled prompt tokens, so every step is
+    scheduled from the same queue as if all had been queued at once. With priorities
+    that differ, all requests go in at once: a late high-priority one must not be
+    admitted after the others. A prompt that cannot be served still raises before
+    ``generate`` returns, and the caller aborts the requests already queued.
+    """
+
+    #: Steps' worth of prompt tokens kept queued ahead of the scheduler.
+    BACKLOG_STEPS = 2
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        entries: list[tuple[PromptType, SamplingParams, int]],
+        request_counter: Iterator[int],
+    ) -> None:
+        self._engine = engine
+        self._entries = entries
+        self._request_counter = request_counter
+        self._next = 0
+        self.request_ids: list[str] = []
+        all_at_once = len({priority for _, _, priority in entries}) > 1
+        budget = engine.config.batch_limits().max_num_batched_tokens
+        self._backlog_tokens = None if all_at_once else self.BACKLOG_STEPS * budget
+        self._num_prompt_tokens = 0  # of the requests queued so far
+        self._scheduled_start = engine.num_scheduled_tokens
+
+    def add_needed(self, pending: set[str]) -> None:
+        """Queue requests until the backlog is full (or none is left); their ids join
+        ``pending``."""
+        engine = self._engine
+        # Scheduled tokens include decode tokens: the backlog estimate errs on the side
+        # of queuing more.
+        scheduled = engine.num_scheduled_tokens - self._scheduled_start
+        while self._next < len(self._entries) and (
+            self._backlog_tokens is None
+            or self._num_prompt_tokens - scheduled < self._backlog_tokens
+        ):
+            prompt, params, priority = self._entries[self._next]
+            request_id = str(next(self._request_counter))
+            self._num_prompt_tokens += engine.add_request(
+                request_id, prompt, params, priority=priority, final_only=True
+            )
+            self._next += 1
+            self.request_ids.append(request_id)
+            pending.add(request_id)
 
 
 class _TokenProgress:

@@ -178,9 +178,10 @@ class LLMEngine:
         arrival_time: float | None = None,
         priority: int = 0,
         final_only: bool = False,
-    ) -> None:
-        """Queue a request (without ``params``, the model's recommended sampling). Raises
-        ``ValueError`` for a prompt that cannot be served.
+    ) -> int:
+        """Queue a request (without ``params``, the model's recommended sampling) and
+        return its prompt's token count. Raises ``ValueError`` for a prompt that cannot be
+        served.
 
         With ``final_only``, :meth:`step` returns the request's output only once it has
         finished (offline use), sparing a per-step copy of every request's tokens.
@@ -223,6 +224,7 @@ class LLMEngine:
             )
         self.output_processor.add_request(request_id, text, sequences, params, final_only)
         self.scheduler.add_request(sequences[0], children=sequences[1:])
+        return len(prompt_token_ids)
 
     def _grammar_constraints(self, params: SamplingParams) -> list[AllowedMaskFn | None]:
         """One matcher per sequence for ``params.structured_output`` (``ValueError`` if invalid)."""
