@@ -47,6 +47,16 @@ def assert_no_block_leak(llm: LLM) -> None:
 
 
 @pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random-weight Llama (``tiny_llama_config()``), no tokenizer: shared by
+    the engine tests that need any small model and never write into its folder (a file
+    that needs its own model, e.g. with a generation config, defines ``model_dir``)."""
+    directory = tmp_path_factory.mktemp("tiny")
+    save_random_model(tiny_llama_config(), directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
 def tiny_smollm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer random-weight Llama with SmolLM2's vocabulary and tokenizer: text prompts
     and detokenized outputs like SmolLM2's, for tests of engine bookkeeping that need many

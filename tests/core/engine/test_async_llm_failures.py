@@ -13,18 +13,10 @@ import pytest
 
 from kvplane import AsyncLLM, EngineConfig, SamplingParams
 from kvplane.engine.async_llm import EngineDeadError, RequestFailedError
-from kvplane.testing.models import save_random_model, tiny_llama_config
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, detokenize=False)
 #: Bounds every wait: a test that reaches it has hung.
 TIMEOUT = 120.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    save_random_model(tiny_llama_config(), directory)
-    return directory
 
 
 def start(model_dir: Path) -> AsyncLLM:

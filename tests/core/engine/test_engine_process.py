@@ -17,16 +17,8 @@ from kvplane.config import EngineConfig
 from kvplane.engine.async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from kvplane.engine.outputs import RequestOutput
 from kvplane.sampling.params import SamplingParams
-from kvplane.testing.models import save_random_model, tiny_llama_config
 
 TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    save_random_model(tiny_llama_config(), directory)
-    return directory
 
 
 def config(model_dir: Path, engine_process: bool) -> EngineConfig:

@@ -17,7 +17,6 @@ from kvplane import LLM, SamplingParams
 from kvplane.engine.fault_isolation import UnrecoverableEngineError, request_id_of
 from kvplane.engine.outputs import RequestOutput
 from kvplane.scheduler.output import SchedulerOutput
-from kvplane.testing.models import save_random_model, tiny_llama_config
 from tests.core.engine.conftest import assert_no_block_leak
 
 PROMPTS = [[(11 * i + j) % 200 + 1 for j in range(4 + 3 * i)] for i in range(6)]
@@ -28,13 +27,6 @@ MAX_STEPS = 2000
 
 class InjectedFault(RuntimeError):
     pass
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    save_random_model(tiny_llama_config(), directory)
-    return directory
 
 
 def make_llm(model_dir: Path, overlap: bool) -> LLM:

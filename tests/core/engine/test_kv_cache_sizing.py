@@ -10,18 +10,10 @@ import pytest
 from kvplane import LLM, SamplingParams
 from kvplane.plugins import hookimpl, register_platform, unregister_platform
 from kvplane.plugins.types import MemoryInfo, MemoryProfile, PlatformInfo, ProbeResult
-from kvplane.testing.models import save_random_model, tiny_llama_config
 from tests.plugin_modules import platform_module
 
 MiB = 2**20
 PROFILE = MemoryProfile(total_bytes=100 * MiB, used_bytes=20 * MiB, peak_activation_bytes=10 * MiB)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny")
-    save_random_model(tiny_llama_config(), directory)
-    return directory
 
 
 @pytest.fixture

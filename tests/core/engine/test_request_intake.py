@@ -11,20 +11,12 @@ import pytest
 from kvplane import LLM, SamplingParams
 from kvplane.engine.llm import _RequestIntake
 from kvplane.engine.outputs import RequestOutput
-from kvplane.testing.models import save_random_model, tiny_llama_config
 
 from .conftest import assert_no_block_leak
 
 #: Small steps, so that 40 prompts of 24 tokens take many of them to prefill.
 MAX_NUM_BATCHED_TOKENS = 32
 PROMPT_LEN = 24
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("tiny")
-    save_random_model(tiny_llama_config(), path)
-    return path
 
 
 def _llm(model_dir: Path) -> LLM:
