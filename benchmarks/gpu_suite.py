@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import logging
 import os
@@ -214,15 +215,15 @@ def run_all(suite: Suite) -> None:
     for model in models:
         for name, fn in (("A", workloads.run_a), ("latency", workloads.run_latency)):
             if name in wanted:
-                plan.append((name, lambda fn=fn, model=model: fn(suite, model), model))
+                plan.append((name, functools.partial(fn, suite, model), model))
     if "attention" in wanted:
         plan.append(("attention", lambda: attention_bw.run_attention(suite), None))
     if "vllm" in wanted:
         plan.append(("vllm", lambda: vllm_runs.run_vllm(suite), None))
     if "serve" in wanted:
         plan.append(("serve", lambda: serve_compare.run_serve(suite), None))
-    for index, (name, fn, model) in enumerate(plan):
-        run_section(suite, name, fn, model)
+    for index, (name, section, model) in enumerate(plan):
+        run_section(suite, name, section, model)
         upcoming = {step[0] for step in plan[index + 1 :]}
         if not upcoming & {"C", "A", "latency"}:
             suite.engines.release()  # attention and vLLM want the memory back
@@ -233,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     log = (out_dir / "gpu_suite.log").open("a", buffering=1)
-    sys.stdout = Tee(sys.__stdout__, log)
-    sys.stderr = Tee(sys.__stderr__, log)
+    # sys.__stdout__ is None only without a console; then the current stream stands in.
+    sys.stdout = Tee(sys.__stdout__ or sys.stdout, log)
+    sys.stderr = Tee(sys.__stderr__ or sys.stderr, log)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,

@@ -19,6 +19,7 @@ PY=.venv/bin/python
 .venv/bin/ruff check core platforms plugins_template tests benchmarks
 .venv/bin/ruff format --check core platforms plugins_template tests benchmarks
 .venv/bin/mypy core/src platforms/cpu/src platforms/cuda/src plugins_template/src
+.venv/bin/mypy --explicit-package-bases benchmarks
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform acme -p no:cacheprovider
 $PY -m pytest -q --pyargs kvplane.testing --kvplane-platform cpu -p no:cacheprovider
 $PY -m pytest -q -n 2 --pyargs kvplane.testing --kvplane-platform cuda --kvplane-emulate -p no:cacheprovider

@@ -51,6 +51,8 @@ def run_attention(suite: Suite) -> dict[str, Any]:
     from kvplane.plugins.types import AttentionSpec
 
     rates = memory_rates(suite)
+    contexts: tuple[int, ...]
+    batches: tuple[int, ...]
     if suite.is_cuda:
         contexts, batches = (
             ((1024, 8192), (1, 32)) if suite.args.quick else ((1024, 8192, 32768), (1, 32, 128))

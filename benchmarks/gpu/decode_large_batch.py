@@ -24,7 +24,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             results["decode"].append({"shape": [batch, context], "error": traceback.format_exc()})
         torch.cuda.empty_cache()  # the shape's layers are gone with its sweep
         path.write_text(json.dumps(results, indent=1))
-    prefill_shapes = parse_shapes(args.prefill_shapes, 3)
+    prefill_shapes = cast("list[tuple[int, int, int]]", parse_shapes(args.prefill_shapes, 3))
     if prefill_shapes:
         try:
             results["prefill_TFLOPs"] = prefill_tile_sweep(

@@ -31,7 +31,7 @@ TOP_K = 5
 def run_e2e(suite: Suite) -> dict[str, Any]:
     args = suite.args
     tiny = not suite.is_cuda
-    cases = [(model, "bfloat16", None) for model in args.models]
+    cases: list[tuple[str, str, int | None]] = [(model, "bfloat16", None) for model in args.models]
     cases.append(("qwen3-0.6b", "float32", 2 if tiny else 4))
     if tiny or args.quick:
         num_prompts, num_tokens = (4, 8) if tiny else (8, 16)

@@ -18,6 +18,7 @@ caller's ``per_launch``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -76,7 +77,7 @@ def copy_same_bytes(
          torch.empty(num_bytes // 2, dtype=torch.uint8, device=device))
         for _ in range(num_launches)
     ]  # fmt: skip
-    launches = [lambda src=src, dst=dst: dst.copy_(src) for src, dst in buffers]
+    launches: list[Callable[[], Any]] = [functools.partial(dst.copy_, src) for src, dst in buffers]
     seconds = per_launch(launches)
     return {"us": seconds * 1e6, "read_write_GBps": num_bytes / seconds / 1e9}
 
