@@ -100,38 +100,12 @@ def main() -> None:
     )
     try:
         wait_ready(url, server)
+        serve_args = ["bench", "serve", "--base-url", url, "--model", model,
+                      "--served-model-name", "bench"]  # fmt: skip
         # One short warm-up pass, as the offline benchmark warms up too.
-        kvplane(
-            "bench",
-            "serve",
-            "--base-url",
-            url,
-            "--model",
-            model,
-            "--served-model-name",
-            "bench",
-            "--input-len",
-            "16",
-            "--output-len",
-            "4",
-            "--num-prompts",
-            "2",
-        )
-        kvplane(
-            "bench",
-            "serve",
-            "--base-url",
-            url,
-            "--model",
-            model,
-            "--served-model-name",
-            "bench",
-            *workload,
-            "--request-rate",
-            "inf",
-            "--output-json",
-            str(work / "serve.json"),
-        )
+        kvplane(*serve_args, "--input-len", "16", "--output-len", "4", "--num-prompts", "2")
+        kvplane(*serve_args, *workload, "--request-rate", "inf",
+                "--output-json", str(work / "serve.json"))  # fmt: skip
     finally:
         server.terminate()
         server.wait(timeout=120)
