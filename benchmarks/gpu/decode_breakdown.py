@@ -120,7 +120,7 @@ def probe_launcher(
 
 def decode_launcher(
     layer: tuple[Any, ...],
-    num_splits: int,
+    num_splits: int | None,  # None: the kernel's own choice
     fused_reduce: bool = True,
     tile: Tile | None = None,
 ) -> Callable[[], Any]:

@@ -4,10 +4,9 @@ The attention section (:mod:`benchmarks.gpu.attention_bw`) tunes the decode kern
 batch 1-128; a saturated engine decodes 256 sequences of about a thousand keys each,
 where the kernel's bandwidth decides the step time. For each ``--shapes`` entry
 ``<batch>x<context>`` this script times, per launch in a CUDA graph of several layers
-(none in L2), the decode kernel for every candidate tile x split count x program order
-(``heads_fastest``: the KV heads of one sequence in consecutive programs, or the
-sequences of one KV head), with the block tables scattered and, for the default launch,
-contiguous; beside it the copy moving as many bytes. ``--prefill-shapes``
+(none in L2), the decode kernel for every candidate tile x split count, with the block
+tables scattered and, for the default launch, contiguous; beside it the copy moving as
+many bytes. ``--prefill-shapes``
 ``<seqs>x<new>x<cached>`` adds the unified kernel's tile sweep (TFLOP/s).
 
 Writes ``decode_large_batch.json`` under ``--out`` (default ``$OUT``) and prints a line
@@ -19,6 +18,7 @@ per timing. Usage on the GPU machine::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,16 +47,23 @@ def parse_shapes(text: str, parts: int) -> list[tuple[int, ...]]:
 
 def decode_sweep(batch: int, context: int) -> dict[str, Any]:
     import torch
-    from benchmarks.gpu.attention_bw import _decode_layer, _more_layers, _per_launch
-    from benchmarks.gpu.kernel_sweeps import copy_same_bytes
+    from benchmarks.gpu.attention_bw import (
+        BLOCK_SIZE,
+        HEAD_SIZE,
+        NUM_HEADS,
+        NUM_KV_HEADS,
+        _decode_layer,
+        _more_layers,
+        _per_launch,
+    )
+    from benchmarks.gpu.decode_breakdown import decode_launcher
+    from benchmarks.gpu.kernel_sweeps import copy_same_bytes, decode_tile_sweep
 
     from kvplane.plugins.types import AttentionSpec
-    from kvplane_cuda.kernels.decode_attention import decode_attention, decode_tile
-    from kvplane_cuda.kernels.paged_attention import Tile
 
     spec = AttentionSpec(
-        num_heads=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16, block_size=16,
-        scale=128**-0.5,
+        num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_size=HEAD_SIZE,
+        dtype=torch.bfloat16, block_size=BLOCK_SIZE, scale=HEAD_SIZE**-0.5,
     )  # fmt: skip
     layers: list[tuple[Any, ...]] = _more_layers(
         _decode_layer(spec, batch, context, "cuda"), spec, batch, context, "cuda"
@@ -70,42 +77,29 @@ def decode_sweep(batch: int, context: int) -> dict[str, Any]:
         "copy": copy_same_bytes(bytes_read, len(layers), _per_launch),
         "GBps": {},
     }
-    rows = decode_tile(128, 2, 2).block_m
-
-    def rate(tables: str, splits: int | None, tile: Any, heads_fastest: bool) -> float | str:
-        launches = []
-        for query, _, _, kv_cache, metadata in layers:
-            block_tables = metadata.block_tables
-            if tables == "contiguous":
-                block_tables = torch.arange(
-                    block_tables.numel(), dtype=torch.int32, device="cuda"
-                ).view_as(block_tables)
-            out = torch.empty_like(query)
-            arguments = (out, query, kv_cache, block_tables, metadata.seq_lens,
-                         metadata.query_start_loc, metadata.max_seq_len, 128**-0.5)  # fmt: skip
-            launches.append(
-                lambda a=arguments: decode_attention(
-                    *a, num_splits=splits, tile=tile, heads_fastest=heads_fastest
-                )
-            )
+    for tables, table_layers in (("scattered", layers), ("contiguous", _contiguous(layers))):
+        launches = [decode_launcher(layer, None) for layer in table_layers]
         try:
-            return bytes_read / _per_launch(launches) / 1e9
+            result["GBps"][f"default/{tables}"] = bytes_read / _per_launch(launches) / 1e9
         except Exception as error:
-            return f"{type(error).__name__}: {error}"[:200]
-
-    for heads_fastest in (True, False):
-        order = "heads" if heads_fastest else "seqs"
-        for tables in ("scattered", "contiguous"):
-            name = f"default/{order}/{tables}"
-            result["GBps"][name] = rate(tables, None, None, heads_fastest)
-            print(f"[decode {batch}x{context}] {name}: {result['GBps'][name]}", flush=True)
-        for block_n, num_warps, num_stages in TILES:
-            for splits in SPLITS:
-                tile = Tile(rows, block_n, num_warps, num_stages)
-                name = f"n{block_n}w{num_warps}s{num_stages}/splits{splits}/{order}"
-                result["GBps"][name] = rate("scattered", splits, tile, heads_fastest)
-                print(f"[decode {batch}x{context}] {name}: {result['GBps'][name]}", flush=True)
+            result["GBps"][f"default/{tables}"] = f"{type(error).__name__}: {error}"[:200]
+    result["GBps"].update(decode_tile_sweep(layers, bytes_read, SPLITS, _per_launch, True, TILES))
+    for name, rate in result["GBps"].items():
+        print(f"[decode {batch}x{context}] {name}: {rate}", flush=True)
     return result
+
+
+def _contiguous(layers: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``layers`` with each sequence's blocks numbered in order (the best case for DRAM)."""
+    import torch
+
+    changed = []
+    for query, key, value, kv_cache, metadata in layers:
+        tables = metadata.block_tables  # [num_seqs, max_num_blocks_per_seq] int32
+        ordered = torch.arange(tables.numel(), dtype=torch.int32, device=tables.device)
+        metadata = dataclasses.replace(metadata, block_tables=ordered.view_as(tables))
+        changed.append((query, key, value, kv_cache, metadata))
+    return changed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,15 +47,17 @@ def decode_tile_sweep(
     split_counts: Sequence[int],
     per_launch: PerLaunch,
     fused_reduce: bool = True,
+    candidates: Sequence[tuple[int, int, int]] = DECODE_CANDIDATES,
 ) -> dict[str, Any]:
     """GB/s read per candidate ``n<keys>w<warps>s<stages>/splits<count>`` on ``layers``
     (``impl.forward`` argument tuples of one shape), the partitions merged as
-    ``fused_reduce`` says; errors are reported, not raised."""
+    ``fused_reduce`` says; ``candidates`` are (keys a tile, warps, stages). Errors are
+    reported, not raised."""
     query, kv_cache = layers[0][0], layers[0][3]
     group_size = query.shape[1] // kv_cache.shape[3]
     group_rows = decode_tile(query.shape[2], group_size, query.element_size()).block_m
     sweep: dict[str, Any] = {}
-    for block_n, num_warps, num_stages in DECODE_CANDIDATES:
+    for block_n, num_warps, num_stages in candidates:
         tile = Tile(group_rows, block_n, num_warps, num_stages)
         for num_splits in split_counts:
             name = f"n{block_n}w{num_warps}s{num_stages}/splits{num_splits}"

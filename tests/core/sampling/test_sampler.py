@@ -83,14 +83,30 @@ PROCESSED = dict(
     min_tokens=5, eos=(0,),
 )  # fmt: skip
 SAMPLED_ONLY = dict(temperature=0.8, top_k=5, output=[4, 5])
+#: Each processing step alone: each must make the working copy before it writes.
+ONE_STEP = {
+    "bias": dict(logit_bias={3: 5.0}),
+    "allowed": dict(allowed_token_ids=[1, 2]),
+    "min-tokens": dict(min_tokens=5, eos=(0,)),
+    "penalty": dict(presence_penalty=1.0, output=[4, 5]),
+    "processor": dict(processor=lambda ids, row: row.mul_(0.0)),
+}
 
 
-@pytest.mark.parametrize("options", [PROCESSED, SAMPLED_ONLY], ids=["processed", "sampled-only"])
+@pytest.mark.parametrize(
+    "options",
+    [PROCESSED, SAMPLED_ONLY, *ONE_STEP.values()],
+    ids=["processed", "sampled-only", *ONE_STEP],
+)
 def test_logits_are_not_modified(
     sampler: Sampler, make_state: MakeState, logits: torch.Tensor, options: dict[str, Any]
 ) -> None:
     before = logits.clone()
-    states = [make_state(**options) for _ in range(logits.shape[0])]
+    params = {k: v for k, v in options.items() if k != "processor"}
+    states = [make_state(**params) for _ in range(logits.shape[0])]
+    if "processor" in options:
+        for state in states:
+            state.logits_processors.append(options["processor"])
     sampler(logits, states)
     assert torch.equal(logits, before)
 

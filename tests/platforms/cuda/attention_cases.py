@@ -93,10 +93,9 @@ def decode_directly(
     num_splits: int,
     fused_reduce: bool,
     tile: Tile | None = None,
-    heads_fastest: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(decode_attention output, reference output)``, the kernel called directly to pick
-    its reduction (and tile, and program order). The output starts as NaN, so a row that
+    its reduction (and tile). The output starts as NaN, so a row that
     no program writes shows."""
     from kvplane_cuda.kernels.decode_attention import decode_attention
 
@@ -107,7 +106,6 @@ def decode_directly(
         actual, on_device.query, kv_cache, metadata.block_tables, metadata.seq_lens,
         metadata.query_start_loc, metadata.max_seq_len, spec.scale, spec.sliding_window,
         spec.logit_softcap, num_splits, fused_reduce=fused_reduce, tile=tile,
-        heads_fastest=heads_fastest,
     )  # fmt: skip
     return actual, expected
 

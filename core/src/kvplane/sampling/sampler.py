@@ -144,16 +144,12 @@ class Sampler:
         if num_seqs == 0:
             return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [], transfer)
         raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
-        # [num_seqs, vocab_size] float32, mutated by the processing below: a copy only
-        # when some row asks for processing (the rest of the path reads its input only).
-        work = raw_logits
-        if work.dtype != torch.float32 or _processes_logits(states):
-            work = raw_logits.to(torch.float32, copy=True)
+        work = _WorkingLogits(raw_logits)
         self._apply_bias_and_allowed(work, states, transfer)
         self._apply_constraints(work, states, transfer)
         self._apply_min_tokens(work, states, transfer)
-        work = self._apply_penalties(work, states, transfer)
-        sampled = self._sample(work, states, batch_generator, transfer)  # [num_seqs] int64
+        self._apply_penalties(work, states, transfer)
+        sampled = self._sample(work.read(), states, batch_generator, transfer)  # [num_seqs]
         rows = [row for row, state in enumerate(states) if state.params.logprobs is not None]
         logprobs = None
         if rows:
@@ -165,12 +161,12 @@ class Sampler:
         return PendingSamples(sampled, logprobs, rows, transfer)
 
     # ----------------------------------------------------------------------------------
-    # Logits processing (in place on the float32 working copy)
+    # Logits processing (in place on the float32 working copy, made by the first write)
     # ----------------------------------------------------------------------------------
 
     def _apply_bias_and_allowed(
         self,
-        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        work: _WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -189,12 +185,13 @@ class Sampler:
                 allowed_rows.extend([row] * len(params.allowed_token_ids))
                 allowed_ids.extend(params.allowed_token_ids)
         if bias_ids:
-            logits.index_put_(
+            work.write().index_put_(
                 (_int64(bias_rows, transfer), _int64(bias_ids, transfer)),
                 _float32(bias_values, transfer),
                 accumulate=True,
             )
         if allowed_ids:
+            logits = work.write()  # [num_seqs, vocab_size]
             rows = _int64(allowed_rows, transfer)
             disallowed = torch.zeros_like(logits, dtype=torch.bool)  # [num_seqs, vocab]
             disallowed[rows] = True
@@ -203,7 +200,7 @@ class Sampler:
 
     def _apply_constraints(
         self,
-        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        work: _WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -222,7 +219,7 @@ class Sampler:
                 else:
                     mask_rows.append(row)
                     masks.append(mask)
-        device = logits.device
+        device = work.read().device
         parts: list[torch.Tensor] = []  # each [rows, vocab_size] bool
         if masks:
             parts.append(torch.stack(masks).to(device, torch.bool))
@@ -232,14 +229,16 @@ class Sampler:
         if parts:
             allowed = torch.cat(parts)  # [rows, vocab_size] bool
             rows = _int64(mask_rows + packed_rows, transfer)
+            logits = work.write()  # [num_seqs, vocab_size]
             logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
         for row, state in enumerate(states):
             for processor in state.logits_processors:
+                logits = work.write()
                 logits[row] = processor(state.output_token_ids, logits[row])
 
     def _apply_min_tokens(
         self,
-        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        work: _WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -256,21 +255,22 @@ class Sampler:
             rows.extend([row] * len(blocked))
             token_ids.extend(blocked)
         if token_ids:
-            logits[_int64(rows, transfer), _int64(token_ids, transfer)] = float("-inf")
+            work.write()[_int64(rows, transfer), _int64(token_ids, transfer)] = float("-inf")
 
     def _apply_penalties(
         self,
-        logits: torch.Tensor,  # [num_seqs, vocab_size] float32
+        work: _WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
-    ) -> torch.Tensor:  # [num_seqs, vocab_size] float32
+    ) -> None:
         rows = [row for row, state in enumerate(states) if state.params.has_penalties]
         if not rows:
-            return logits
+            return
         penalised_states = [states[row] for row in rows]
         output_counts, prompt_mask = self._penalty_cache.gather(penalised_states, transfer)
         params = [state.params for state in penalised_states]
         index = _int64(rows, transfer)
+        logits = work.write()  # [num_seqs, vocab_size]
         penalised = apply_penalties(
             logits.index_select(0, index),
             output_counts,
@@ -280,7 +280,6 @@ class Sampler:
             _float32([p.frequency_penalty for p in params], transfer),
         )
         logits[index] = penalised
-        return logits
 
     # ----------------------------------------------------------------------------------
     # Sampling and logprobs
@@ -369,21 +368,23 @@ class Sampler:
         return noise.clamp_(min=_TINY)
 
 
-def _processes_logits(states: Sequence[SequenceSamplingState]) -> bool:
-    """Whether any row's logits are changed before sampling (bias, allowed tokens,
-    constraints, processors, min_tokens, penalties): what the ``_apply_*`` steps act on."""
-    for state in states:
-        params = state.params
-        if (
-            params.logit_bias
-            or params.allowed_token_ids is not None
-            or state.allowed_mask_fn is not None
-            or state.logits_processors
-            or len(state.output_token_ids) < params.min_tokens
-            or params.has_penalties
-        ):
-            return True
-    return False
+class _WorkingLogits:
+    """The step's logits as the processing steps see them: the model's tensor itself
+    until a step writes, then a float32 copy made once, so the input is never modified
+    and a step where no row processes its logits copies nothing."""
+
+    def __init__(self, logits: torch.Tensor) -> None:  # [num_seqs, vocab_size]
+        self._owned = logits.dtype != torch.float32
+        self._logits = logits.float() if self._owned else logits  # [num_seqs, vocab_size]
+
+    def read(self) -> torch.Tensor:  # [num_seqs, vocab_size] float32
+        return self._logits
+
+    def write(self) -> torch.Tensor:  # [num_seqs, vocab_size] float32, owned
+        if not self._owned:
+            self._logits = self._logits.clone()
+            self._owned = True
+        return self._logits
 
 
 def unpack_bitmask(

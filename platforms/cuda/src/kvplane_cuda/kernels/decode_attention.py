@@ -3,8 +3,7 @@
 See :mod:`.paged_attention` for the cache layout and the shared tile helpers. Grid
 ``(num_kv_heads, num_seqs, num_splits)``: the KV heads of one sequence run in consecutive
 programs, so the slots' rows (every KV head of a token side by side) are read together
-while they are open in DRAM (``heads_fastest=False``, ``(num_seqs, num_kv_heads, ...)``,
-is kept for benchmarks). Each program attends the group's query heads
+while they are open in DRAM. Each program attends the group's query heads
 (padded to 16 rows for ``tl.dot``) over one partition of the visible context, computed on
 the device from the real ``seq_len`` (partitions may be empty), and writes a float32
 partial output plus its log-sum-exp. With one split the program writes the output
@@ -136,16 +135,11 @@ def _decode_split_kernel(
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr, HEADS_FASTEST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    if HEADS_FASTEST:
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-        num_kv_heads = tl.num_programs(0)
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        num_kv_heads = tl.num_programs(1)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    num_kv_heads = tl.num_programs(0)
     split = tl.program_id(2)
     # Everything below waits on these three loads: one round trip, before any branch.
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -297,7 +291,6 @@ def decode_attention(
     *,
     fused_reduce: bool = True,
     tile: Tile | None = None,  # None: decode_tile (benchmarks sweep others)
-    heads_fastest: bool = True,
 ) -> None:
     """Split-KV attention of each sequence's single new token over its whole context.
 
@@ -328,9 +321,8 @@ def decode_attention(
         if found is not None:
             counters, fused = found, True
     merge_rows = triton.next_power_of_2(group_size)
-    grid = (num_kv_heads, num_seqs) if heads_fastest else (num_seqs, num_kv_heads)
     with on_device(query.device):
-        _decode_split_kernel[(*grid, num_splits)](
+        _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
             out, partial_out, partial_lse, counters, query, kv_cache[0], kv_cache[1],
             block_tables, seq_lens, query_start_loc, scale, logit_softcap or 0.0,
             sliding_window or 0, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
@@ -340,7 +332,7 @@ def decode_attention(
             BLOCK_N=tile.block_n, NUM_SPLITS=num_splits,
             SPLIT_CHUNK=merge_chunk(merge_rows, head_pad, num_splits), FUSED_REDUCE=fused,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-            PRECISION=dot_precision(query.dtype), HEADS_FASTEST=heads_fastest,
+            PRECISION=dot_precision(query.dtype),
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
         if num_splits > 1 and not fused:
