@@ -133,6 +133,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     serve.add_argument("--serve-runs", type=int, default=3, help="rounds per rate")
     serve.add_argument("--serve-prompts", type=int, default=500)
     serve.add_argument(
+        "--serve-kvplane-args", default="", help="more `kvplane serve` options, one string"
+    )
+    serve.add_argument(
         "--serve-seconds",
         type=float,
         default=500.0,

@@ -70,12 +70,14 @@ def warm_up_requests() -> list[tuple[list[int], int, float]]:
 # -- workers (one engine, one process) ----------------------------------------------------
 
 
-def run_worker(engine: str, model_dir: str, workloads: list[str], device: str) -> None:
+def run_worker(
+    engine: str, model_dir: str, workloads: list[str], device: str, kvplane_options: str
+) -> None:
     """Build ``engine`` once, warm it up, time each workload; print one RESULT line each."""
     if engine == "vllm":
         generate = _vllm_generate(model_dir)
     else:
-        generate = _kvplane_generate(model_dir, device)
+        generate = _kvplane_generate(model_dir, device, json.loads(kvplane_options))
     generate(warm_up_requests())
     for name in workloads:
         requests = workload_requests(name)
@@ -104,10 +106,10 @@ def _vllm_generate(model_dir: str) -> Any:
     return generate
 
 
-def _kvplane_generate(model_dir: str, device: str) -> Any:
+def _kvplane_generate(model_dir: str, device: str, options: dict[str, Any]) -> Any:
     from kvplane import LLM, SamplingParams
 
-    llm = LLM(model_dir, load_format="dummy", device=device, max_model_len=MAX_MODEL_LEN)
+    llm = LLM(model_dir, load_format="dummy", device=device, max_model_len=MAX_MODEL_LEN, **options)
 
     def generate(requests: list[tuple[list[int], int, float]]) -> int:
         prompts = [{"prompt_token_ids": ids} for ids, _, _ in requests]
@@ -145,6 +147,7 @@ def run_round(args: argparse.Namespace, engine: str, index: int) -> list[dict[st
     log = Path(args.out) / f"offline_{engine}_{index}.log"
     command = [sys.executable, __file__, "--worker", engine, "--model-dir", args.model_dir]
     command += ["--workloads", ",".join(args.workloads), "--kvplane-device", args.kvplane_device]
+    command += ["--kvplane-options", args.kvplane_options]
     started = time.perf_counter()
     with log.open("w") as handle:
         try:
@@ -196,15 +199,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", type=lambda s: s.split(","), default=list(ENGINES))
     parser.add_argument("--vllm-site", default="/tmp/site")
     parser.add_argument("--kvplane-device", default="cuda", help="cpu: a smoke run")
+    parser.add_argument(
+        "--kvplane-options", default="{}", help="more kvplane LLM(...) options, as JSON"
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        run_worker(args.worker, args.model_dir, args.workloads, args.kvplane_device)
+        run_worker(
+            args.worker, args.model_dir, args.workloads, args.kvplane_device, args.kvplane_options
+        )
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
+    report: dict[str, Any] = {"kvplane_options": json.loads(args.kvplane_options)}
     for index in range(args.rounds):
         order = args.engines if index % 2 == 0 else list(reversed(args.engines))
         for engine in order:
@@ -212,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(result)
                 rate = result.get("out_tok_s", "error")
                 print(f"[round {index}] {engine} {result['workload']}: {rate}", flush=True)
-    report = {"runs": runs, "summary": summarize(runs, args.workloads)}
-    (Path(args.out) / "offline_rounds.json").write_text(json.dumps(report, indent=1))
+            # Rewritten after every worker: a call cut short keeps what it measured.
+            report.update(runs=runs, summary=summarize(runs, args.workloads))
+            (Path(args.out) / "offline_rounds.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report["summary"], indent=1), flush=True)
     return 0
 

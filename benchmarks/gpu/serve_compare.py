@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def run_serve(suite: Suite) -> dict[str, Any]:
                     "--no-access-log",
                     "--uvicorn-log-level",
                     "warning",
+                    *shlex.split(args.serve_kvplane_args),
                 ],
                 kvplane_env,
                 KVPLANE_PORT,

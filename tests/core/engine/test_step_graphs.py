@@ -6,6 +6,7 @@ that read anything but the static buffers would return stale results here.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -217,17 +218,27 @@ def test_mixed_bucket_sizes() -> None:
     assert mixed_bucket_sizes(8192, 100) == (16, 32, 48, 64, 96, 128)
     assert mixed_bucket_sizes(8192, 1) == ()  # a one-token step is a decode
     assert mixed_bucket_sizes(8192, 0) == ()
+    # Past 512 tokens a bucket is at most a quarter larger than the one below it.
+    large = mixed_bucket_sizes(16384, 16384)
+    assert large[-1] == 16384 and large[11] == 512
+    assert all(b <= 1.25 * a for a, b in itertools.pairwise(large[11:]))
+    assert mixed_bucket_sizes(10000, 100_000)[-2:] == (8192, 10240)
 
 
-def make_mixed_graphs(max_tokens: int = 64) -> tuple[MixedGraphs, EchoModel]:
+def make_mixed_graphs(
+    max_tokens: int = 64, max_num_seqs: int | None = None
+) -> tuple[MixedGraphs, EchoModel]:
     model = EchoModel(16)
     sizes = mixed_bucket_sizes(8192, max_tokens)
-    graphs = MixedGraphs(model, ReplayingRunner(sizes), HOST, 16, 512, sizes)
+    graphs = MixedGraphs(model, ReplayingRunner(sizes), HOST, 16, 512, sizes, max_num_seqs)
     return graphs, model
 
 
-def test_replayed_mixed_steps_see_each_steps_inputs_and_padding() -> None:
-    graphs, model = make_mixed_graphs()
+@pytest.mark.parametrize("max_num_seqs", [None, 4])
+def test_replayed_mixed_steps_see_each_steps_inputs_and_padding(
+    max_num_seqs: int | None,
+) -> None:
+    graphs, model = make_mixed_graphs(max_num_seqs=max_num_seqs)
     graphs.capture()
     assert len(model.metadata) == len(graphs.sizes)
     steps = [
@@ -245,7 +256,8 @@ def test_replayed_mixed_steps_see_each_steps_inputs_and_padding() -> None:
         metadata = graphs._metadata[bucket]
         num_tokens, num_seqs = host.num_tokens, host.num_seqs
         assert metadata.max_query_len == bucket and metadata.max_seq_len == 512
-        assert metadata.num_tokens == bucket and len(metadata.seq_lens) == bucket + 1
+        bucket_seqs = bucket + 1 if max_num_seqs is None else min(bucket, max_num_seqs) + 1
+        assert metadata.num_tokens == bucket and len(metadata.seq_lens) == bucket_seqs
         # Padding tokens: one dummy sequence of its own, nothing written, block row 0.
         assert (metadata.slot_mapping[num_tokens:] == -1).all()
         assert metadata.query_start_loc[num_seqs] == num_tokens
@@ -264,3 +276,12 @@ def test_each_family_takes_its_own_steps() -> None:
     assert mixed.bucket_for(mixed_host) == 16
     assert mixed.bucket_for(mixed_step([40, 8], [0, 9], 0)) == 48
     assert mixed.bucket_for(mixed_step([41, 8], [0, 9], 0)) is None  # past the largest
+
+
+def test_mixed_buckets_hold_at_most_max_num_seqs_sequences() -> None:
+    """Sequences past ``max_num_seqs`` cannot be scheduled, so a bucket holds that many
+    plus the padding one; a step with no room for the padding one runs eagerly."""
+    mixed, _ = make_mixed_graphs(max_tokens=64, max_num_seqs=4)
+    assert mixed.num_bucket_seqs(64) == 5 and mixed.num_bucket_seqs(16) == 5
+    assert mixed.bucket_for(mixed_step([20, 1, 1, 1], [0, 9, 9, 9], 0)) == 32
+    assert mixed.bucket_for(mixed_step([20, 1, 1, 1, 1], [0, 9, 9, 9, 9], 0)) is None

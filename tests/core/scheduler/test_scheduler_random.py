@@ -117,8 +117,9 @@ class FakeEngine:
             end = s.start_position + s.num_new_tokens
             assert end <= request.num_tokens
             assert s.is_sampling == (end == request.num_tokens)
-            assert len(s.block_ids) * self.block_size >= end
-            assert list(s.block_ids) == self.bm.block_ids(request.request_id)
+            table = self.bm.block_ids(request.request_id)
+            assert s.num_blocks == len(table) and s.num_blocks * self.block_size >= end
+            assert output.block_table[s.block_table_row, : s.num_blocks].tolist() == table
             if s.start_position > 0 and s.num_new_tokens < request.num_tokens - s.start_position:
                 self.counters.chunked_steps += 1
         sampling_parents = {s.request.request_id for s in output.scheduled if s.is_sampling}
@@ -147,10 +148,15 @@ class FakeEngine:
         sources = [list(self.kv[src]) for src, _ in output.block_copies]
         for (_, dst), data in zip(output.block_copies, sources, strict=True):
             self.kv[dst] = data
+        tables = {
+            s.request.request_id: output.block_table[s.block_table_row, : s.num_blocks].tolist()
+            for s in output.scheduled
+        }
         for s in output.scheduled:
             tokens = s.request.all_token_ids
+            table = tables[s.request.request_id]
             for pos in range(s.start_position, s.start_position + s.num_new_tokens):
-                self.kv[s.block_ids[pos // self.block_size]][pos % self.block_size] = (
+                self.kv[table[pos // self.block_size]][pos % self.block_size] = (
                     tokens[pos],
                     pos,
                 )
@@ -158,7 +164,7 @@ class FakeEngine:
         contexts: dict[str, list[int]] = {}
         for s in output.scheduled:
             if s.is_sampling:
-                context = self.read_context(s.block_ids, s.request.num_tokens)
+                context = self.read_context(tables[s.request.request_id], s.request.num_tokens)
                 assert context == s.request.all_token_ids
                 contexts[s.request.request_id] = context
                 sampled[s.request.request_id] = next_token(s.request.sampling_params, context)

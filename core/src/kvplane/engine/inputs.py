@@ -84,7 +84,7 @@ def _block_tables(output: SchedulerOutput) -> np.ndarray:
     """``[num_seqs, max(max_blocks, 1)]`` int32: each scheduled request's block table,
     zero-padded, gathered from the scheduler's table array."""
     scheduled = output.scheduled
-    num_cols = max(max((len(s.block_ids) for s in scheduled), default=1), 1)
+    num_cols = max(max((s.num_blocks for s in scheduled), default=1), 1)
     rows = np.fromiter((s.block_table_row for s in scheduled), np.intp, len(scheduled))
     return output.block_table[rows, :num_cols]
 

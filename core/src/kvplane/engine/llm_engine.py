@@ -160,6 +160,7 @@ class LLMEngine:
                     config.block_size,
                     self.model_config.max_model_len,
                     sizes,
+                    config.batch_limits().max_num_seqs,
                 )
             )
         self.runner.use_step_graphs(tuple(step_graphs))

@@ -11,8 +11,9 @@ from Python. Two families:
 - :class:`DecodeGraphs`: one new token per sequence, bucketed by the number of sequences.
   The captured metadata has ``max_query_len`` 1. Padding sequences have one token at
   position 0, a cache slot of -1 (nothing written), seq_len 1 and block-table row 0.
-- :class:`MixedGraphs`: small steps of any other shape (prefill chunks next to decodes),
-  bucketed by the number of tokens ``B``; they hold up to ``B + 1`` sequences. The
+- :class:`MixedGraphs`: steps of any other shape (prefill chunks next to decodes),
+  bucketed by the number of tokens ``B``; they hold up to ``min(B, max_num_seqs) + 1``
+  sequences. The
   captured metadata has ``max_query_len`` ``B`` (an upper bound). The ``B - T`` padding
   tokens of a step with ``T`` real ones form one dummy sequence after the real ones
   (seq_len ``B - T``, slots -1, block-table row 0, positions 0); the sequences after it
@@ -51,8 +52,13 @@ logger = logging.getLogger(__name__)
 MAX_CAPTURE_SIZE = 512
 #: Default largest mixed step captured, in tokens (``EngineConfig.max_mixed_graph_tokens``).
 MAX_MIXED_CAPTURE_TOKENS = 512
-#: Token buckets of mixed steps: fine where a step is launch-bound, coarser above.
-MIXED_TOKEN_SIZES = (16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512)
+#: Token buckets of mixed steps: fine where a step is launch-bound, coarser above (a
+#: step pads by at most a quarter of its bucket past 512 tokens).
+MIXED_TOKEN_SIZES = (
+    16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512,
+    640, 768, 896, 1024, 1280, 1536, 1792, 2048, 2560, 3072, 3584, 4096,
+    5120, 6144, 7168, 8192, 10240, 12288, 14336, 16384,
+)  # fmt: skip
 
 
 def _sizes_up_to(candidates: list[int], limit: int) -> tuple[int, ...]:
@@ -128,12 +134,14 @@ class StepGraphs(ABC):
         block_size: int,
         max_model_len: int,
         sizes: tuple[int, ...],
+        max_num_seqs: int | None = None,  # None: as many as a bucket's tokens
     ) -> None:
         self.model = model
         self.graph_runner = graph_runner
         self.transfer = transfer
         self.max_model_len = max_model_len
         self.sizes = sizes
+        self.max_num_seqs = max_num_seqs
         max_tokens = sizes[-1]
         max_seqs = self.num_bucket_seqs(sizes[-1])
         max_blocks = math.ceil(max_model_len / block_size)
@@ -222,7 +230,7 @@ class StepGraphs(ABC):
             max_query_len=self._max_query_len(size),
             max_seq_len=self.max_model_len,
             # Placeholders; their last entry still counts the bucket's tokens.
-            query_start_loc_cpu=tuple(min(i, size) for i in range(num_seqs + 1)),
+            query_start_loc_cpu=(*(min(i, size) for i in range(num_seqs)), size),
             seq_lens_cpu=(1,) * num_seqs,
         )
 
@@ -300,7 +308,10 @@ class MixedGraphs(StepGraphs):
     step_kind = "mixed"
 
     def num_bucket_seqs(self, size: int) -> int:
-        return size + 1  # every sequence has a token, plus the padding tokens' own
+        # Every sequence has a token (at most max_num_seqs of them), plus the padding
+        # tokens' own.
+        real = size if self.max_num_seqs is None else min(size, self.max_num_seqs)
+        return real + 1
 
     def bucket_for(self, host: HostStepInputs) -> int | None:
         if host.is_pure_decode or host.num_tokens > self.sizes[-1]:
@@ -321,10 +332,11 @@ class MixedGraphs(StepGraphs):
         arrays["positions"][num_tokens:size] = 0
         arrays["slot_mapping"][num_tokens:size] = -1
         # One dummy sequence holds the padding tokens; the ones after it hold none.
-        arrays["query_start_loc"][num_seqs + 1 : size + 2] = size
+        bucket_seqs = self.num_bucket_seqs(size)
+        arrays["query_start_loc"][num_seqs + 1 : bucket_seqs + 1] = size
         arrays["seq_lens"][num_seqs] = size - num_tokens
-        arrays["seq_lens"][num_seqs + 1 : size + 1] = 0
-        arrays["block_tables"][num_seqs : size + 1, : staging.num_cols] = 0
+        arrays["seq_lens"][num_seqs + 1 : bucket_seqs] = 0
+        arrays["block_tables"][num_seqs:bucket_seqs, : staging.num_cols] = 0
 
     def _logit_rows(
         self, hidden: torch.Tensor, host: HostStepInputs, staging: _Staging

@@ -68,6 +68,10 @@ class BlockManager:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
+    def num_table_blocks(self, request_id: str) -> int:
+        """The length of the request's block table (0 when it holds no blocks)."""
+        return len(self._tables.get(request_id, ()))
+
     def block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table ([] when it holds no blocks)."""
         return list(self._tables.get(request_id, ()))

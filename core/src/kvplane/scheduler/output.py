@@ -13,9 +13,10 @@ from kvplane.scheduler.request import Request
 class ScheduledRequest:
     """Compute tokens ``start_position : start_position + num_new_tokens`` of ``request``.
 
-    Their KV goes to ``block_ids`` (the request's whole block table after allocation:
-    token ``i`` at slot ``block_ids[i // block_size] * block_size + i % block_size``),
-    which is also row ``block_table_row`` of the output's ``block_table``.
+    Their KV goes to the request's block table after allocation, row
+    ``block_table_row`` of the output's ``block_table``, whose first ``num_blocks``
+    entries are its blocks: token ``i`` at slot
+    ``table[i // block_size] * block_size + i % block_size``.
     ``is_sampling``: the step computes the request's last known token, so the engine
     samples the next one from that position's logits.
     """
@@ -23,7 +24,7 @@ class ScheduledRequest:
     request: Request
     num_new_tokens: int
     start_position: int  # num_computed_tokens before the step
-    block_ids: tuple[int, ...]
+    num_blocks: int  # the length of the request's block table
     is_sampling: bool
     block_table_row: int
 
@@ -49,7 +50,7 @@ class SchedulerOutput:
     read every source before writing any destination (as the reference hook does).
     ``preempted_request_ids`` lost their blocks this step and will recompute later.
     ``block_table`` (``[rows, cols]`` int32, zero past each table's end) holds every
-    scheduled request's ``block_ids`` at its ``block_table_row``; it is the block
+    scheduled request's block table at its ``block_table_row``; it is the block
     manager's live array, so it holds this step's tables only until the next schedule.
     """
 

@@ -313,10 +313,11 @@ class Scheduler:
         """Record a request whose blocks are allocated; fork its children if it samples."""
         start = request.num_computed_tokens
         is_sampling = start + num_new == request.num_tokens
-        block_ids = tuple(self.block_manager.block_ids(request.request_id))
-        row = self.block_manager.table_array.row_of(request.request_id)
+        manager = self.block_manager
+        num_blocks = manager.num_table_blocks(request.request_id)
+        row = manager.table_array.row_of(request.request_id)
         step.scheduled.append(
-            ScheduledRequest(request, num_new, start, block_ids, is_sampling, row)
+            ScheduledRequest(request, num_new, start, num_blocks, is_sampling, row)
         )
         if is_sampling:
             for child in self._children.pop(request.request_id, ()):
