@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from kvplane import LLM, SamplingParams
+from kvplane.engine.inputs import largest_step_inputs
 from kvplane.plugins import hookimpl, register_platform, unregister_platform
 from kvplane.plugins.types import MemoryInfo, MemoryProfile, PlatformInfo, ProbeResult
 from tests.plugin_modules import platform_module
@@ -95,3 +97,53 @@ def test_explicit_bytes_win(model_dir: Path, profiled_platform: list[int]) -> No
 def test_too_small_a_cache_is_a_clear_error(model_dir: Path, profiled_platform: list[int]) -> None:
     with pytest.raises(ValueError, match="cannot hold one sequence of max_model_len"):
         make_llm(model_dir, kv_cache_memory_bytes=64 * 1024)
+
+
+def test_the_profile_runs_the_largest_step(
+    model_dir: Path, profiled_platform: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward of ``max_num_batched_tokens`` tokens, then the logits and sampling of
+    ``max_num_seqs`` rows: what a full step allocates on top of the weights."""
+    from kvplane.models.base import CausalLM
+    from kvplane.sampling.sampler import Sampler
+
+    seen: dict[str, list[int]] = {"tokens": [], "logit_rows": [], "sampled_rows": []}
+    model_call, compute_logits, launch = CausalLM.__call__, CausalLM.compute_logits, Sampler.launch
+
+    def spy_call(self: CausalLM, token_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["tokens"].append(token_ids.shape[0])
+        return model_call(self, token_ids, *args, **kwargs)
+
+    def spy_logits(self: CausalLM, hidden: Any) -> Any:
+        seen["logit_rows"].append(hidden.shape[0])
+        return compute_logits(self, hidden)
+
+    def spy_launch(self: Sampler, logits: Any, states: Any, *args: Any) -> Any:
+        seen["sampled_rows"].append(len(states))
+        return launch(self, logits, states, *args)
+
+    monkeypatch.setattr(CausalLM, "__call__", spy_call)
+    monkeypatch.setattr(CausalLM, "compute_logits", spy_logits)
+    monkeypatch.setattr(Sampler, "launch", spy_launch)
+    make_llm(
+        model_dir,
+        gpu_memory_utilization=0.5,
+        max_model_len=128,
+        max_num_batched_tokens=300,
+        max_num_seqs=7,
+    )
+    assert profiled_platform == [1]
+    assert seen == {"tokens": [300], "logit_rows": [7], "sampled_rows": [7]}
+
+
+def test_largest_step_inputs_are_a_valid_prefill() -> None:
+    host = largest_step_inputs(100, 32, 16, num_sampled_rows=5)
+    assert host.seq_lens.tolist() == [32, 32, 32, 4]
+    assert host.query_start_loc.tolist() == [0, 32, 64, 96, 100]
+    assert host.positions.tolist() == [*range(32)] * 3 + [0, 1, 2, 3]
+    # Every token has a slot of its own, in its sequence's own blocks.
+    assert sorted(host.slot_mapping.tolist()) == [*range(96), *range(96, 100)]
+    assert host.block_tables.tolist() == [[0, 1], [2, 3], [4, 5], [6, 0]]
+    assert host.logits_indices.tolist() == [95, 96, 97, 98, 99]
+    assert host.sample_rows == (0, 1, 2, 3, 4) and len(host.sample_request_ids) == 5
+    assert largest_step_inputs(3, 32, 16, num_sampled_rows=8).logits_indices.tolist() == [0, 1, 2]

@@ -182,6 +182,44 @@ def build_host_inputs(
     )
 
 
+def largest_step_inputs(
+    num_tokens: int, max_seq_len: int, block_size: int, num_sampled_rows: int
+) -> HostStepInputs:
+    """A prefill of ``num_tokens`` tokens (token id 0) in sequences of at most
+    ``max_seq_len``, each in blocks of its own numbered from 0, whose last
+    ``min(num_sampled_rows, num_tokens)`` tokens are sampled: the step a memory profile
+    runs, as large as any the scheduler can make."""
+    num_full, rest = divmod(num_tokens, max_seq_len)
+    lengths = np.array([max_seq_len] * num_full + ([rest] if rest else []), dtype=np.int32)
+    blocks_per_seq = -(-lengths // block_size)  # [num_seqs]
+    first_blocks = np.concatenate([[0], np.cumsum(blocks_per_seq)[:-1]])  # [num_seqs]
+    columns = np.arange(int(blocks_per_seq.max()))  # [max_blocks]
+    block_tables = np.where(
+        columns < blocks_per_seq[:, None], first_blocks[:, None] + columns, 0
+    ).astype(np.int32)  # [num_seqs, max_blocks]
+    query_start_loc = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    seq_of_token = np.repeat(np.arange(len(lengths)), lengths)  # [num_tokens]
+    positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[seq_of_token]
+    slot_mapping = (
+        block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
+        + positions % block_size
+    )
+    num_rows = min(num_sampled_rows, num_tokens)
+    return HostStepInputs(
+        token_ids=np.zeros(num_tokens, dtype=np.int64),
+        positions=positions,
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc,
+        seq_lens=lengths,
+        block_tables=block_tables,
+        max_query_len=int(lengths.max()),
+        logits_indices=np.arange(num_tokens - num_rows, num_tokens, dtype=np.int64),
+        sample_request_ids=tuple(f"profile-{row}" for row in range(num_rows)),
+        sample_rows=tuple(range(num_rows)),
+        prompt_logprobs=(),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class PlaceholderFixup:
     """Input tokens whose ids are still on the device, in the previous step's samples."""

@@ -22,8 +22,10 @@ def num_kv_blocks(
         kv_bytes = platform.info.default_kv_cache_bytes
     if kv_bytes is None:
         utilization = config.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
-        num_tokens = min(config.batch_limits().max_num_batched_tokens, max_model_len)
-        total, available = runner.profile_activation_bytes(num_tokens)
+        limits = config.batch_limits()
+        total, available = runner.profile_activation_bytes(
+            limits.max_num_batched_tokens, max_model_len, limits.max_num_seqs
+        )
         kv_bytes = int(available - total * (1.0 - utilization))
     num_blocks = kv_bytes // runner.bytes_per_block()
     needed = math.ceil(max_model_len / config.block_size)

@@ -6,7 +6,6 @@ The runner makes no scheduling decisions: it executes what the scheduler decided
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from kvplane.engine.inputs import (
     HostStepInputs,
     PlaceholderFixup,
     build_host_inputs,
+    largest_step_inputs,
     to_device_inputs,
 )
 from kvplane.engine.step_graphs import StepGraphs
@@ -26,6 +26,7 @@ from kvplane.models.base import CausalLM
 from kvplane.models.layers.attention import Attention
 from kvplane.plugins.platform import Platform
 from kvplane.plugins.types import BlockCopyRequest, KVCacheSpec, MemoryProfileRequest
+from kvplane.sampling.params import SamplingParams
 from kvplane.sampling.sampler import (
     PendingSamples,
     SampleLogprobs,
@@ -112,36 +113,31 @@ class ModelRunner:
             caches.append(cache)
         self.kv_caches = tuple(caches)
 
-    def profile_activation_bytes(self, num_tokens: int) -> tuple[int, int]:
-        """Run the largest step once through the platform's memory profiler.
+    def profile_activation_bytes(
+        self, num_tokens: int, max_seq_len: int, num_sampled_rows: int
+    ) -> tuple[int, int]:
+        """Run the largest step once through the platform's memory profiler: a forward of
+        ``num_tokens`` prompt tokens (sequences of at most ``max_seq_len``), the logits of
+        ``num_sampled_rows`` of them and their sampling, with top-k and top-p.
 
         Returns ``(device total bytes, bytes available for the KV cache at utilization
-        1.0)``; the caller applies the utilization fraction.
+        1.0)``; the caller applies the utilization fraction. The memory the step used
+        stays with the platform's allocator (where it caches), so later steps reuse it.
         """
-        num_blocks = math.ceil(num_tokens / self.block_size)
-        self.initialize_kv_cache(num_blocks)
+        host = largest_step_inputs(num_tokens, max_seq_len, self.block_size, num_sampled_rows)
+        self.initialize_kv_cache(int(host.block_tables.max()) + 1)
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, detokenize=False)
+        states = [
+            SequenceSamplingState(params=params, prompt_token_ids=[0], output_token_ids=[])
+            for _ in host.sample_request_ids
+        ]
 
         def run_forward() -> None:
-            positions = torch.arange(num_tokens, device=self.device)
-            from kvplane.attention.metadata import AttentionMetadata
-
-            metadata = AttentionMetadata(
-                slot_mapping=positions.clone(),
-                query_start_loc=torch.tensor(
-                    [0, num_tokens], dtype=torch.int32, device=self.device
-                ),
-                seq_lens=torch.tensor([num_tokens], dtype=torch.int32, device=self.device),
-                block_tables=torch.arange(
-                    num_blocks, dtype=torch.int32, device=self.device
-                ).unsqueeze(0),
-                max_query_len=num_tokens,
-                max_seq_len=num_tokens,
-                query_start_loc_cpu=(0, num_tokens),
-                seq_lens_cpu=(num_tokens,),
-            )
             with torch.inference_mode():
-                hidden = self.model(torch.zeros_like(positions), positions, metadata)
-                self.model.compute_logits(hidden[-1:])
+                inputs = to_device_inputs(host, self.transfer)
+                hidden = self.model(inputs.token_ids, inputs.positions, inputs.metadata)
+                logits = self.model.compute_logits(hidden[inputs.logits_indices])
+                self.sampler.launch(logits, states, self.batch_generator, self.transfer).result()
 
         profile = self.platform.profile_memory(
             MemoryProfileRequest(device=self.device, run_forward=run_forward)

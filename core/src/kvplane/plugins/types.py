@@ -103,8 +103,9 @@ class MemoryInfo:
 class MemoryProfileRequest:
     """Argument of :func:`kvplane_profile_memory`.
 
-    ``run_forward`` runs one forward pass of the largest batch the engine will schedule;
-    the platform measures what it costs on top of the weights.
+    ``run_forward`` runs the largest step the engine will schedule: a forward pass of
+    ``max_num_batched_tokens`` tokens, the logits of ``max_num_seqs`` rows and their
+    sampling; the platform measures what it costs on top of the weights.
     """
 
     device: "torch.device"

@@ -38,6 +38,7 @@ from kvplane.sampling.state import (
     SequenceSamplingState,
     make_generator,
 )
+from kvplane.sampling.working_logits import WorkingLogits, unpack_bitmask
 
 # The smallest positive float32: keeps ``prob / noise`` finite and never 0 / 0.
 _TINY = torch.finfo(torch.float32).tiny
@@ -144,7 +145,7 @@ class Sampler:
         if num_seqs == 0:
             return PendingSamples(logits.new_zeros(0, dtype=torch.int64), None, [], transfer)
         raw_logits = logits[:, : self.vocab_size]  # [num_seqs, vocab_size]
-        work = _WorkingLogits(raw_logits)
+        work = WorkingLogits(raw_logits)
         self._apply_bias_and_allowed(work, states, transfer)
         self._apply_constraints(work, states, transfer)
         self._apply_min_tokens(work, states, transfer)
@@ -166,7 +167,7 @@ class Sampler:
 
     def _apply_bias_and_allowed(
         self,
-        work: _WorkingLogits,
+        work: WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -200,7 +201,7 @@ class Sampler:
 
     def _apply_constraints(
         self,
-        work: _WorkingLogits,
+        work: WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -238,7 +239,7 @@ class Sampler:
 
     def _apply_min_tokens(
         self,
-        work: _WorkingLogits,
+        work: WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -259,7 +260,7 @@ class Sampler:
 
     def _apply_penalties(
         self,
-        work: _WorkingLogits,
+        work: WorkingLogits,
         states: Sequence[SequenceSamplingState],
         transfer: DeviceTransfer,
     ) -> None:
@@ -366,36 +367,6 @@ class Sampler:
                 state.generator = make_generator(state.params.seed, device)
             noise[row].exponential_(generator=state.generator)
         return noise.clamp_(min=_TINY)
-
-
-class _WorkingLogits:
-    """The step's logits as the processing steps see them: the model's tensor itself
-    until a step writes, then a float32 copy made once, so the input is never modified
-    and a step where no row processes its logits copies nothing."""
-
-    def __init__(self, logits: torch.Tensor) -> None:  # [num_seqs, vocab_size]
-        self._owned = logits.dtype != torch.float32
-        self._logits = logits.float() if self._owned else logits  # [num_seqs, vocab_size]
-
-    def read(self) -> torch.Tensor:  # [num_seqs, vocab_size] float32
-        return self._logits
-
-    def write(self) -> torch.Tensor:  # [num_seqs, vocab_size] float32, owned
-        if not self._owned:
-            self._logits = self._logits.clone()
-            self._owned = True
-        return self._logits
-
-
-def unpack_bitmask(
-    packed: torch.Tensor,  # [n, num_words] int32
-    vocab_size: int,
-) -> torch.Tensor:  # [n, vocab_size] bool
-    """Packed bitmask rows to bool masks on ``packed``'s device; bit set = allowed."""
-    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)  # [32]
-    # The shift is arithmetic (sign-extending) but "& 1" keeps only the shifted-down bit.
-    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [n, num_words, 32]
-    return bits.reshape(packed.shape[0], -1)[:, :vocab_size].bool()
 
 
 def _int64(values: Sequence[int], transfer: DeviceTransfer) -> torch.Tensor:  # [len(values)]
