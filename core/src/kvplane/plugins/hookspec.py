@@ -257,7 +257,9 @@ def kvplane_profile_memory(request: types.MemoryProfileRequest) -> types.MemoryP
     Called once after the weights are loaded, when the KV cache is sized from
     ``gpu_memory_utilization`` (not when ``kv_cache_memory_bytes`` or the platform's
     ``default_kv_cache_bytes`` sizes it). The implementation calls
-    ``request.run_forward()`` exactly once and measures around it.
+    ``request.run_forward()`` exactly once and measures around it; it runs the largest
+    step (``max_num_batched_tokens`` tokens, logits and sampling of ``max_num_seqs``
+    rows).
 
     :param request: the device and the forward pass to measure.
     :returns: a :class:`~kvplane.plugins.types.MemoryProfile`.
