@@ -13,12 +13,11 @@ from Python. Two families:
   position 0, a cache slot of -1 (nothing written), seq_len 1 and block-table row 0.
 - :class:`MixedGraphs`: steps of any other shape (prefill chunks next to decodes),
   bucketed by the number of tokens ``B``; they hold up to ``min(B, max_num_seqs) + 1``
-  sequences. The
-  captured metadata has ``max_query_len`` ``B`` (an upper bound). The ``B - T`` padding
-  tokens of a step with ``T`` real ones form one dummy sequence after the real ones
-  (seq_len ``B - T``, slots -1, block-table row 0, positions 0); the sequences after it
-  have no token and seq_len 0. Logit rows are gathered from the graph's output outside
-  the graph.
+  sequences. The captured metadata has ``max_query_len`` ``B`` (an upper bound). The
+  ``B - T`` padding tokens of a step with ``T`` real ones form one dummy sequence after
+  the real ones (seq_len ``B - T``, slots -1, block-table row 0, positions 0); the
+  sequences after it have no token and seq_len 0. Logit rows are gathered from the
+  graph's output outside the graph.
 
 What a captured forward sees, and therefore what every attention backend of a platform
 that captures must honour: ``max_seq_len`` is the model's maximum length (an upper bound;

@@ -9,7 +9,8 @@ small index tensors built per step from Python lists. Processing order per row:
    fewer than ``min_tokens`` tokens were generated;
 4. repetition, then frequency and presence penalties (see :mod:`.penalties`);
 5. greedy rows (``temperature < 1e-5``) take the argmax; random rows divide by the
-   temperature, softmax to float32 and call ``ops.top_k_top_p_sample`` with Exp(1) noise.
+   temperature (not when every one is 1), softmax to float32 and call
+   ``ops.top_k_top_p_sample`` with Exp(1) noise.
 
 A seeded row draws its noise only from its own generator, a fixed amount per step, so its
 tokens depend on its seed and logits alone, never on the rest of the batch.
@@ -320,8 +321,12 @@ class Sampler:
         transfer: DeviceTransfer,
     ) -> torch.Tensor:  # [n] int64
         params = [state.params for state in states]
-        temperatures = _float32([p.temperature for p in params], transfer)
-        probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)  # [n, vocab]
+        if all(p.temperature == 1.0 for p in params):
+            # [n, vocab]; no division: a full pass over the logits that changes nothing
+            probs = torch.softmax(logits, dim=-1)
+        else:
+            temperatures = _float32([p.temperature for p in params], transfer)
+            probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)  # [n, vocab]
         top_k = (
             _int64([p.top_k for p in params], transfer)
             if any(p.top_k > 0 for p in params)
