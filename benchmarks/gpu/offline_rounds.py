@@ -1,7 +1,8 @@
 """kvplane against vLLM offline, alternated: rounds of one process per engine, each running
 the same workloads on the same prompts, so a ratio comes from one machine and one run.
 
-Workloads (token-id prompts made here, identical for both engines; ``ignore_eos``):
+Workloads (token-id prompts from :mod:`kvplane.bench.datasets`, written once by this
+driver to a file both engines' workers read; ``ignore_eos``):
 
 - ``A``: 500 random prompts of 1024 tokens, 128 new tokens each, temperature 1.0 (what
   ``vllm bench throughput --dataset-name random`` runs);
@@ -31,6 +32,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,21 +46,26 @@ RESULT_PREFIX = "RESULT "
 # -- prompts (the same for both engines) ------------------------------------------------------
 
 
-def workload_requests(name: str) -> list[tuple[list[int], int, float]]:
-    """``(prompt token ids, new tokens, temperature)`` of every request of workload ``name``."""
+Request = tuple[list[int], int, float]  # (prompt token ids, new tokens, temperature)
+#: Sampling temperature of each workload's requests.
+TEMPERATURES = {"A": 1.0, "C": 0.6}
+
+
+def workload_requests(name: str) -> list[Request]:
+    """Every request of workload ``name``, from kvplane's benchmark datasets (A: vLLM's
+    random dataset over 10,000 ids; C: the nano bench, what vllm_nano.py draws)."""
+    from kvplane.bench.datasets import nano_requests, random_requests
+
     if name == "A":
-        rng = random.Random(0)
-        return [([rng.randrange(10_000) for _ in range(1024)], 128, 1.0) for _ in range(500)]
-    if name == "C":  # generated in the order vllm_nano.py draws them
-        rng = random.Random(0)
-        prompts = [
-            [rng.randint(0, 10_000) for _ in range(rng.randint(100, 1024))] for _ in range(256)
-        ]
-        return [(prompt, rng.randint(100, 1024), 0.6) for prompt in prompts]
-    raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+        requests = random_requests(500, 1024, 128, vocab_size=10_000, seed=0)
+    elif name == "C":
+        requests = nano_requests(256, seed=0)
+    else:
+        raise ValueError(f"unknown workload {name!r}; known: {', '.join(WORKLOADS)}")
+    return [(r.prompt_token_ids, r.output_len, TEMPERATURES[name]) for r in requests]
 
 
-def warm_up_requests() -> list[tuple[list[int], int, float]]:
+def warm_up_requests() -> list[Request]:
     """64 short prompts making 1..64 tokens, and two long ones (every small batch size and
     the long-prefill paths run once before anything is timed)."""
     rng = random.Random(1)
@@ -67,20 +74,33 @@ def warm_up_requests() -> list[tuple[list[int], int, float]]:
     return short + long
 
 
+def write_requests(path: Path, workloads: list[str]) -> None:
+    """The warm-up and each workload's requests, as JSON the workers of both engines read
+    (vLLM's worker cannot import kvplane: it runs on vLLM's packages alone)."""
+    requests = {"warm-up": warm_up_requests()}
+    requests.update({name: workload_requests(name) for name in workloads})
+    path.write_text(json.dumps(requests))
+
+
+def read_requests(path: Path) -> dict[str, list[Request]]:
+    loaded = json.loads(path.read_text())
+    return {name: [(ids, n, t) for ids, n, t in items] for name, items in loaded.items()}
+
+
 # -- workers (one engine, one process) ----------------------------------------------------
 
 
 def run_worker(
-    engine: str, model_dir: str, workloads: list[str], device: str, kvplane_options: str
+    engine: str, model_dir: str, requests_path: Path, device: str, kvplane_options: str
 ) -> None:
     """Build ``engine`` once, warm it up, time each workload; print one RESULT line each."""
     if engine == "vllm":
         generate = _vllm_generate(model_dir)
     else:
         generate = _kvplane_generate(model_dir, device, json.loads(kvplane_options))
-    generate(warm_up_requests())
-    for name in workloads:
-        requests = workload_requests(name)
+    workloads = read_requests(requests_path)
+    generate(workloads.pop("warm-up"))
+    for name, requests in workloads.items():
         started = time.perf_counter()
         num_out = generate(requests)
         seconds = time.perf_counter() - started
@@ -142,11 +162,13 @@ def worker_env(engine: str, vllm_site: str) -> dict[str, str]:
     return env
 
 
-def run_round(args: argparse.Namespace, engine: str, index: int) -> list[dict[str, Any]]:
+def run_round(
+    args: argparse.Namespace, engine: str, index: int, requests_path: Path
+) -> list[dict[str, Any]]:
     """One worker process; its RESULT lines, or one error entry per workload."""
     log = Path(args.out) / f"offline_{engine}_{index}.log"
     command = [sys.executable, __file__, "--worker", engine, "--model-dir", args.model_dir]
-    command += ["--workloads", ",".join(args.workloads), "--kvplane-device", args.kvplane_device]
+    command += ["--requests", str(requests_path), "--kvplane-device", args.kvplane_device]
     command += ["--kvplane-options", args.kvplane_options]
     started = time.perf_counter()
     with log.open("w") as handle:
@@ -205,27 +227,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    parser.add_argument("--requests", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(
-            args.worker, args.model_dir, args.workloads, args.kvplane_device, args.kvplane_options
+            args.worker, args.model_dir, args.requests, args.kvplane_device, args.kvplane_options
         )
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        requests_path = Path(folder) / "requests.json"
+        write_requests(requests_path, args.workloads)
+        report = run_rounds(args, requests_path)
+    print(json.dumps(report["summary"], indent=1), flush=True)
+    return 0
+
+
+def run_rounds(args: argparse.Namespace, requests_path: Path) -> dict[str, Any]:
+    """``args.rounds`` rounds, the engines taking turns as the first of a round."""
     runs: list[dict[str, Any]] = []
     report: dict[str, Any] = {"kvplane_options": json.loads(args.kvplane_options)}
     for index in range(args.rounds):
         order = args.engines if index % 2 == 0 else list(reversed(args.engines))
         for engine in order:
-            for result in run_round(args, engine, index):
+            for result in run_round(args, engine, index, requests_path):
                 runs.append(result)
                 rate = result.get("out_tok_s", "error")
                 print(f"[round {index}] {engine} {result['workload']}: {rate}", flush=True)
             # Rewritten after every worker: a call cut short keeps what it measured.
             report.update(runs=runs, summary=summarize(runs, args.workloads))
             (Path(args.out) / "offline_rounds.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["summary"], indent=1), flush=True)
-    return 0
+    return report
 
 
 if __name__ == "__main__":

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
-import random
+from pathlib import Path
 
-from benchmarks.gpu.offline_rounds import summarize, workload_requests
+from benchmarks.gpu.offline_rounds import read_requests, summarize, write_requests
 
-
-def test_workload_c_draws_what_the_vllm_nano_script_draws() -> None:
-    """Same seed, same draw order: the prompts of both prompt lists, then the lengths."""
-    random.seed(0)
-    prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(256)
-    ]
-    max_tokens = [random.randint(100, 1024) for _ in range(256)]
-    requests = workload_requests("C")
-    assert [ids for ids, _, _ in requests] == prompts
-    assert [n for _, n, _ in requests] == max_tokens
-    assert {t for _, _, t in requests} == {0.6}
+from kvplane.bench.datasets import nano_requests, random_requests
 
 
-def test_workload_a_is_500_prompts_of_1024_tokens() -> None:
-    requests = workload_requests("A")
-    assert len(requests) == 500
-    assert {len(ids) for ids, _, _ in requests} == {1024}
-    assert {(n, t) for _, n, t in requests} == {(128, 1.0)}
-    assert workload_requests("A") == requests  # the same for every worker
+def test_workers_read_kvplanes_datasets_with_each_workloads_temperature(tmp_path: Path) -> None:
+    path = tmp_path / "requests.json"
+    write_requests(path, ["A", "C"])
+    requests = read_requests(path)
+    assert list(requests) == ["warm-up", "A", "C"]
+    expected_a = random_requests(500, 1024, 128, vocab_size=10_000, seed=0)
+    assert requests["A"] == [(r.prompt_token_ids, r.output_len, 1.0) for r in expected_a]
+    expected_c = nano_requests(256, seed=0)
+    assert requests["C"] == [(r.prompt_token_ids, r.output_len, 0.6) for r in expected_c]
+    assert {n for _, n, _ in requests["warm-up"]} >= set(range(1, 65))
 
 
 def test_summary_takes_medians_and_their_ratio() -> None:

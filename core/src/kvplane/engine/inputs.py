@@ -89,6 +89,18 @@ def _block_tables(output: SchedulerOutput) -> np.ndarray:
     return output.block_table[rows, :num_cols]
 
 
+def _slot_mapping(
+    block_tables: np.ndarray,  # [num_seqs, max_blocks] int32
+    query_lens: np.ndarray,  # [num_seqs]
+    positions: np.ndarray,  # [num_tokens] int64
+    block_size: int,
+) -> np.ndarray:  # [num_tokens] int64
+    """Each token's cache slot: its sequence's block at ``position // block_size``."""
+    seq_of_token = np.repeat(np.arange(len(query_lens)), query_lens)  # [num_tokens]
+    blocks = block_tables[seq_of_token, positions // block_size].astype(np.int64)
+    return blocks * block_size + positions % block_size
+
+
 def build_host_inputs(
     output: SchedulerOutput,
     block_size: int,
@@ -129,11 +141,7 @@ def build_host_inputs(
                 for s in scheduled
             ]
         )
-    seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [num_tokens]
-    slot_mapping = (
-        block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
-        + positions % block_size
-    )
+    slot_mapping = _slot_mapping(block_tables, query_lens, positions, block_size)
 
     logits_indices: list[int] = []
     sample_request_ids: list[str] = []
@@ -198,12 +206,8 @@ def largest_step_inputs(
         columns < blocks_per_seq[:, None], first_blocks[:, None] + columns, 0
     ).astype(np.int32)  # [num_seqs, max_blocks]
     query_start_loc = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    seq_of_token = np.repeat(np.arange(len(lengths)), lengths)  # [num_tokens]
-    positions = np.arange(num_tokens, dtype=np.int64) - query_start_loc[seq_of_token]
-    slot_mapping = (
-        block_tables[seq_of_token, positions // block_size].astype(np.int64) * block_size
-        + positions % block_size
-    )
+    positions = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+    slot_mapping = _slot_mapping(block_tables, lengths, positions, block_size)
     num_rows = min(num_sampled_rows, num_tokens)
     return HostStepInputs(
         token_ids=np.zeros(num_tokens, dtype=np.int64),

@@ -118,7 +118,7 @@ class ModelRunner:
     ) -> tuple[int, int]:
         """Run the largest step once through the platform's memory profiler: a forward of
         ``num_tokens`` prompt tokens (sequences of at most ``max_seq_len``), the logits of
-        ``num_sampled_rows`` of them and their sampling, with top-k and top-p.
+        ``num_sampled_rows`` of them and their sampling, with a temperature, top-k and top-p.
 
         Returns ``(device total bytes, bytes available for the KV cache at utilization
         1.0)``; the caller applies the utilization fraction. The memory the step used
@@ -126,7 +126,8 @@ class ModelRunner:
         """
         host = largest_step_inputs(num_tokens, max_seq_len, self.block_size, num_sampled_rows)
         self.initialize_kv_cache(int(host.block_tables.max()) + 1)
-        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, detokenize=False)
+        # The sampler's longest path: temperature division, top-k and top-p.
+        params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, detokenize=False)
         states = [
             SequenceSamplingState(params=params, prompt_token_ids=[0], output_token_ids=[])
             for _ in host.sample_request_ids
