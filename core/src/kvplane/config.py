@@ -52,7 +52,9 @@ class EngineConfig:
     #: then the selected platform, as if named by ``device``.
     emulate: str | None = None
     dtype: str = "auto"
-    quantization: str = "none"
+    #: Quantization method for linear layers; None follows the checkpoint's
+    #: ``quantization_config`` (float when it has none).
+    quantization: str | None = None
     load_format: str = "auto"
     tokenizer: str | None = None
     block_size: int = 16

@@ -222,22 +222,41 @@ class FakeQuant(UnquantizedMethod):
 
 def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
     methods: list[QuantMethod] = [
-        FakeQuant("int8", 1),
-        FakeQuant("int8", 5, min_input=128),
-        FakeQuant("fp8", 3, min_input=1024),
+        FakeQuant("alpha", 1),
+        FakeQuant("alpha", 5, min_input=128),
+        FakeQuant("beta", 3, min_input=1024),
     ]
     platform = _platform(make_platform, kvplane_quant_methods=lambda spec: methods)
+    # The core's reference offers fp8 and int8 on every platform.
     assert platform.quant_method_names(LayerQuantSpec("none", 8, 8, torch.float32)) == {
         "none",
-        "int8",
+        "alpha",
+        "beta",
         "fp8",
+        "int8",
     }
-    assert platform.quant_method(LayerQuantSpec("int8", 256, 8, torch.float32)) is methods[1]
-    assert platform.quant_method(LayerQuantSpec("int8", 64, 8, torch.float32)) is methods[0]
+    assert platform.quant_method(LayerQuantSpec("alpha", 256, 8, torch.float32)) is methods[1]
+    assert platform.quant_method(LayerQuantSpec("alpha", 64, 8, torch.float32)) is methods[0]
     with pytest.raises(ValueError, match="input_size 64 < 1024"):
-        platform.quant_method(LayerQuantSpec("fp8", 64, 8, torch.float32))
-    with pytest.raises(ValueError, match=r"'awq' is not offered.*\['fp8', 'int8', 'none'\]"):
+        platform.quant_method(LayerQuantSpec("beta", 64, 8, torch.float32))
+    with pytest.raises(
+        ValueError, match=r"'awq' is not offered.*\['alpha', 'beta', 'fp8', 'int8', 'none'\]"
+    ):
         platform.quant_method(LayerQuantSpec("awq", 64, 8, torch.float32))
+
+
+def test_reference_quant_method_is_a_logged_fallback(
+    make_platform: MakePlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    own = FakeQuant("int8", 1)
+    platform = _platform(make_platform, kvplane_quant_methods=lambda spec: [own])
+    with caplog.at_level(logging.INFO, logger="kvplane.plugins.platform"):
+        assert platform.quant_method(LayerQuantSpec("int8", 64, 8, torch.float32)) is own
+        fallback = platform.quant_method(LayerQuantSpec("fp8", 64, 8, torch.float32))
+        platform.quant_method(LayerQuantSpec("fp8", 64, 16, torch.float32))
+    assert fallback.is_reference_fallback and fallback.name == "fp8"
+    notes = [r.getMessage() for r in caplog.records if "torch reference" in r.getMessage()]
+    assert len(notes) == 1 and "'fp8'" in notes[0], notes
 
 
 def test_graph_capture_request_keeps_its_pre_1_4_names() -> None:

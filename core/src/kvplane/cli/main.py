@@ -22,7 +22,7 @@ from kvplane.log import configure_logging
 from kvplane.version import __version__
 
 #: Subcommand modules, in the order ``kvplane --help`` lists them.
-SUBCOMMANDS: tuple[str, ...] = ("serve", "generate", "bench", "platforms")
+SUBCOMMANDS: tuple[str, ...] = ("serve", "generate", "bench", "platforms", "quantize")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Environment variable with the default of ``--log-level``.

@@ -33,6 +33,7 @@ from kvplane.models.loader import build_model
 from kvplane.plugins import capabilities
 from kvplane.plugins.selection import select_platform
 from kvplane.plugins.types import GraphCaptureRequest
+from kvplane.quantization.config import resolve_quant_config
 from kvplane.sampling.params import SamplingParams
 from kvplane.sampling.sampler import (
     AllowedMaskFn,
@@ -77,7 +78,7 @@ class LLMEngine:
             dtype=self.model_config.dtype,
             device=self.device,
             block_size=config.block_size,
-            quantization=config.quantization,
+            quantization=resolve_quant_config(config.quantization, self.model_config.hf_config),
         )
         model = build_model(
             self.model_config.hf_config, ctx, self.model_config.source, config.load_format

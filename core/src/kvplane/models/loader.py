@@ -15,6 +15,7 @@ from kvplane.models.layers.linear import Linear
 from kvplane.models.registry import architecture_of, model_class
 from kvplane.models.source import ModelSource
 from kvplane.models.weights import check_all_loaded
+from kvplane.quantization.config import is_ignored
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def build_model(
     started = time.perf_counter()
     with torch.device(ctx.device):
         model = model_class(architecture)(hf_config, ctx)
+    _leave_ignored_layers_unquantized(model, ctx.quantization.ignored_layers)
     if load_format == "dummy":
         _fill_random(model)
     else:
@@ -53,6 +55,16 @@ def build_model(
         time.perf_counter() - started,
     )
     return model
+
+
+def _leave_ignored_layers_unquantized(model: torch.nn.Module, patterns: tuple[str, ...]) -> None:
+    """Linear layers the checkpoint's quantization config lists as not converted keep
+    float weights."""
+    if not patterns:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and is_ignored(name, patterns):
+            module.leave_unquantized()
 
 
 #: Seconds of loading before the progress bar appears (quick loads print no bar).

@@ -40,12 +40,15 @@ def load_named_weights(
         module_name, _, param_kind = target.rpartition(".")
         module = modules.get(module_name)
         if isinstance(module, Linear):
-            if shard_index is None:
-                module.load_fused(param_kind, tensor)
-                loaded.update(f"{target}#{i}" for i in range(len(module.output_sizes)))
-            else:
-                module.load_shard(param_kind, tensor, shard_index)
-                loaded.add(f"{target}#{shard_index}")
+            try:
+                if shard_index is None:
+                    module.load_fused(param_kind, tensor)
+                else:
+                    module.load_shard(param_kind, tensor, shard_index)
+            except ValueError as error:
+                raise WeightLoadError(f"checkpoint tensor {name}: {error}") from error
+            shards = range(len(module.output_sizes)) if shard_index is None else [shard_index]
+            loaded.update(f"{target}#{i}" for i in shards)
         elif target in params:
             param = params[target]
             if param.shape != tensor.shape:
@@ -67,10 +70,11 @@ def expected_weight_names(model: torch.nn.Module) -> set[str]:
     expected: set[str] = set()
     for module_name, module in model.named_modules():
         if isinstance(module, Linear):
-            for shard in range(len(module.output_sizes)):
-                expected.add(f"{module_name}.weight#{shard}")
-                if module.bias is not None:
-                    expected.add(f"{module_name}.bias#{shard}")
+            # Every parameter the layer's quantization method registered, per shard.
+            for param_name in module.shard_layouts:
+                if getattr(module, param_name) is not None:
+                    for shard in range(len(module.output_sizes)):
+                        expected.add(f"{module_name}.{param_name}#{shard}")
     linear_prefixes = tuple(
         f"{name}." for name, module in model.named_modules() if isinstance(module, Linear)
     )

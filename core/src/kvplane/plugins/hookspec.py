@@ -1,7 +1,7 @@
 """Hook specifications: the contract between kvplane's core and platform plugins.
 
 A platform is a Python module registered in the entry-point group ``kvplane.platforms``.
-It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.4"`` and
+It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.5"`` and
 implements some of the hooks below with ``@kvplane.plugins.hookimpl``. Each platform gets
 its own :class:`pluggy.PluginManager`; the core's reference implementations
 (:mod:`kvplane.plugins.reference`) are registered in it as a built-in plugin with
@@ -46,6 +46,11 @@ Plugin API version history:
   ``attend``, and ``AttentionBackend.cannot_serve`` checks the head grouping, so a
   backend keeps only its own limits. A 1.3 plugin still loads (its impls override
   ``forward``); it cannot be emulated.
+- **1.5**: quantized checkpoints. ``LayerQuantSpec`` carries ``output_sizes`` (the
+  stacked matrices) and the checkpoint's layout in ``options``
+  (:mod:`kvplane.quantization.config`); methods register parameters with
+  :func:`~kvplane.quantization.params.register_param`. The reference offers torch
+  ``fp8`` and ``int8`` to every platform (a logged fallback). A 1.4 plugin still loads.
 """
 
 from __future__ import annotations
@@ -213,16 +218,24 @@ def kvplane_quant_methods(spec: types.LayerQuantSpec) -> Sequence[QuantMethod]:
     Called once per linear layer while the model is built. The core keeps candidates
     whose ``name`` equals ``spec.method`` and whose ``can_implement(spec)`` is true, and
     uses the highest priority; if none is left, start-up fails listing every reason.
+    A method must read every layout ``spec.options`` can name
+    (:mod:`kvplane.quantization.config`: a float checkpoint quantized at load, or the
+    checkpoint's own tensors) or refuse it in ``can_implement``.
 
-    :param spec: the layer's sizes, dtype, bias and the method the user asked for.
+    :param spec: the layer's sizes (``output_sizes``: the stacked matrices), dtype, bias,
+        the method the user or checkpoint asked for and the checkpoint's layout options.
     :returns: candidate methods, in any order (empty: none).
 
     Results of all implementations are merged.
 
     Implemented by: platforms with quantized kernels (optional; the reference offers
-    ``"none"``, the unquantized float layer).
+    ``"none"``, the unquantized float layer, and torch versions of ``"fp8"`` and
+    ``"int8"`` below any platform's priority; choosing one of those is logged as a
+    fallback).
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.5 ``spec.output_sizes`` and checkpoint layout options; the
+        reference offers ``fp8`` and ``int8``.
     """
 
 

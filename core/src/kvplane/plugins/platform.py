@@ -99,6 +99,7 @@ class Platform:
         self._log_reference_fallbacks()
         self.ops = self._resolve_ops()
         self._attention_backends: dict[AttentionSpec, AttentionBackend] = {}
+        self._noted_quant_fallbacks: set[str] = set()
 
     # -- identity -----------------------------------------------------------------------
 
@@ -149,6 +150,7 @@ class Platform:
         for method in sorted(candidates, key=lambda m: m.priority, reverse=True):
             ok, reason = method.can_implement(spec)
             if ok:
+                self._note_reference_quant_method(method)
                 return method
             reasons.append(f"{method.name}: {reason}")
         if not candidates:
@@ -158,6 +160,16 @@ class Platform:
                 f"{self.name!r}; available: {known}"
             )
         raise ValueError(f"no {spec.method!r} method can implement {spec}: {reasons}")
+
+    def _note_reference_quant_method(self, method: QuantMethod) -> None:
+        """Log once per method name that the platform runs it through the reference."""
+        if method.is_reference_fallback and method.name not in self._noted_quant_fallbacks:
+            self._noted_quant_fallbacks.add(method.name)
+            logger.info(
+                "platform %r has no %r quantization of its own; using the torch reference",
+                self.name,
+                method.name,
+            )
 
     def quant_method_names(self, spec: LayerQuantSpec) -> set[str]:
         return {

@@ -29,6 +29,8 @@ from kvplane.plugins.types import (
     OpsQuery,
 )
 from kvplane.quantization.base import QuantMethod
+from kvplane.quantization.fp8 import Fp8Method
+from kvplane.quantization.int8 import Int8Method
 from kvplane.quantization.unquantized import UnquantizedMethod
 
 #: Name under which this plugin is registered in each manager.
@@ -45,9 +47,17 @@ def kvplane_attention_backends(spec: AttentionSpec) -> Sequence[AttentionBackend
     return [ReferenceAttentionBackend()]
 
 
+#: Below any platform's own method of the same name.
+REFERENCE_QUANT_PRIORITY = -100
+
+
 @hookimpl(trylast=True)
 def kvplane_quant_methods(spec: LayerQuantSpec) -> Sequence[QuantMethod]:
-    return [UnquantizedMethod()]
+    fallbacks: list[QuantMethod] = [Fp8Method(), Int8Method()]
+    for method in fallbacks:
+        method.priority = REFERENCE_QUANT_PRIORITY
+        method.is_reference_fallback = True
+    return [UnquantizedMethod(), *fallbacks]
 
 
 @hookimpl(trylast=True)

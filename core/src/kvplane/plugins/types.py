@@ -199,7 +199,10 @@ class AttentionSpec:
 @dataclass(frozen=True, slots=True)
 class LayerQuantSpec:
     """A linear layer to be quantized: ``y = x @ W.T + b`` with ``W: [output_size,
-    input_size]``. ``method`` is the name the user or checkpoint asked for."""
+    input_size]``. ``method`` is the name the user or checkpoint asked for; ``options``
+    the checkpoint's layout for it (:mod:`kvplane.quantization.config`; empty: float
+    weights, quantized at load). ``output_sizes`` (since 1.5) are the stacked matrices'
+    row counts (Q, K, V), which per-matrix scales follow; empty means one matrix."""
 
     method: str
     input_size: int
@@ -207,6 +210,12 @@ class LayerQuantSpec:
     params_dtype: "torch.dtype"
     has_bias: bool = False
     options: tuple[tuple[str, Any], ...] = ()
+    output_sizes: tuple[int, ...] = ()
+
+    @property
+    def shard_sizes(self) -> tuple[int, ...]:
+        """``output_sizes``, or the one matrix's ``(output_size,)``."""
+        return self.output_sizes or (self.output_size,)
 
 
 # --------------------------------------------------------------------------------------

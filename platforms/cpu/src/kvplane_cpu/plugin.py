@@ -24,9 +24,9 @@ from kvplane_cpu import memory, probe
 from kvplane_cpu.attention import CpuAttentionBackend
 from kvplane_cpu.communication import GlooCommunicator
 from kvplane_cpu.ops import cpu_ops
-from kvplane_cpu.quantization import Int8WeightOnlyMethod
+from kvplane_cpu.quantization import cpu_quant_methods
 
-KVPLANE_PLUGIN_API = "1.4"
+KVPLANE_PLUGIN_API = "1.5"
 
 
 @hookimpl
@@ -66,7 +66,7 @@ def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionB
 @hookimpl
 def kvplane_quant_methods(spec: types.LayerQuantSpec) -> Sequence[QuantMethod]:
     # "none" (unquantized) comes from the core's reference plugin.
-    return [Int8WeightOnlyMethod()]
+    return cpu_quant_methods()
 
 
 @hookimpl

@@ -1,115 +1,18 @@
-"""``int8``: weight-only int8 linear layers with per-output-channel symmetric scales.
+"""Quantized linear layers on the CPU: the core's torch methods are the CPU's own.
 
-Each output channel ``n`` of ``W: [output_size, input_size]`` is stored as
-``round(W[n] / s[n])`` in ``[-127, 127]`` with ``s[n] = max|W[n]| / 127``, a quarter of
-the float32 bytes (half of bfloat16's). :meth:`Int8WeightOnlyMethod.apply` multiplies by
-the dequantized weight, so the result equals a float layer whose weights were rounded to
-the int8 grid. With the layer option ``("dynamic_activations", True)`` each token's
-activations are quantized to int8 too and the product runs in integers through
-``torch._int_mm`` (much faster on CPUs with VNNI, slightly less accurate).
+``int8`` (:mod:`kvplane.quantization.int8`: weight-only, or W8A8 through
+``torch._int_mm``, which CPUs with VNNI run fast) and ``fp8``
+(:mod:`kvplane.quantization.fp8`) run as the core wrote them; offering them here marks
+them as the CPU's implementation rather than a fallback.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
-
-from kvplane.plugins.types import LayerQuantSpec
 from kvplane.quantization.base import QuantMethod
-
-#: Largest input size whose int8 x int8 dot products cannot overflow int32.
-MAX_INT_MM_INPUT_SIZE = (2**31 - 1) // (127 * 127)
-_OPTIONS = ("dynamic_activations",)
+from kvplane.quantization.fp8 import Fp8Method
+from kvplane.quantization.int8 import Int8Method
 
 
-def quantize_per_channel(
-    weight: torch.Tensor,  # [output_size, input_size] float
-) -> tuple[torch.Tensor, torch.Tensor]:  # int8 [output_size, input_size], float32 [output_size]
-    """Symmetric per-output-channel int8 quantization; an all-zero row gets scale 1."""
-    weight = weight.float()
-    max_abs = weight.abs().amax(dim=1)  # [output_size]
-    scale = torch.where(max_abs > 0, max_abs / 127.0, torch.ones_like(max_abs))
-    qweight = (weight / scale.unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
-    return qweight, scale
-
-
-class Int8WeightOnlyMethod(QuantMethod):
-    """Int8 weights, float activations (optionally int8 activations, see module doc).
-
-    Lifecycle: :meth:`create_weights` registers the float ``weight`` the loader fills;
-    :meth:`process_weights_after_loading` replaces it by ``weight_int8`` and
-    ``weight_scale`` (the float weight is dropped); :meth:`apply` runs per step.
-    """
-
-    name = "int8"
-    priority = 10
-
-    def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
-        if not spec.params_dtype.is_floating_point:
-            return False, f"int8 quantizes floating-point weights, not {spec.params_dtype}"
-        options = dict(spec.options)
-        unknown = sorted(set(options) - set(_OPTIONS))
-        if unknown:
-            return False, f"unknown int8 options {unknown}; supported: {list(_OPTIONS)}"
-        if options.get("dynamic_activations") and spec.input_size > MAX_INT_MM_INPUT_SIZE:
-            return False, (
-                f"input_size {spec.input_size} could overflow int32 accumulation of int8 "
-                f"activations (max {MAX_INT_MM_INPUT_SIZE}); use weight-only int8"
-            )
-        return True, ""
-
-    def create_weights(self, layer: torch.nn.Module, spec: LayerQuantSpec) -> None:
-        super().create_weights(layer, spec)
-        dynamic = bool(dict(spec.options).get("dynamic_activations"))
-        # torch's __setattr__ stub admits only Tensor | Module; nn.Module stores any value.
-        layer.int8_dynamic_activations = dynamic  # type: ignore[assignment]
-
-    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        """Quantize ``layer.weight`` into ``weight_int8`` + ``weight_scale``; drop it."""
-        weight = layer.weight
-        assert isinstance(weight, torch.Tensor), "create_weights registered it"
-        qweight, scale = quantize_per_channel(weight.data)
-        del layer.weight
-        layer.weight_int8 = torch.nn.Parameter(qweight, requires_grad=False)
-        layer.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-
-    def apply(
-        self,
-        layer: torch.nn.Module,
-        x: torch.Tensor,  # [num_tokens, input_size]
-    ) -> torch.Tensor:  # [num_tokens, output_size]
-        qweight, scale, bias = _int8_params(layer)
-        if getattr(layer, "int8_dynamic_activations", False):
-            return _int8_activation_linear(qweight, scale, bias, x)
-        # The scale is per output channel, so it applies after the product:
-        # x @ (q * s).T == (x @ q.T) * s, and the product never holds a scaled weight.
-        out = F.linear(x, qweight.to(x.dtype)) * scale.to(x.dtype)
-        return out if bias is None else out + bias
-
-
-def _int8_params(
-    layer: torch.nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``layer``'s ``(weight_int8, weight_scale, bias)``, typed (torch types module
-    attributes as ``Tensor | Module``)."""
-    qweight, scale, bias = layer.weight_int8, layer.weight_scale, layer.bias
-    assert isinstance(qweight, torch.Tensor) and isinstance(scale, torch.Tensor)
-    assert bias is None or isinstance(bias, torch.Tensor)
-    return qweight, scale, bias
-
-
-def _int8_activation_linear(
-    qweight: torch.Tensor,  # [output_size, input_size] int8
-    scale: torch.Tensor,  # [output_size] float32
-    bias: torch.Tensor | None,  # [output_size] or None
-    x: torch.Tensor,  # [..., input_size]
-) -> torch.Tensor:  # [..., output_size]
-    """Per-token int8 activations times int8 weights, accumulated in int32."""
-    rows = x.reshape(-1, x.shape[-1]).float()  # [num_tokens, input_size]
-    max_abs = rows.abs().amax(dim=1, keepdim=True)  # [num_tokens, 1]
-    x_scale = torch.where(max_abs > 0, max_abs / 127.0, torch.ones_like(max_abs))
-    x_int8 = (rows / x_scale).round_().clamp_(-127, 127).to(torch.int8)
-    acc = torch._int_mm(x_int8, qweight.t())  # [num_tokens, output_size] int32
-    out = (acc.float() * x_scale * scale).to(x.dtype)
-    out = out.view(*x.shape[:-1], out.shape[-1])
-    return out if bias is None else out + bias
+def cpu_quant_methods() -> list[QuantMethod]:
+    """The methods the CPU platform offers as its own."""
+    return [Int8Method(), Fp8Method()]

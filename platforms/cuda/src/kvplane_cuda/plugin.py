@@ -2,15 +2,16 @@
 
 Thin delegates to :mod:`kvplane_cuda.probe`, :mod:`kvplane_cuda.memory`,
 :mod:`kvplane_cuda.ops`, :mod:`kvplane_cuda.attention`, :mod:`kvplane_cuda.communication`,
-:mod:`kvplane_cuda.graphs` and :mod:`kvplane_cuda.emulation`. Importing this module needs
+:mod:`kvplane_cuda.graphs`, :mod:`kvplane_cuda.quantization` and
+:mod:`kvplane_cuda.emulation`. Importing this module needs
 torch only: no GPU, no Triton (the kernels of :mod:`kvplane_cuda.kernels` are imported
 when an op table or attention layer is built), so discovery works on every machine and
 the probe explains what is missing.
 
 Left to the core's reference, which is what CUDA would run: KV-cache allocation
 (``torch.empty`` on the device) and block copies (``index_select`` / ``index_copy_``).
-Not implemented yet, so the reference is used (and logged): quantization methods beyond
-``"none"``.
+Quantization methods CUDA does not implement itself run through the core's torch
+reference (logged when chosen).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from kvplane.attention.backend import AttentionBackend
 from kvplane.distributed.communicator import Communicator
 from kvplane.engine.graph_runner import GraphRunner
 from kvplane.plugins import capabilities, hookimpl, types
+from kvplane.quantization.base import QuantMethod
 from kvplane_cuda import emulation, memory, probe
 from kvplane_cuda.attention import TritonAttentionBackend
 from kvplane_cuda.communication import NcclCommunicator
 from kvplane_cuda.graphs import CudaGraphRunner
 from kvplane_cuda.ops import cuda_ops
+from kvplane_cuda.quantization import cuda_quant_methods
 
-KVPLANE_PLUGIN_API = "1.4"
+KVPLANE_PLUGIN_API = "1.5"
 
 
 @hookimpl
@@ -75,6 +78,12 @@ def kvplane_ops(query: types.OpsQuery) -> Mapping[str, Callable[..., Any]]:
 @hookimpl
 def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionBackend]:
     return [TritonAttentionBackend()]
+
+
+@hookimpl
+def kvplane_quant_methods(spec: types.LayerQuantSpec) -> Sequence[QuantMethod]:
+    # "none" and the torch references of other methods come from the core's plugin.
+    return cuda_quant_methods()
 
 
 @hookimpl

@@ -1,0 +1,69 @@
+"""Quantized linear layers on CUDA: FP8 W8A8 through ``torch._scaled_mm``.
+
+Storage and loading are the core's (:class:`kvplane.quantization.fp8.Fp8Method`); only
+the per-step product differs: activations are quantized per token by one Triton kernel
+and multiplied with the FP8 weight on the tensor cores, the per-token and per-row scales
+applied in the matmul's epilogue.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvplane.plugins.types import LayerQuantSpec
+from kvplane.quantization.base import QuantMethod
+from kvplane.quantization.fp8 import Fp8Method, fp8_params
+
+#: ``torch._scaled_mm`` needs both matrix dimensions of the weight in multiples of this.
+SCALED_MM_ALIGNMENT = 16
+
+
+class ScaledMmFp8Method(Fp8Method):
+    """FP8 W8A8 with ``torch._scaled_mm`` (row-wise scales, bfloat16 output)."""
+
+    priority = 10
+
+    def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
+        ok, reason = super().can_implement(spec)
+        if not ok:
+            return ok, reason
+        if spec.params_dtype != torch.bfloat16:
+            return False, f"row-wise scaled FP8 matmuls write bfloat16, not {spec.params_dtype}"
+        sizes = (spec.input_size, spec.output_size)
+        if any(size % SCALED_MM_ALIGNMENT for size in sizes):
+            return False, (
+                f"input and output sizes {sizes} must be multiples of {SCALED_MM_ALIGNMENT}"
+            )
+        return True, ""
+
+    def quantize_rows(
+        self,
+        x: torch.Tensor,  # [num_tokens, input_size]
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # e4m3 [num_tokens, input_size], f32 [.., 1]
+        # Imported here: plugin discovery must not need Triton.
+        from kvplane_cuda.kernels.fp8_quant import quantize_rows_fp8
+
+        return quantize_rows_fp8(x.contiguous())
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,  # [num_tokens, input_size]
+    ) -> torch.Tensor:  # [num_tokens, output_size]
+        weight, weight_scale, bias = fp8_params(layer)
+        rows = x.reshape(-1, x.shape[-1])
+        x_fp8, x_scale = self.quantize_input(layer, rows)
+        out = torch._scaled_mm(
+            x_fp8,
+            weight.t(),  # [input_size, output_size], column-major as the kernel wants
+            scale_a=x_scale.contiguous(),  # [num_tokens, 1]
+            scale_b=weight_scale.view(1, -1),  # [1, output_size]
+            bias=bias,
+            out_dtype=x.dtype,
+        )
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def cuda_quant_methods() -> list[QuantMethod]:
+    """The methods the CUDA platform implements itself."""
+    return [ScaledMmFp8Method()]

@@ -1,0 +1,78 @@
+"""The CUDA platform's FP8 method against the core's torch reference of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvplane.plugins.types import LayerQuantSpec
+from kvplane.quantization import fp8 as reference
+from kvplane.quantization.config import OPT_ACTIVATIONS, OPT_CHECKPOINT, OPT_WEIGHT_STRATEGY
+from kvplane_cuda.quantization import ScaledMmFp8Method
+from tests.platforms.cuda.devices import DEVICES
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("num_rows", "num_columns"), [(1, 64), (7, 200), (33, 5000)])
+def test_row_quantization_kernel_matches_torch(
+    device: str, num_rows: int, num_columns: int, generator: torch.Generator
+) -> None:
+    from kvplane_cuda.kernels.fp8_quant import quantize_rows_fp8
+
+    x = torch.randn(num_rows, num_columns, generator=generator) * 3
+    x[0, :5] = 0.0
+    x[-1, :7] = 1e-6  # codes in e4m3's subnormal range
+    if num_rows > 2:
+        x[2] = 0.0  # an all-zero token takes the smallest scale, not a division by zero
+    q, scale = quantize_rows_fp8(x.to(device, torch.bfloat16))
+    q_ref, scale_ref = reference.quantize_rows_fp8(x.to(torch.bfloat16))
+    assert torch.equal(scale.cpu(), scale_ref)
+    # The kernel rounds half-to-even as torch's cast does: the same codes, bit for bit.
+    assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
+
+
+def _layer(
+    method: reference.Fp8Method, spec: LayerQuantSpec, weight: torch.Tensor
+) -> torch.nn.Module:
+    layer = torch.nn.Module()
+    method.create_weights(layer, spec)
+    layer.weight.data.copy_(weight)
+    if spec.has_bias:
+        layer.bias.data.copy_(torch.linspace(-1, 1, spec.output_size))
+    method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_scaled_mm_method_matches_the_reference(
+    device: str, static: bool, has_bias: bool, generator: torch.Generator
+) -> None:
+    spec = LayerQuantSpec("fp8", 64, 48, torch.bfloat16, has_bias)
+    method = ScaledMmFp8Method()
+    assert method.can_implement(spec) == (True, "")
+    weight = (torch.randn(48, 64, generator=generator) * 0.05).to(torch.bfloat16)
+    layer = _layer(method, spec, weight).to(device)
+    reference_layer = _layer(reference.Fp8Method(), spec, weight).to(device)
+    if static:
+        for module in (layer, reference_layer):
+            module.input_scale = torch.nn.Parameter(torch.tensor([0.01], device=device))
+    x = torch.randn(9, 64, generator=generator).to(device, torch.bfloat16)
+    actual = method.apply(layer, x)
+    expected = reference.Fp8Method().apply(reference_layer, x)
+    assert actual.dtype == torch.bfloat16 and actual.shape == (9, 48)
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=0.02)
+
+
+def test_scaled_mm_method_refuses_what_it_cannot_run() -> None:
+    method = ScaledMmFp8Method()
+    ok, reason = method.can_implement(LayerQuantSpec("fp8", 64, 48, torch.float32))
+    assert not ok and "bfloat16" in reason
+    ok, reason = method.can_implement(LayerQuantSpec("fp8", 60, 48, torch.bfloat16))
+    assert not ok and "multiples of 16" in reason
+    checkpoint = ((OPT_CHECKPOINT, "fp8"), (OPT_WEIGHT_STRATEGY, "tensor"))
+    spec = LayerQuantSpec(
+        "fp8", 64, 48, torch.bfloat16, options=(*checkpoint, (OPT_ACTIVATIONS, "static"))
+    )
+    assert method.can_implement(spec) == (True, "")
