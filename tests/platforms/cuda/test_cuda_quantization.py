@@ -62,7 +62,10 @@ def test_scaled_mm_method_matches_the_reference(
     actual = method.apply(layer, x)
     expected = reference.Fp8Method().apply(reference_layer, x)
     assert actual.dtype == torch.bfloat16 and actual.shape == (9, 48)
-    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=0.02)
+    # The reference rounds the unscaled product to bfloat16 before scaling, the FP8
+    # matmul after: a few bfloat16 steps of the largest output apart (H100: at most 0.033).
+    atol = 0.02 * expected.float().abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=atol)
 
 
 def test_scaled_mm_method_refuses_what_it_cannot_run() -> None:
