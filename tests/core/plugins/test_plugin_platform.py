@@ -220,6 +220,9 @@ class FakeQuant(UnquantizedMethod):
         return True, ""
 
 
+REFERENCE_QUANT_METHODS = ("fp8", "int8", "gptq", "awq")
+
+
 def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
     methods: list[QuantMethod] = [
         FakeQuant("alpha", 1),
@@ -227,22 +230,22 @@ def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
         FakeQuant("beta", 3, min_input=1024),
     ]
     platform = _platform(make_platform, kvplane_quant_methods=lambda spec: methods)
-    # The core's reference offers fp8 and int8 on every platform.
+    # The core's reference offers fp8, int8, gptq and awq on every platform.
     assert platform.quant_method_names(LayerQuantSpec("none", 8, 8, torch.float32)) == {
         "none",
         "alpha",
         "beta",
-        "fp8",
-        "int8",
+        *REFERENCE_QUANT_METHODS,
     }
     assert platform.quant_method(LayerQuantSpec("alpha", 256, 8, torch.float32)) is methods[1]
     assert platform.quant_method(LayerQuantSpec("alpha", 64, 8, torch.float32)) is methods[0]
     with pytest.raises(ValueError, match="input_size 64 < 1024"):
         platform.quant_method(LayerQuantSpec("beta", 64, 8, torch.float32))
     with pytest.raises(
-        ValueError, match=r"'awq' is not offered.*\['alpha', 'beta', 'fp8', 'int8', 'none'\]"
+        ValueError,
+        match=r"'nf4' is not offered.*\['alpha', 'awq', 'beta', 'fp8', 'gptq', 'int8', 'none'\]",
     ):
-        platform.quant_method(LayerQuantSpec("awq", 64, 8, torch.float32))
+        platform.quant_method(LayerQuantSpec("nf4", 64, 8, torch.float32))
 
 
 def test_reference_quant_method_is_a_logged_fallback(

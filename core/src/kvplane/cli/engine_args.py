@@ -23,8 +23,9 @@ _HELP = {
     "emulate": "run platform NAME through its emulation on a host without its hardware "
     "(selects it; see `kvplane platforms`)",
     "dtype": "auto, float32, bfloat16 or float16",
-    "quantization": "quantization method for linear layers: fp8 or int8 quantize a float "
-    "checkpoint at load (default: the checkpoint's quantization_config, else none)",
+    "quantization": "quantization method for linear layers: fp8, int8, gptq or awq "
+    "quantize a float checkpoint at load (default: the checkpoint's quantization_config, "
+    "else none)",
     "load_format": "auto (read weights) or dummy (random weights, config only)",
     "tokenizer": "tokenizer directory, if not the model's",
     "block_size": "tokens per KV-cache block",

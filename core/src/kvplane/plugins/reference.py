@@ -32,6 +32,7 @@ from kvplane.quantization.base import QuantMethod
 from kvplane.quantization.fp8 import Fp8Method
 from kvplane.quantization.int8 import Int8Method
 from kvplane.quantization.unquantized import UnquantizedMethod
+from kvplane.quantization.w4a16 import AwqMethod, GptqMethod
 
 #: Name under which this plugin is registered in each manager.
 REFERENCE_PLUGIN_NAME = "kvplane-reference"
@@ -53,7 +54,7 @@ REFERENCE_QUANT_PRIORITY = -100
 
 @hookimpl(trylast=True)
 def kvplane_quant_methods(spec: LayerQuantSpec) -> Sequence[QuantMethod]:
-    fallbacks: list[QuantMethod] = [Fp8Method(), Int8Method()]
+    fallbacks: list[QuantMethod] = [Fp8Method(), Int8Method(), GptqMethod(), AwqMethod()]
     for method in fallbacks:
         method.priority = REFERENCE_QUANT_PRIORITY
         method.is_reference_fallback = True

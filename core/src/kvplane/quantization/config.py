@@ -10,6 +10,9 @@ The layouts read here are the ones the common tools write:
   (FP8 W8A8) or ``int`` (INT8 W8A8) weights with ``tensor`` or ``channel`` scales
   (``weight_scale`` ``[1]`` or ``[output_size, 1]``), and 8-bit activations that are
   ``dynamic`` per ``token`` or static per ``tensor`` (``input_scale``).
+* ``"gptq"`` (``bits`` 4, ``group_size``, ``desc_act``, ``checkpoint_format`` ``gptq``
+  or ``gptq_v2``) and ``"awq"`` (``bits`` 4, ``version`` ``gemm``): int4 weights with
+  float16 group scales and zero points (:mod:`kvplane.quantization.int4_packing`).
 
 Everything else a checkpoint may declare is refused with the field that made it so.
 """
@@ -21,14 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Names users pass as ``quantization=...`` for an unquantized checkpoint (quantized
-#: while loading), besides "none".
-QUANTIZE_AT_LOAD = ("fp8", "int8")
-
 #: Option keys the core's methods read from :attr:`LayerQuantSpec.options`.
 OPT_CHECKPOINT = "checkpoint_format"  # None: float checkpoint, quantized at load
 OPT_WEIGHT_STRATEGY = "weight_strategy"  # "tensor" | "channel"
 OPT_ACTIVATIONS = "activations"  # "dynamic" (per token) | "static" (per tensor) | None
+OPT_GROUP_SIZE = "group_size"  # int4: input rows per scale (-1: one group)
+OPT_ZEROS_OFFSET = "zeros_offset"  # int4: added to stored zero points (GPTQ v1: 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,10 +87,43 @@ def parse_checkpoint_quant_config(declared: Mapping[str, Any]) -> QuantConfig:
         return _parse_fp8(declared)
     if quant_method == "compressed-tensors":
         return _parse_compressed_tensors(declared)
+    if quant_method in ("gptq", "awq"):
+        return _parse_int4(declared, quant_method)
     raise ValueError(
-        f"quantization_config.quant_method {quant_method!r} is not supported; "
-        "kvplane reads 'fp8' and 'compressed-tensors' (FP8 / INT8 W8A8) checkpoints"
+        f"quantization_config.quant_method {quant_method!r} is not supported; kvplane "
+        "reads 'fp8', 'compressed-tensors' (FP8 / INT8 W8A8), 'gptq' and 'awq' checkpoints"
     )
+
+
+def _parse_int4(declared: Mapping[str, Any], method: str) -> QuantConfig:
+    """GPTQ (AutoGPTQ / GPTQModel) and AWQ (AutoAWQ, GEMM version) int4 layouts."""
+    if declared.get("bits") != 4:
+        raise ValueError(f"quantization_config.bits {declared.get('bits')!r}: only 4 is read")
+    group_size = declared.get("group_size", 128)
+    if not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
+        raise ValueError(f"quantization_config.group_size must be positive or -1: {group_size!r}")
+    options: list[tuple[str, Any]] = [(OPT_CHECKPOINT, method), (OPT_GROUP_SIZE, group_size)]
+    if method == "gptq":
+        checkpoint_format = declared.get("checkpoint_format", "gptq")
+        if checkpoint_format not in ("gptq", "gptq_v2"):
+            raise ValueError(
+                f"quantization_config.checkpoint_format {checkpoint_format!r}: 'gptq' or "
+                "'gptq_v2' are read"
+            )
+        # v1 stores each zero point minus one; v2 the zero point itself.
+        options.append((OPT_ZEROS_OFFSET, 1 if checkpoint_format == "gptq" else 0))
+        ignored = declared.get("modules_to_not_convert") or ()
+    else:
+        if str(declared.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(
+                f"quantization_config.version {declared.get('version')!r}: only AWQ's "
+                "'gemm' layout is read"
+            )
+        if declared.get("zero_point") is False:
+            raise ValueError("quantization_config.zero_point false: AWQ GEMM has zero points")
+        options.append((OPT_ZEROS_OFFSET, 0))
+        ignored = declared.get("modules_to_not_convert") or ()
+    return QuantConfig(method, tuple(options), tuple(ignored))
 
 
 def _parse_fp8(declared: Mapping[str, Any]) -> QuantConfig:

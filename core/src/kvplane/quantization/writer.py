@@ -7,7 +7,9 @@ routers and experts stay in the checkpoint's float format, and the written
 ``quantization_config`` lists the float modules in its ``ignore`` list.
 
 Formats (``method``): ``fp8`` and ``int8`` write compressed-tensors W8A8 (per-channel
-symmetric weight scales ``[output_size, 1]``, dynamic per-token activations).
+symmetric weight scales ``[output_size, 1]``, dynamic per-token activations); ``gptq``
+(v1 layout: symmetric, no act-order) and ``awq`` (GEMM layout, zero points) write int4
+weights with float16 scales per ``group_size`` inputs.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from typing import Any
 import torch
 
 from kvplane.quantization.fp8 import quantize_rows_fp8
+from kvplane.quantization.int4_rtn import quantize_awq_rtn, quantize_gptq_rtn
 
-METHODS = ("fp8", "int8")
+METHODS = ("fp8", "int8", "gptq", "awq")
+#: Modules kept in float, as compressed-tensors ``ignore`` patterns.
+_FLOAT_MODULES = ["lm_head", "re:.*mlp.gate$", "re:.*experts.*", "re:.*router.*"]
 #: Tensors quantized: a decoder layer's projection matrices.
 _QUANTIZED_NAME = re.compile(r".*\.layers\.\d+\..*_proj\.weight$")
 #: Projections kept in float although their names match: mixture-of-experts experts and
@@ -44,10 +49,13 @@ class QuantizeSummary:
     num_bytes: int
 
 
-def quantize_checkpoint(source: Path, target: Path, method: str) -> QuantizeSummary:
+def quantize_checkpoint(
+    source: Path, target: Path, method: str, group_size: int = 128
+) -> QuantizeSummary:
     """Write ``source`` (a safetensors Hugging Face directory) quantized with ``method``
-    into ``target`` (created; must not hold a checkpoint already). Raises ValueError for
-    an unknown method, a quantized source or a target that is not empty."""
+    into ``target`` (created; must not hold a checkpoint already); ``group_size`` is the
+    int4 methods' inputs per scale (-1: one group per row). Raises ValueError for an
+    unknown method, a quantized source or a target that is not empty."""
     from kvplane.models.checkpoint import iterate_safetensors
 
     if method not in METHODS:
@@ -65,15 +73,38 @@ def quantize_checkpoint(source: Path, target: Path, method: str) -> QuantizeSumm
         for name, tensor in iterate_safetensors(source):
             if tensor.dim() == 2 and _QUANTIZED_NAME.match(name) and not _FLOAT_NAME.match(name):
                 counts["quantized"] += 1
-                yield from _quantize_tensor(name, tensor, method)
+                yield from _quantize_tensor(name, tensor, method, group_size)
             else:
                 counts["float"] += 1
                 yield name, tensor
 
     num_shards, num_bytes = _write_shards(converted(), target)
-    config["quantization_config"] = compressed_tensors_config(method)
+    config["quantization_config"] = quantization_config(method, group_size)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return QuantizeSummary(counts["quantized"], counts["float"], num_shards, num_bytes)
+
+
+def quantization_config(method: str, group_size: int = 128) -> dict[str, Any]:
+    """The ``quantization_config`` a checkpoint written with ``method`` declares."""
+    if method == "gptq":
+        return {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group_size,
+            "desc_act": False,
+            "sym": True,
+            "checkpoint_format": "gptq",
+        }
+    if method == "awq":
+        return {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": group_size,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": ["lm_head"],
+        }
+    return compressed_tensors_config(method)
 
 
 def compressed_tensors_config(method: str) -> dict[str, Any]:
@@ -92,18 +123,25 @@ def compressed_tensors_config(method: str) -> dict[str, Any]:
         "format": f"{kind}-quantized",
         "quantization_status": "compressed",
         "config_groups": {"group_0": group},
-        "ignore": ["lm_head", "re:.*mlp.gate$", "re:.*experts.*", "re:.*router.*"],
+        "ignore": list(_FLOAT_MODULES),
         "kv_cache_scheme": None,
     }
 
 
 def _quantize_tensor(
     name: str,
-    weight: torch.Tensor,
-    method: str,  # [output_size, input_size]
+    weight: torch.Tensor,  # [output_size, input_size]
+    method: str,
+    group_size: int,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The quantized ``weight`` and its ``weight_scale`` ``[output_size, 1]`` float32."""
+    """The tensors that replace ``{prefix}.weight`` in ``method``'s layout."""
     prefix = name.removesuffix(".weight")
+    if method in ("gptq", "awq"):
+        group = weight.shape[1] if group_size == -1 else group_size
+        rtn = quantize_gptq_rtn if method == "gptq" else quantize_awq_rtn
+        for key, tensor in rtn(weight.float(), group).items():
+            yield f"{prefix}.{key}", tensor.contiguous()
+        return
     if method == "fp8":
         qweight, scale = quantize_rows_fp8(weight.float())
     else:

@@ -51,6 +51,7 @@ class Linear(torch.nn.Module):
 
     def _create_weights(self) -> None:
         self.shard_layouts: dict[str, ShardLayout] = {}
+        self._whole_params_loaded: set[str] = set()
         self.quant_method = self._platform.quant_method(self._spec)
         self.quant_method.create_weights(self, self._spec)
 
@@ -75,8 +76,14 @@ class Linear(torch.nn.Module):
                 f"checkpoint has a {name} this layer does not use "
                 f"(quantization {self._spec.method!r} reads {sorted(self.shard_layouts)})"
             )
-        target = shard_target(param, self.shard_layouts[name], self.output_sizes, shard_index)
+        layout = self.shard_layouts[name]
+        target = shard_target(param, layout, self.output_sizes, shard_index)
         _check_dtype(name, loaded, target, self._spec.method)
+        if layout.output_dim is None and not layout.per_shard:
+            # One tensor for the whole layer (GPTQ's g_idx): every shard must agree.
+            if name in self._whole_params_loaded and not torch.equal(target, loaded):
+                raise ValueError(f"{name} of shard {shard_index} differs from another shard's")
+            self._whole_params_loaded.add(name)
         if target.shape != loaded.shape:
             if target.numel() == loaded.numel() == 1:  # a scale stored as [] or [1]
                 loaded = loaded.reshape(target.shape)
