@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from kvplane import LLM, SamplingParams
 
@@ -105,3 +106,18 @@ def test_prefix_caching_hits_and_matches(smollm_llm: LLM, hf_greedy_choices: HFC
     outputs = smollm_llm.generate(prompts[1:2], one_token)
     assert outputs[0].num_cached_tokens >= 64
     assert_no_block_leak(smollm_llm)
+
+
+def test_native_gguf_matches_transformers(smollm_llm: LLM, hf_greedy_choices: HFChoices) -> None:
+    # The projections stay in the file's Q4_1 blocks, dequantized inside each product:
+    # the same weights as transformers' GGUF loader gives, in a third of the memory.
+    native = make_llm(quantization="gguf")
+    layer = native.engine.runner.model.model.layers[0].self_attn.qkv_proj
+    assert layer.quant_method.name == "gguf" and layer.gguf_weight_0.dtype == torch.uint8
+    assert_matches_transformers(native, hf_greedy_choices, PROMPTS[:4])
+
+    def weight_bytes(llm: LLM) -> int:
+        return sum(p.numel() * p.element_size() for p in llm.engine.runner.model.parameters())
+
+    assert weight_bytes(native) < 0.4 * weight_bytes(smollm_llm)
+    assert_no_block_leak(native)

@@ -220,7 +220,7 @@ class FakeQuant(UnquantizedMethod):
         return True, ""
 
 
-REFERENCE_QUANT_METHODS = ("fp8", "int8", "gptq", "awq")
+REFERENCE_QUANT_METHODS = ("fp8", "int8", "gptq", "awq", "gguf")
 
 
 def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
@@ -230,7 +230,7 @@ def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
         FakeQuant("beta", 3, min_input=1024),
     ]
     platform = _platform(make_platform, kvplane_quant_methods=lambda spec: methods)
-    # The core's reference offers fp8, int8, gptq and awq on every platform.
+    # The core's reference offers fp8, int8, gptq, awq and gguf on every platform.
     assert platform.quant_method_names(LayerQuantSpec("none", 8, 8, torch.float32)) == {
         "none",
         "alpha",
@@ -243,7 +243,8 @@ def test_quant_method_ranking_and_reasons(make_platform: MakePlatform) -> None:
         platform.quant_method(LayerQuantSpec("beta", 64, 8, torch.float32))
     with pytest.raises(
         ValueError,
-        match=r"'nf4' is not offered.*\['alpha', 'awq', 'beta', 'fp8', 'gptq', 'int8', 'none'\]",
+        match=r"'nf4' is not offered.*\['alpha', 'awq', 'beta', 'fp8', 'gguf', 'gptq', 'int8', "
+        r"'none'\]",
     ):
         platform.quant_method(LayerQuantSpec("nf4", 64, 8, torch.float32))
 

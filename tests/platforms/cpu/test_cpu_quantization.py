@@ -14,7 +14,7 @@ from kvplane.quantization.unquantized import UnquantizedMethod
 def test_offered_by_the_platform_next_to_unquantized() -> None:
     platform = select_platform("cpu")
     spec = LayerQuantSpec("int8", 128, 64, torch.bfloat16)
-    assert platform.quant_method_names(spec) == {"int8", "fp8", "gptq", "awq", "none"}
+    assert platform.quant_method_names(spec) == {"int8", "fp8", "gptq", "awq", "gguf", "none"}
     for name in ("int8", "fp8", "gptq", "awq"):
         method = platform.quant_method(LayerQuantSpec(name, 128, 64, torch.bfloat16))
         assert method.name == name and not method.is_reference_fallback

@@ -24,8 +24,8 @@ _HELP = {
     "(selects it; see `kvplane platforms`)",
     "dtype": "auto, float32, bfloat16 or float16",
     "quantization": "quantization method for linear layers: fp8, int8, gptq or awq "
-    "quantize a float checkpoint at load (default: the checkpoint's quantization_config, "
-    "else none)",
+    "quantize a float checkpoint at load, gguf keeps a GGUF file's blocks (default: the "
+    "checkpoint's quantization_config, else none)",
     "load_format": "auto (read weights) or dummy (random weights, config only)",
     "tokenizer": "tokenizer directory, if not the model's",
     "block_size": "tokens per KV-cache block",

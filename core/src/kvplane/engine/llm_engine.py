@@ -78,7 +78,11 @@ class LLMEngine:
             dtype=self.model_config.dtype,
             device=self.device,
             block_size=config.block_size,
-            quantization=resolve_quant_config(config.quantization, self.model_config.hf_config),
+            quantization=resolve_quant_config(
+                config.quantization,
+                self.model_config.hf_config,
+                is_gguf=self.model_config.source.is_gguf,
+            ),
         )
         model = build_model(
             self.model_config.hf_config, ctx, self.model_config.source, config.load_format

@@ -18,12 +18,17 @@ BytesRead = Callable[[int], None]
 
 
 def iterate_weights(
-    source: ModelSource, hf_config: Any, on_bytes_read: BytesRead | None = None
+    source: ModelSource,
+    hf_config: Any,
+    on_bytes_read: BytesRead | None = None,
+    native_gguf: bool = False,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(Hugging Face tensor name, tensor)`` pairs from ``source``."""
+    """Yield ``(Hugging Face tensor name, tensor)`` pairs from ``source`` (a GGUF file's
+    projections as raw blocks with ``native_gguf``: see :func:`iterate_gguf`)."""
     if source.is_gguf:
         assert source.gguf_file is not None
-        yield from iterate_gguf(source.directory / source.gguf_file, hf_config, on_bytes_read)
+        path = source.directory / source.gguf_file
+        yield from iterate_gguf(path, hf_config, on_bytes_read, native=native_gguf)
     else:
         yield from iterate_safetensors(source.directory, on_bytes_read)
 
@@ -148,11 +153,19 @@ def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iterate_gguf(
-    path: Path, hf_config: Any, on_bytes_read: BytesRead | None = None
+    path: Path, hf_config: Any, on_bytes_read: BytesRead | None = None, native: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantize a GGUF file tensor by tensor to float32, under Hugging Face names."""
+    """Dequantize a GGUF file tensor by tensor to float32, under Hugging Face names.
+
+    With ``native``, a projection (``*_proj.weight``) in a block type of
+    :mod:`kvplane.quantization.gguf_blocks` comes instead as its bytes, ``uint8 [rows,
+    bytes_per_row]``, named ``{prefix}.gguf_{TYPE}`` (what the ``gguf`` method reads)."""
     from gguf import GGUFReader, dequantize
 
+    from kvplane.quantization.gguf import RAW_PREFIX
+    from kvplane.quantization.gguf_blocks import GGUF_BLOCK_FORMATS
+
+    native_types = {fmt.type_id: fmt for fmt in GGUF_BLOCK_FORMATS.values()} if native else {}
     reader = GGUFReader(str(path))
     num_heads = hf_config.num_attention_heads
     num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
@@ -162,10 +175,23 @@ def iterate_gguf(
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             continue
+        fmt = native_types.get(int(tensor.tensor_type))
+        if fmt is not None and hf_name.endswith("_proj.weight"):
+            # Rows are whole blocks, so the Q / K rows un-permute as they are.
+            raw = _unpermuted(tensor.data, hf_name, num_heads, num_kv_heads)
+            name = hf_name.removesuffix("weight") + RAW_PREFIX + fmt.name
+            yield name, torch.from_numpy(np.array(raw, copy=True))
+            continue
         array = dequantize(tensor.data, tensor.tensor_type)
-        if ".q_proj." in hf_name:
-            array = unpermute_rotary_rows(array, num_heads)
-        elif ".k_proj." in hf_name:
-            array = unpermute_rotary_rows(array, num_kv_heads)
+        array = _unpermuted(array, hf_name, num_heads, num_kv_heads)
         # Copy: unquantized tensors are read-only views of the memory-mapped file.
         yield hf_name, torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+
+
+def _unpermuted(array: np.ndarray, hf_name: str, num_heads: int, num_kv_heads: int) -> np.ndarray:
+    """``array``'s rows in Hugging Face order (llama.cpp permutes those of Q and K)."""
+    if ".q_proj." in hf_name:
+        return unpermute_rotary_rows(array, num_heads)
+    if ".k_proj." in hf_name:
+        return unpermute_rotary_rows(array, num_kv_heads)
+    return array

@@ -39,7 +39,8 @@ def build_model(
     else:
         if source is None:
             raise ValueError("load_format='auto' needs a model source")
-        loaded = _load_with_progress(model, source, hf_config)
+        native_gguf = ctx.quantization.method == "gguf"
+        loaded = _load_with_progress(model, source, hf_config, native_gguf)
         check_all_loaded(model, loaded)
     for module in model.modules():
         if isinstance(module, Linear):
@@ -71,7 +72,9 @@ def _leave_ignored_layers_unquantized(model: torch.nn.Module, patterns: tuple[st
 PROGRESS_DELAY_S = 2.0
 
 
-def _load_with_progress(model: CausalLM, source: ModelSource, hf_config: Any) -> set[str]:
+def _load_with_progress(
+    model: CausalLM, source: ModelSource, hf_config: Any, native_gguf: bool
+) -> set[str]:
     """``model.load_weights`` with a bar of checkpoint bytes read (shown past a delay)."""
     from tqdm import tqdm
 
@@ -85,7 +88,8 @@ def _load_with_progress(model: CausalLM, source: ModelSource, hf_config: Any) ->
         delay=PROGRESS_DELAY_S,
         dynamic_ncols=True,
     ) as progress:
-        loaded = model.load_weights(iterate_weights(source, hf_config, progress.update))
+        weights = iterate_weights(source, hf_config, progress.update, native_gguf)
+        loaded = model.load_weights(weights)
         progress.update(progress.total - progress.n)  # file headers and metadata
         return loaded
 

@@ -42,13 +42,13 @@ def load_named_weights(
         if isinstance(module, Linear):
             try:
                 if shard_index is None:
-                    module.load_fused(param_kind, tensor)
+                    filled = module.load_fused(param_kind, tensor)
                 else:
-                    module.load_shard(param_kind, tensor, shard_index)
+                    filled = module.load_shard(param_kind, tensor, shard_index)
             except ValueError as error:
                 raise WeightLoadError(f"checkpoint tensor {name}: {error}") from error
             shards = range(len(module.output_sizes)) if shard_index is None else [shard_index]
-            loaded.update(f"{target}#{i}" for i in shards)
+            loaded.update(f"{module_name}.{filled}#{i}" for i in shards)
         elif target in params:
             param = params[target]
             if param.shape != tensor.shape:
@@ -70,11 +70,10 @@ def expected_weight_names(model: torch.nn.Module) -> set[str]:
     expected: set[str] = set()
     for module_name, module in model.named_modules():
         if isinstance(module, Linear):
-            # Every parameter the layer's quantization method registered, per shard.
-            for param_name in module.shard_layouts:
-                if getattr(module, param_name) is not None:
-                    for shard in range(len(module.output_sizes)):
-                        expected.add(f"{module_name}.{param_name}#{shard}")
+            # Every parameter the layer's quantization method reads, per shard.
+            for param_name in module.quant_method.checkpoint_param_names(module):
+                for shard in range(len(module.output_sizes)):
+                    expected.add(f"{module_name}.{param_name}#{shard}")
     linear_prefixes = tuple(
         f"{name}." for name, module in model.named_modules() if isinstance(module, Linear)
     )

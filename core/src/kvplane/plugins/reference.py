@@ -30,6 +30,7 @@ from kvplane.plugins.types import (
 )
 from kvplane.quantization.base import QuantMethod
 from kvplane.quantization.fp8 import Fp8Method
+from kvplane.quantization.gguf import GgufMethod
 from kvplane.quantization.int8 import Int8Method
 from kvplane.quantization.unquantized import UnquantizedMethod
 from kvplane.quantization.w4a16 import AwqMethod, GptqMethod
@@ -54,7 +55,13 @@ REFERENCE_QUANT_PRIORITY = -100
 
 @hookimpl(trylast=True)
 def kvplane_quant_methods(spec: LayerQuantSpec) -> Sequence[QuantMethod]:
-    fallbacks: list[QuantMethod] = [Fp8Method(), Int8Method(), GptqMethod(), AwqMethod()]
+    fallbacks: list[QuantMethod] = [
+        Fp8Method(),
+        Int8Method(),
+        GptqMethod(),
+        AwqMethod(),
+        GgufMethod(),
+    ]
     for method in fallbacks:
         method.priority = REFERENCE_QUANT_PRIORITY
         method.is_reference_fallback = True

@@ -46,6 +46,20 @@ class QuantMethod(ABC):
         register_param(layer, "weight", weight)
         register_bias(layer, spec)
 
+    def load_checkpoint_tensor(
+        self, layer: torch.nn.Module, name: str, loaded: torch.Tensor, shard_index: int
+    ) -> str | None:
+        """Take checkpoint tensor ``name`` of shard ``shard_index`` in a form only this
+        method knows (GGUF's raw blocks, say) and return the parameter name it fills;
+        None (the default) lets the layer copy it into the registered parameter."""
+        return None
+
+    def checkpoint_param_names(self, layer: torch.nn.Module) -> list[str]:
+        """The parameter names every shard's checkpoint tensors must fill (default: the
+        parameters registered with :func:`register_param`)."""
+        layouts = getattr(layer, "shard_layouts", {})
+        return [name for name in layouts if getattr(layer, name, None) is not None]
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Convert loaded float weights to this method's format (default: keep them)."""
         return None

@@ -48,10 +48,17 @@ class QuantConfig:
         return dict(self.options).get(key, default)
 
 
-def resolve_quant_config(requested: str | None, hf_config: Any) -> QuantConfig:
+def resolve_quant_config(
+    requested: str | None, hf_config: Any, is_gguf: bool = False
+) -> QuantConfig:
     """Reconcile ``requested`` (the user's ``quantization``; None: follow the checkpoint)
-    with ``hf_config.quantization_config``. Raises ValueError when they disagree or the
+    with ``hf_config.quantization_config`` (``is_gguf``: the weights come from a GGUF
+    file, which ``"gguf"`` keeps quantized). Raises ValueError when they disagree or the
     checkpoint's layout is one kvplane does not read, naming the field."""
+    if requested == "gguf":
+        if not is_gguf:
+            raise ValueError("quantization='gguf' keeps a GGUF file's blocks: load a .gguf")
+        return QuantConfig("gguf", ((OPT_CHECKPOINT, "gguf"),))
     declared = getattr(hf_config, "quantization_config", None)
     if declared is None:
         if requested in (None, "none"):

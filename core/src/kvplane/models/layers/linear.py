@@ -65,11 +65,15 @@ class Linear(torch.nn.Module):
         self._spec = replace(self._spec, method="none", options=())
         self._create_weights()
 
-    def load_shard(self, name: str, loaded: torch.Tensor, shard_index: int = 0) -> None:
+    def load_shard(self, name: str, loaded: torch.Tensor, shard_index: int = 0) -> str:
         """Copy checkpoint tensor ``loaded`` (a parameter the quantization method
         registered: ``weight``, ``bias``, ``weight_scale``, ...) into the part of that
-        parameter shard ``shard_index`` fills. Raises ValueError naming the tensor on a
-        shape or dtype mismatch."""
+        parameter shard ``shard_index`` fills, unless the method takes it itself; return
+        the parameter name filled. Raises ValueError naming the tensor on a shape or
+        dtype mismatch."""
+        taken = self.quant_method.load_checkpoint_tensor(self, name, loaded, shard_index)
+        if taken is not None:
+            return taken
         param = getattr(self, name, None) if name in self.shard_layouts else None
         if not isinstance(param, torch.Tensor):
             raise ValueError(
@@ -93,8 +97,9 @@ class Linear(torch.nn.Module):
                     f"checkpoint {tuple(loaded.shape)}, model {tuple(target.shape)}"
                 )
         target.copy_(loaded)
+        return name
 
-    def load_fused(self, name: str, loaded: torch.Tensor) -> None:
+    def load_fused(self, name: str, loaded: torch.Tensor) -> str:
         """Copy checkpoint tensor ``loaded`` that already holds every shard stacked along
         the output dimension (Phi-3's ``qkv_proj`` / ``gate_up_proj``, GPT-2's
         ``c_attn``): split by ``output_sizes`` and load each through :meth:`load_shard`,
@@ -103,8 +108,8 @@ class Linear(torch.nn.Module):
         layout = self.shard_layouts.get(name, ShardLayout())
         if layout.per_shard or layout.output_dim is None:
             for shard_index in range(len(self.output_sizes)):
-                self.load_shard(name, loaded, shard_index)
-            return
+                filled = self.load_shard(name, loaded, shard_index)
+            return filled
         dim, factor = layout.output_dim, layout.packed_factor
         sizes = [size // factor for size in self.output_sizes]
         if loaded.dim() <= dim or loaded.shape[dim] != sum(sizes):
@@ -113,7 +118,8 @@ class Linear(torch.nn.Module):
                 f"along dimension {dim} (shards {self.output_sizes})"
             )
         for shard_index, shard in enumerate(loaded.split(sizes, dim=dim)):
-            self.load_shard(name, shard, shard_index)
+            filled = self.load_shard(name, shard, shard_index)
+        return filled
 
     def process_weights_after_loading(self) -> None:
         self.quant_method.process_weights_after_loading(self)
