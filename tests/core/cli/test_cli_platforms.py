@@ -209,3 +209,17 @@ def test_no_platform_installed(isolated_plugins: None, capsys: pytest.CaptureFix
     captured = capsys.readouterr()
     assert "no kvplane platform is installed" in captured.out
     assert "no kvplane platform is available" in captured.err
+
+
+def test_json_lists_quantization_methods_with_their_reasons(
+    platforms_json: dict[str, dict[str, object]],
+) -> None:
+    info = platforms_json["cpu"]["info"]
+    assert isinstance(info, dict)
+    report = {(row["name"], row["reference_fallback"]): row for row in info["quantization"]}
+    own = report[("fp8", False)]
+    assert own["can_implement"] is True and own["reason"] == "" and own["priority"] == 0
+    assert report[("fp8", True)]["priority"] < own["priority"]  # the core's, below the CPU's
+    gguf = report[("gguf", False)]
+    assert gguf["can_implement"] is False and "GGUF" in gguf["reason"]
+    assert report[("none", False)]["can_implement"] is True

@@ -111,8 +111,43 @@ def platform_infos(statuses: list[PlatformStatus]) -> dict[str, dict[str, Any]]:
             "capabilities": sorted(info.capabilities),
             "distributed_backend": info.distributed_backend,
             "description": info.description,
+            "quantization": quant_method_report(manager, info.supported_dtypes),
         }
     return infos
+
+
+#: The layer every offered quantization method is asked about: a 4096 x 4096 projection
+#: of a float checkpoint (quantized at load).
+_PROBE_LAYER_SIZE = 4096
+
+
+def quant_method_report(manager: Any, supported_dtypes: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every quantization method ``manager``'s platform offers (its own and the core's
+    reference fallbacks), with ``can_implement``'s answer for a bfloat16 (else the
+    first supported dtype) projection of a float checkpoint, highest priority first."""
+    import torch
+
+    from kvplane.plugins.types import LayerQuantSpec
+
+    dtype_name = "bfloat16" if "bfloat16" in supported_dtypes else supported_dtypes[0]
+    dtype = getattr(torch, dtype_name)
+    size = _PROBE_LAYER_SIZE
+    probe = LayerQuantSpec("none", size, size, dtype)
+    methods = [m for offered in manager.hook.kvplane_quant_methods(spec=probe) for m in offered]
+    report = []
+    for method in sorted(methods, key=lambda m: (m.name, -m.priority)):
+        ok, reason = method.can_implement(LayerQuantSpec(method.name, size, size, dtype))
+        report.append(
+            {
+                "name": method.name,
+                "priority": method.priority,
+                "reference_fallback": method.is_reference_fallback,
+                "dtype": dtype_name,
+                "can_implement": ok,
+                "reason": reason,
+            }
+        )
+    return report
 
 
 def format_table(statuses: list[PlatformStatus], infos: dict[str, dict[str, Any]]) -> str:
