@@ -1,4 +1,4 @@
-"""The CUDA platform's FP8 method against the core's torch reference of it."""
+"""The CUDA platform's FP8 and GGUF methods against the core's torch references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import torch
 from kvplane.plugins.types import LayerQuantSpec
 from kvplane.quantization import fp8 as reference
 from kvplane.quantization.config import OPT_ACTIVATIONS, OPT_CHECKPOINT, OPT_WEIGHT_STRATEGY
-from kvplane_cuda.quantization import ScaledMmFp8Method
+from kvplane.quantization.gguf import GgufMethod
+from kvplane.quantization.gguf_blocks import gguf_block_format
+from kvplane_cuda.quantization import GGUF_KERNEL_MAX_TOKENS, ScaledMmFp8Method, TritonGgufMethod
+from tests.core.quantization.gguf_cases import random_gguf_bytes
 from tests.platforms.cuda.devices import DEVICES
 
 
@@ -79,3 +82,34 @@ def test_scaled_mm_method_refuses_what_it_cannot_run() -> None:
         "fp8", 64, 48, torch.bfloat16, options=(*checkpoint, (OPT_ACTIVATIONS, "static"))
     )
     assert method.can_implement(spec) == (True, "")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_tokens", [3, GGUF_KERNEL_MAX_TOKENS + 1])
+def test_gguf_method_matches_the_reference(
+    device: str, num_tokens: int, generator: torch.Generator
+) -> None:
+    # Both sides of the kernel / dequantize-then-cuBLAS split, against the core's method.
+    sizes = (32, 16)
+    spec = LayerQuantSpec(
+        "gguf",
+        64,
+        sum(sizes),
+        torch.float32,
+        options=((OPT_CHECKPOINT, "gguf"),),
+        output_sizes=sizes,
+    )
+    fmt = gguf_block_format("Q4_1")
+    raws = [random_gguf_bytes(fmt, rows, 64, generator) for rows in sizes]
+    layers = []
+    for method in (TritonGgufMethod(), GgufMethod()):
+        layer = torch.nn.Module()
+        method.create_weights(layer, spec)
+        for index, raw in enumerate(raws):
+            method.load_checkpoint_tensor(layer, "gguf_Q4_1", raw.to(device), index)
+        method.process_weights_after_loading(layer)
+        layers.append(layer)
+    x = torch.randn(num_tokens, 64, generator=generator).to(device)
+    actual = TritonGgufMethod().apply(layers[0], x)
+    expected = GgufMethod().apply(layers[1], x)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)

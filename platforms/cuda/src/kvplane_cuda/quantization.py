@@ -1,9 +1,12 @@
-"""Quantized linear layers on CUDA: FP8 W8A8 through ``torch._scaled_mm``.
+"""Quantized linear layers on CUDA: FP8 W8A8 through ``torch._scaled_mm``, GGUF blocks
+through a Triton matmul that dequantizes them in its K loop.
 
-Storage and loading are the core's (:class:`kvplane.quantization.fp8.Fp8Method`); only
-the per-step product differs: activations are quantized per token by one Triton kernel
-and multiplied with the FP8 weight on the tensor cores, the per-token and per-row scales
-applied in the matmul's epilogue.
+Storage and loading are the core's (:mod:`kvplane.quantization.fp8`,
+:mod:`kvplane.quantization.gguf`); only the per-step product differs. FP8: activations
+are quantized per token by one Triton kernel and multiplied with the FP8 weight on the
+tensor cores, the per-token and per-row scales applied in the matmul's epilogue. GGUF:
+up to :data:`GGUF_KERNEL_MAX_TOKENS` tokens the kernel reads the blocks directly (it beats
+dequantizing first there); larger steps dequantize one part of the weight and use cuBLAS.
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ import torch
 from kvplane.plugins.types import LayerQuantSpec
 from kvplane.quantization.base import QuantMethod
 from kvplane.quantization.fp8 import Fp8Method, fp8_params
+from kvplane.quantization.gguf import GgufMethod
+from kvplane.quantization.gguf_blocks import GGUFBlockFormat, dequantize_rows
 
 #: ``torch._scaled_mm`` needs both matrix dimensions of the weight in multiples of this.
 SCALED_MM_ALIGNMENT = 16
+#: Largest step whose GGUF products read the blocks in the kernel; larger steps
+#: dequantize and use cuBLAS, which is faster for them.
+GGUF_KERNEL_MAX_TOKENS = 64
 
 
 class ScaledMmFp8Method(Fp8Method):
@@ -64,6 +72,26 @@ class ScaledMmFp8Method(Fp8Method):
         return out.view(*x.shape[:-1], out.shape[-1])
 
 
+class TritonGgufMethod(GgufMethod):
+    """GGUF blocks multiplied by :func:`kvplane_cuda.kernels.gguf_matmul.gguf_matmul`."""
+
+    priority = 10
+
+    def shard_matmul(
+        self,
+        x: torch.Tensor,  # [num_tokens, input_size]
+        raw: torch.Tensor,  # uint8 [rows, bytes_per_row]
+        fmt: GGUFBlockFormat,
+    ) -> torch.Tensor:  # [num_tokens, rows]
+        if x.shape[0] > GGUF_KERNEL_MAX_TOKENS:
+            weight = dequantize_rows(raw, fmt, x.shape[-1], dtype=x.dtype)
+            return torch.nn.functional.linear(x, weight)
+        # Imported here: plugin discovery must not need Triton.
+        from kvplane_cuda.kernels.gguf_matmul import gguf_matmul
+
+        return gguf_matmul(x.contiguous(), raw, fmt)
+
+
 def cuda_quant_methods() -> list[QuantMethod]:
     """The methods the CUDA platform implements itself."""
-    return [ScaledMmFp8Method()]
+    return [ScaledMmFp8Method(), TritonGgufMethod()]
