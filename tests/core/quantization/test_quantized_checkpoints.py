@@ -136,3 +136,36 @@ def test_ignored_layers_load_in_float(float_dir: Path, tmp_path: Path) -> None:
     layers = llm.engine.runner.model.model.layers
     assert layers[1].mlp.down_proj.quant_method.name == "none"
     assert layers[0].mlp.down_proj.quant_method.name == "int8"
+
+
+def test_large_checkpoints_are_written_in_shards_with_an_index(
+    float_dir: Path, float_logprobs: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvplane.quantization import writer
+
+    monkeypatch.setattr(writer, "_SHARD_BYTES", 64 * 1024)
+    summary = writer.quantize_checkpoint(float_dir, tmp_path / "sharded", "int8")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert summary.num_shards == len(files) > 1
+    assert files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert not list((tmp_path / "sharded").glob("*.partial"))
+    error = (logprobs(load_tiny(tmp_path / "sharded")) - float_logprobs).abs().max().item()
+    assert error <= LOGPROB_TOLERANCE["int8"], error
+
+
+def test_quantize_refuses_what_it_cannot_write(float_dir: Path, tmp_path: Path) -> None:
+    from kvplane.quantization import writer
+
+    with pytest.raises(ValueError, match="method must be one of"):
+        writer.quantize_checkpoint(float_dir, tmp_path / "a", "nf4")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        writer.quantize_checkpoint(float_dir, tmp_path / "full", "fp8")
+    assert cli_main(["quantize", str(float_dir), str(tmp_path / "q"), "--method", "fp8"]) == 0
+    with pytest.raises(ValueError, match="already quantized"):
+        writer.quantize_checkpoint(tmp_path / "q", tmp_path / "b", "fp8")
+    args = ["quantize", str(float_dir), str(tmp_path / "c"), "--method", "gptq", "--bits", "8"]
+    assert cli_main(args) == 2  # a user error: one line, no traceback
+    assert not (tmp_path / "c").exists()
