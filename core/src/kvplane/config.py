@@ -15,6 +15,14 @@ DTYPES: dict[str, torch.dtype] = {
     "half": torch.float16,
 }
 
+#: What ``kv_cache_dtype`` may name besides ``"auto"`` (the model dtype): the KV cache
+#: stores keys and values in this dtype, with per-layer scales
+#: (:func:`kvplane.ops.steps.quantize_kv`).
+KV_CACHE_DTYPES: dict[str, torch.dtype] = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+}
+
 
 #: Fraction of device memory the engine may fill when the user names none.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
@@ -56,6 +64,10 @@ class EngineConfig:
     #: ``quantization_config`` (float when it has none).
     quantization: str | None = None
     load_format: str = "auto"
+    #: What the KV cache stores keys and values as: "auto" (the model dtype), or "fp8"
+    #: (alias "fp8_e4m3"): float8_e4m3fn with a per-tensor scale per layer and K / V
+    #: (1.0, or the checkpoint's ``k_scale`` / ``v_scale``), half the bytes of bfloat16.
+    kv_cache_dtype: str = "auto"
     tokenizer: str | None = None
     block_size: int = 16
     #: Batch limits; None: the device's defaults (:mod:`kvplane.engine.batch_limits`),
@@ -106,6 +118,11 @@ class EngineConfig:
                 )
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be 'auto' (the model dtype) or one of "
+                f"{sorted(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.log_stats_interval < 0:
@@ -141,6 +158,10 @@ class EngineConfig:
         if self.max_num_seqs is None or self.max_num_batched_tokens is None:
             raise RuntimeError("batch limits not resolved yet: the engine fills them in")
         return BatchLimits(self.max_num_seqs, self.max_num_batched_tokens)
+
+    def resolved_kv_cache_dtype(self) -> torch.dtype | None:
+        """The KV cache's dtype, or ``None`` for ``"auto"`` (the model's dtype)."""
+        return KV_CACHE_DTYPES.get(self.kv_cache_dtype)
 
     def _check_generation_config(self) -> None:
         # A bad path or key fails here, before the weights load, not at engine start.

@@ -3,6 +3,7 @@ quant-method ranking."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
 from collections.abc import Callable
@@ -203,6 +204,40 @@ def test_attention_error_lists_every_reason(make_platform: MakePlatform) -> None
     )
     with pytest.raises(ValueError, match=r"tiny: head size 64 > 32; reference: num_heads 3"):
         platform.attention_backend(_spec(num_heads=3, num_kv_heads=2))
+
+
+def test_the_error_names_the_platform(make_platform: MakePlatform) -> None:
+    platform = _platform(make_platform, kvplane_attention_backends=lambda spec: [])
+    with pytest.raises(ValueError, match=r"^platform 'mini': no attention backend can serve"):
+        platform.attention_backend(_spec(num_heads=3, num_kv_heads=2))
+
+
+class Fp8Backend(FakeBackend):
+    supports_fp8_kv_cache = True
+
+
+def test_fp8_caches_go_only_to_backends_that_read_them(
+    make_platform: MakePlatform, caplog: pytest.LogCaptureFixture
+) -> None:
+    """FakeBackend's cannot_serve skips super(): selection still refuses it an FP8 cache
+    (the reference serves it, the log says why), and picks a backend that reads one."""
+    fp8_spec = dataclasses.replace(_spec(), kv_cache_dtype=torch.float8_e4m3fn)
+    older = _platform(
+        make_platform, kvplane_attention_backends=lambda spec: [FakeBackend("older", 9)]
+    )
+    assert older.attention_backend(_spec()).name == "older"
+    with caplog.at_level(logging.INFO, logger=PLATFORM_LOGGER):
+        assert older.attention_backend(fp8_spec).name == "reference"
+    assert (
+        "'older' cannot serve: kv_cache_dtype torch.float8_e4m3fn: backend 'older' does not "
+        "read FP8 KV caches (it does not set supports_fp8_kv_cache)"
+    ) in caplog.text
+    newer = _platform(
+        make_platform,
+        "newer",
+        kvplane_attention_backends=lambda spec: [FakeBackend("older", 9), Fp8Backend("fp8", 5)],
+    )
+    assert newer.attention_backend(fp8_spec).name == "fp8"
 
 
 # -- quantization methods -------------------------------------------------------------

@@ -10,7 +10,9 @@ import torch
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.plugins.types import AttentionSpec
 from kvplane.testing.helpers import (
+    FP8_KV_DTYPE,
     PagedBatch,
+    fp8_reference,
     make_attention_spec,
     make_paged_batch_for,
     random_lengths,
@@ -95,6 +97,29 @@ def test_float16_and_a_bfloat16_cache_of_a_float32_model(generator: torch.Genera
     assert_matches(spec, make_paged_batch_for(spec, [3, 8, 0], [4, 1, 1], generator))
 
 
+@pytest.mark.parametrize("spec_id", ["gqa", "window-softcap", "block16-head64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_cache_matches_float32_attention_over_its_dequantized_values(
+    spec_id: str, dtype: torch.dtype, generator: torch.Generator
+) -> None:
+    """Decode chunks and SDPA prefills over a float8_e4m3fn cache with per-layer scales,
+    against :func:`~kvplane.testing.helpers.fp8_reference` (written as the reference
+    write quantizes, read dequantized, attended in float32)."""
+    spec = dataclasses.replace(SPECS[spec_id], dtype=dtype, kv_cache_dtype=FP8_KV_DTYPE)
+    for k_scale, v_scale in ((1.0, 1.0), (0.37, 1.7)):
+        cached_lens, query_lens = random_lengths(generator, num_seqs=6, max_query=9, max_context=21)
+        batch = make_paged_batch_for(spec, cached_lens, query_lens, generator)
+        expected, expected_cache = fp8_reference(spec, batch, k_scale, v_scale)
+        impl = CpuAttentionBackend().make_impl(spec)
+        impl.k_scale, impl.v_scale = k_scale, v_scale
+        cache = batch.kv_cache.clone()
+        actual = impl.forward(batch.query, batch.key, batch.value, cache, batch.metadata)
+        assert not actual.isnan().any(), "the backend read a slot it must not read"
+        tolerance = TOLERANCES[dtype]
+        torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
+        assert torch.equal(cache.view(torch.uint8), expected_cache.view(torch.uint8))
+
+
 def test_decode_is_chunked_and_still_matches(
     monkeypatch: pytest.MonkeyPatch, generator: torch.Generator
 ) -> None:
@@ -165,6 +190,8 @@ def test_cannot_serve_explains() -> None:
     assert "floating" in (
         backend.cannot_serve(make_attention_spec(kv_cache_dtype=torch.int8)) or ""
     )
+    assert backend.supports_fp8_kv_cache
+    assert backend.cannot_serve(make_attention_spec(kv_cache_dtype=FP8_KV_DTYPE)) is None
 
 
 def test_selected_over_the_reference() -> None:

@@ -123,6 +123,24 @@ def test_reshape_and_cache(cache_dtype: torch.dtype, generator: torch.Generator)
         assert torch.equal(cache, expected)
 
 
+@pytest.mark.parametrize(("k_scale", "v_scale"), [(1.0, 1.0), (0.37, 1.7)])
+def test_reshape_and_cache_into_fp8(
+    k_scale: float, v_scale: float, generator: torch.Generator
+) -> None:
+    num_blocks, block_size, kv_heads, head_size = 6, 4, 2, 8
+    key = randn(generator, 7, kv_heads, head_size) * 200  # some beyond +-448: saturated
+    value = randn(generator, 7, kv_heads, head_size, dtype=torch.bfloat16)
+    slots = torch.randperm(num_blocks * block_size, generator=generator)[:7]
+    for slot_mapping in (slots, torch.where(torch.arange(7) % 3 == 1, -1, slots)):
+        cache = randn(generator, 2, num_blocks, block_size, kv_heads, head_size)
+        cache = cache.to(torch.float8_e4m3fn)
+        expected = cache.clone()
+        ref.reshape_and_cache(key, value, expected, slot_mapping, k_scale, v_scale)
+        ops.reshape_and_cache(key, value, cache, slot_mapping, k_scale, v_scale)
+        assert not cache.float().isnan().any()
+        assert torch.equal(cache.view(torch.uint8), expected.view(torch.uint8))
+
+
 def _sample_inputs(generator: torch.Generator, num_seqs: int, vocab_size: int):
     logits = randn(generator, num_seqs, vocab_size) * 3
     logits[0, :4] = 5.0  # ties at the top

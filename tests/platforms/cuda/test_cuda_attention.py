@@ -156,8 +156,8 @@ def test_cannot_serve_explains() -> None:
         "head_size 512 is larger than 256": make_attention_spec(block_size=16, head_size=512),
         "not a multiple": make_attention_spec(block_size=16, num_heads=7),
         "dtype torch.int8 is not float32": make_attention_spec(block_size=16, dtype=torch.int8),
-        "kv_cache_dtype torch.float8_e4m3fn": make_attention_spec(
-            block_size=16, kv_cache_dtype=torch.float8_e4m3fn
+        "kv_cache_dtype torch.float8_e5m2": make_attention_spec(
+            block_size=16, kv_cache_dtype=torch.float8_e5m2
         ),
     }
     for reason, spec in reasons.items():

@@ -77,3 +77,39 @@ def test_llm_greedy_matches_transformers_float32(tmp_path: Path) -> None:
     for prompt, output in zip(PROMPTS, outputs, strict=True):
         expected = hf_greedy_tokens(reference, list(prompt), NUM_TOKENS)
         assert list(output.outputs[0].token_ids) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("emulate_cuda")
+def test_llm_with_an_fp8_kv_cache_computes_what_the_cpu_platform_does(tmp_path: Path) -> None:
+    """``kv_cache_dtype="fp8"`` through the engine: the Triton cache write and both
+    attention kernels (chunked prefill, then decodes) give the CPU platform's greedy
+    tokens and, up to float32 rounding, its logits (both store the same FP8 bytes)."""
+    from kvplane.testing.models import forward_logits
+
+    save_random_model(tiny_llama_config(), tmp_path)
+    llms = [
+        LLM(
+            model=str(tmp_path),
+            device=device,
+            dtype="float32",
+            kv_cache_dtype="fp8",
+            skip_tokenizer_init=True,
+            max_num_batched_tokens=16,
+            kv_cache_memory_bytes=4 << 20,
+        )
+        for device in ("cuda", "cpu")
+    ]
+    assert llms[0].engine.platform.emulated
+    assert llms[0].engine.runner.kv_caches[0].dtype == torch.float8_e4m3fn
+    params = SamplingParams(
+        temperature=0.0, max_tokens=NUM_TOKENS, min_tokens=NUM_TOKENS, detokenize=False
+    )
+    prompts = [{"prompt_token_ids": list(p)} for p in PROMPTS]
+    cuda_tokens, cpu_tokens = (
+        [list(output.outputs[0].token_ids) for output in llm.generate(prompts, params)]
+        for llm in llms
+    )
+    assert cuda_tokens == cpu_tokens
+    cuda_logits, cpu_logits = (forward_logits(llm, list(PROMPTS[1])) for llm in llms)
+    torch.testing.assert_close(cuda_logits, cpu_logits, atol=1e-4, rtol=1e-4)

@@ -9,6 +9,7 @@ import torch
 
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.ops import steps
 
 if TYPE_CHECKING:
     # Annotation only: importing kvplane.plugins here would be circular, since the
@@ -21,13 +22,15 @@ class ReferenceAttentionBackend(AttentionBackend):
 
     name = "reference"
     priority = -1000
+    supports_fp8_kv_cache = True
 
     def make_impl(self, spec: AttentionSpec) -> AttentionImpl:
         return ReferenceAttentionImpl(spec)
 
 
 class ReferenceAttentionImpl(AttentionImpl):
-    """Writes the cache with the reference ``reshape_and_cache`` (the base's default)."""
+    """Writes the cache with the reference ``reshape_and_cache`` (the base's default);
+    a quantized cache's keys and values are dequantized to float32 before attending."""
 
     def attend(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata
@@ -41,6 +44,9 @@ class ReferenceAttentionImpl(AttentionImpl):
             seq_keys, seq_values = gather_sequence_kv(
                 kv_cache, metadata.block_tables[seq_index], seq_len
             )
+            if self.quantizes_kv_cache:
+                seq_keys = steps.dequantize_kv(seq_keys, self.k_scale)
+                seq_values = steps.dequantize_kv(seq_values, self.v_scale)
             output[start:end] = attend(query[start:end], seq_keys, seq_values, self.spec)
         return output
 

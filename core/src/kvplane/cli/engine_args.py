@@ -27,6 +27,9 @@ _HELP = {
     "quantize a float checkpoint at load, gguf keeps a GGUF file's blocks (default: the "
     "checkpoint's quantization_config, else none)",
     "load_format": "auto (read weights) or dummy (random weights, config only)",
+    "kv_cache_dtype": "what the KV cache stores: auto (the model dtype) or fp8 (alias "
+    "fp8_e4m3: float8_e4m3fn with per-layer scales, 1.0 or the checkpoint's k_scale / "
+    "v_scale; twice the blocks of bfloat16) (default: auto)",
     "tokenizer": "tokenizer directory, if not the model's",
     "block_size": "tokens per KV-cache block",
     "max_num_seqs": "most sequences in one step (default: 1024 on a device of 70 GiB or "
@@ -66,6 +69,7 @@ _METAVARS = {
     "device": "NAME",
     "emulate": "NAME",
     "generation_config": "auto|kvplane|PATH",
+    "kv_cache_dtype": "auto|fp8",
     "override_generation_config": "JSON",
 }
 

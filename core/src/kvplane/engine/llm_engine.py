@@ -83,6 +83,7 @@ class LLMEngine:
                 self.model_config.hf_config,
                 is_gguf=self.model_config.source.is_gguf,
             ),
+            kv_cache_dtype=config.resolved_kv_cache_dtype(),
         )
         model = build_model(
             self.model_config.hf_config, ctx, self.model_config.source, config.load_format
@@ -101,11 +102,12 @@ class LLMEngine:
         self.runner.initialize_kv_cache(num_blocks)
         self._capture_graphs(model)
         logger.info(
-            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)",
+            "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB, %s)",
             num_blocks,
             config.block_size,
             num_blocks * config.block_size,
             num_blocks * self.runner.bytes_per_block() / 2**20,
+            str(self.runner.kv_cache_dtype()).removeprefix("torch."),
         )
         self.scheduler = Scheduler(
             SchedulerConfig(

@@ -95,8 +95,13 @@ class ModelRunner:
             for layer in self.attention_layers
         ]
 
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache stores (the first layer's; every layer shares the setting)."""
+        return self.kv_cache_specs(1)[0].dtype
+
     def bytes_per_block(self) -> int:
-        """KV bytes one block costs across all layers."""
+        """KV bytes one block costs across all layers (from each cache's element size,
+        so an FP8 cache holds twice the blocks of a bfloat16 one in the same bytes)."""
         return sum(spec.bytes_per_block for spec in self.kv_cache_specs(1))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from kvplane.models.base import CausalLM
 from kvplane.models.checkpoint import checkpoint_files, iterate_weights
+from kvplane.models.kv_scales import describe_kv_scales
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.linear import Linear
 from kvplane.models.registry import architecture_of, model_class
@@ -42,6 +43,8 @@ def build_model(
         native_gguf = ctx.quantization.method == "gguf"
         loaded = _load_with_progress(model, source, hf_config, native_gguf)
         check_all_loaded(model, loaded)
+    if (kv_scales := describe_kv_scales(model)) is not None:
+        logger.info("%s", kv_scales)
     for module in model.modules():
         if isinstance(module, Linear):
             module.process_weights_after_loading()

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from kvplane.models.kv_scales import is_unused_attention_scale, load_kv_scale, match_kv_scale
 from kvplane.models.layers.linear import Linear
 
 
@@ -25,7 +26,9 @@ def load_named_weights(
     ``stacked_params`` entries are ``(ours, theirs, shard index)``: a checkpoint name
     containing ``.theirs.`` goes to shard ``shard index`` of the Linear ``.ours.``;
     shard index None means the checkpoint tensor is already fused and fills every shard
-    (:meth:`Linear.load_fused`).
+    (:meth:`Linear.load_fused`). FP8 KV-cache scales go to their attention layers
+    (:mod:`kvplane.models.kv_scales`) and are not in the returned names (they are
+    optional).
 
     Raises :class:`WeightLoadError` naming the tensors that match no parameter.
     """
@@ -34,7 +37,14 @@ def load_named_weights(
     loaded: set[str] = set()
     unexpected: list[str] = []
     for name, tensor in weights:
-        if name.endswith(tuple(ignored_suffixes)):
+        if name.endswith(tuple(ignored_suffixes)) or is_unused_attention_scale(name):
+            continue
+        kv_scale = match_kv_scale(name)
+        if kv_scale is not None:
+            try:
+                load_kv_scale(modules, name, kv_scale, tensor)
+            except ValueError as error:
+                raise WeightLoadError(str(error)) from error
             continue
         target, shard_index = _resolve_stacked(name, stacked_params)
         module_name, _, param_kind = target.rpartition(".")

@@ -103,13 +103,26 @@ def reshape_and_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; slot = block * block_size + offset
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write each token's key and value at its slot, in place. Slots < 0 are skipped."""
+    """Write each token's key and value at its slot, in place. Slots < 0 are skipped.
+
+    A float cache gets the values cast to its dtype (the scales are ignored); a
+    quantized one (float8_e4m3fn, :func:`kvplane.ops.steps.is_quantized_kv_cache`)
+    gets ``key / k_scale`` and ``value / v_scale`` saturated and rounded
+    (:func:`kvplane.ops.steps.quantize_kv`; the scales since plugin API 1.5).
+    """
     flat_cache = steps.slot_view(kv_cache)  # [2, num_slots, num_kv_heads, head_size]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
-    flat_cache[0].index_copy_(0, slots, key[valid].to(kv_cache.dtype))
-    flat_cache[1].index_copy_(0, slots, value[valid].to(kv_cache.dtype))
+    if steps.is_quantized_kv_cache(kv_cache.dtype):
+        key = steps.quantize_kv(key[valid], k_scale, kv_cache.dtype)
+        value = steps.quantize_kv(value[valid], v_scale, kv_cache.dtype)
+    else:
+        key, value = key[valid].to(kv_cache.dtype), value[valid].to(kv_cache.dtype)
+    steps.byte_view(flat_cache[0]).index_copy_(0, slots, steps.byte_view(key))
+    steps.byte_view(flat_cache[1]).index_copy_(0, slots, steps.byte_view(value))
 
 
 def top_k_top_p_sample(

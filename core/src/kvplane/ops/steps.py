@@ -1,6 +1,7 @@
 """Steps the reference ops are built from, public so that platform implementations reuse
 them instead of copying them: the layouts (the cos/sin table's halves, the rotary
-channel pairs, the cache's slot rows), the residual sum and the sampling thresholds.
+channel pairs, the cache's slot rows), the residual sum, the sampling thresholds and
+the FP8 KV cache's quantization.
 
 Each step computes what :mod:`kvplane.ops.reference` defines, in the same float32
 arithmetic, so an implementation built from them rounds exactly as the reference does.
@@ -47,6 +48,49 @@ def slot_view(
     """The cache with one row per slot (``slot = block * block_size + offset``), a view."""
     num_kv_heads, head_size = kv_cache.shape[-2:]
     return kv_cache.view(2, -1, num_kv_heads, head_size)
+
+
+# -- quantized KV caches -----------------------------------------------------------------
+
+#: Cache dtypes that hold ``x / scale`` with a per-tensor scale per layer and K / V.
+QUANTIZED_KV_DTYPES: tuple[torch.dtype, ...] = (torch.float8_e4m3fn,)
+
+
+def is_quantized_kv_cache(dtype: torch.dtype | None) -> bool:
+    """Whether a KV cache of ``dtype`` is quantized: writers store ``x / scale`` and
+    readers take ``stored * scale`` (:func:`quantize_kv`, :func:`dequantize_kv`)."""
+    return dtype in QUANTIZED_KV_DTYPES
+
+
+def quantize_kv(
+    x: torch.Tensor,  # [num_tokens, num_kv_heads, head_size], any float dtype
+    scale: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:  # x's shape, dtype
+    """``x / scale`` in float32 (IEEE division), saturated to ``dtype``'s finite range
+    (+-448 for e4m3: a bare cast of a larger value gives NaN), rounded to the nearest
+    ``dtype`` value, ties to even."""
+    limit = torch.finfo(dtype).max
+    # A 0-d tensor on x's device: dividing by a Python number on CUDA multiplies by its
+    # reciprocal, which rounds differently from the division kernels compute.
+    divisor = torch.full((), scale, dtype=torch.float32, device=x.device)
+    return (x.float() / divisor).clamp_(-limit, limit).to(dtype)
+
+
+def dequantize_kv(
+    stored: torch.Tensor,  # [..., head_size], a quantized cache's values
+    scale: float,
+) -> torch.Tensor:  # stored's shape, float32
+    """``stored * scale`` in float32: the keys or values a quantized cache holds."""
+    return stored.float() * scale
+
+
+def byte_view(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or its bytes (a ``uint8`` view of the same shape) when it is a float8
+    tensor: torch has no float8 ``index_copy_`` on the CPU, and copying bytes is exact."""
+    if tensor.dtype.is_floating_point and tensor.element_size() == 1:
+        return tensor.view(torch.uint8)
+    return tensor
 
 
 def top_k_floor(

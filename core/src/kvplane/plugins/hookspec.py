@@ -50,7 +50,13 @@ Plugin API version history:
   stacked matrices) and the checkpoint's layout in ``options``
   (:mod:`kvplane.quantization.config`); methods register parameters with
   :func:`~kvplane.quantization.params.register_param`. The reference offers torch
-  ``fp8`` and ``int8`` to every platform (a logged fallback). A 1.4 plugin still loads.
+  ``fp8`` and ``int8`` to every platform (a logged fallback). FP8 KV cache
+  (``kv_cache_dtype="fp8"``): ``AttentionSpec.kv_cache_dtype`` and ``KVCacheSpec.dtype``
+  may be ``float8_e4m3fn``; only backends that set ``supports_fp8_kv_cache`` are given
+  such a cache (selection and the base ``cannot_serve`` refuse it otherwise), and their
+  cache writer
+  (``reshape_and_cache``) takes ``k_scale`` and ``v_scale``. A 1.4 plugin still loads:
+  its backends decline FP8 caches, which the reference serves.
 """
 
 from __future__ import annotations
@@ -187,6 +193,8 @@ def kvplane_ops(query: types.OpsQuery) -> Mapping[str, Callable[..., object]]:
 
     .. versionadded:: 1.0
     .. versionchanged:: 1.1 op ``fused_moe``.
+    .. versionchanged:: 1.5 ``reshape_and_cache`` takes ``k_scale`` and ``v_scale`` and
+        quantizes into a ``float8_e4m3fn`` cache.
     """
 
 
@@ -199,7 +207,11 @@ def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionB
     ``-1000``), drops those whose ``cannot_serve(spec)`` gives a reason (logging it), and
     uses the highest priority of the rest.
 
-    :param spec: heads, head size, dtype, block size, scale, sliding window, soft-cap.
+    :param spec: heads, head size, dtype, block size, scale, sliding window, soft-cap,
+        and the cache's dtype (``kv_cache_dtype``; ``None``: ``dtype``). A
+        ``float8_e4m3fn`` cache holds ``x / scale`` with per-layer scales: a backend that
+        reads it sets ``supports_fp8_kv_cache`` (selection refuses it to the others, so
+        the reference serves such layers, and logs why).
     :returns: candidate backends, in any order (empty: none).
 
     Results of all implementations are merged.
@@ -208,6 +220,8 @@ def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionB
     hook a new platform writes: everything else has a usable reference).
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.5 ``spec.kv_cache_dtype`` may be ``float8_e4m3fn`` (FP8 KV
+        cache), for backends that set ``supports_fp8_kv_cache``.
     """
 
 
@@ -292,7 +306,9 @@ def kvplane_allocate_kv_cache(spec: types.KVCacheSpec) -> torch.Tensor | None:
 
     Called once per attention layer at start-up, after the cache is sized.
 
-    :param spec: block count and size, KV heads, head size, dtype and device.
+    :param spec: block count and size, KV heads, head size, dtype and device. The dtype
+        is the model's, or ``float8_e4m3fn`` for an FP8 KV cache (one byte an element:
+        ``spec.bytes_per_block`` sizes the cache from it).
     :returns: a tensor of shape ``spec.shape`` (``[2, num_blocks, block_size,
         num_kv_heads, head_size]``) and dtype ``spec.dtype`` on ``spec.device``. Its
         contents need not be initialised: attention never reads a slot before it is
@@ -304,6 +320,7 @@ def kvplane_allocate_kv_cache(spec: types.KVCacheSpec) -> torch.Tensor | None:
     reference calls ``torch.empty``).
 
     .. versionadded:: 1.0
+    .. versionchanged:: 1.5 ``spec.dtype`` may be ``float8_e4m3fn``.
     """
 
 
@@ -314,7 +331,8 @@ def kvplane_copy_blocks(request: types.BlockCopyRequest) -> bool | None:
     Called by the model runner before a step whose scheduler output lists copies.
     All sources are read before any destination is written.
 
-    :param request: the layers' caches and the source and destination block ids.
+    :param request: the layers' caches (of any cache dtype, ``float8_e4m3fn`` included:
+        blocks are copied bit for bit) and the source and destination block ids.
     :returns: ``True`` once the copies are done. The value carries no other meaning: a
         ``firstresult`` hook goes on to the next implementation when one returns
         ``None``, so an implementation that copied must return something non-None, or

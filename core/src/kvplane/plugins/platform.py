@@ -10,7 +10,7 @@ from typing import Any, cast
 import pluggy
 import torch
 
-from kvplane.attention.backend import AttentionBackend
+from kvplane.attention.backend import AttentionBackend, fp8_kv_cache_refusal
 from kvplane.distributed.communicator import Communicator
 from kvplane.engine.graph_runner import GraphRunner
 from kvplane.ops import OP_NAMES, Ops
@@ -119,7 +119,8 @@ class Platform:
     # -- model construction --------------------------------------------------------------
 
     def attention_backend(self, spec: AttentionSpec) -> AttentionBackend:
-        """The highest-priority backend that can serve ``spec`` (cached per spec)."""
+        """The highest-priority backend that can serve ``spec`` (cached per spec); an FP8
+        cache only goes to backends that set ``supports_fp8_kv_cache``."""
         if spec in self._attention_backends:
             return self._attention_backends[spec]
         candidates = [
@@ -129,14 +130,16 @@ class Platform:
         ]
         reasons: list[str] = []
         for backend in sorted(candidates, key=lambda b: b.priority, reverse=True):
-            reason = backend.cannot_serve(spec)
+            reason = fp8_kv_cache_refusal(backend, spec) or backend.cannot_serve(spec)
             if reason is None:
                 logger.info("attention backend %r selected for %s", backend.name, spec)
                 self._attention_backends[spec] = backend
                 return backend
             logger.info("attention backend %r cannot serve: %s", backend.name, reason)
             reasons.append(f"{backend.name}: {reason}")
-        raise ValueError(f"no attention backend can serve {spec}: {'; '.join(reasons)}")
+        raise ValueError(
+            f"platform {self.name!r}: no attention backend can serve {spec}: {'; '.join(reasons)}"
+        )
 
     def quant_method(self, spec: LayerQuantSpec) -> QuantMethod:
         """The highest-priority method named ``spec.method`` that can implement ``spec``."""

@@ -15,7 +15,7 @@ from kvplane.attention.backend import AttentionBackend
 from kvplane.attention.reference import ReferenceAttentionBackend
 from kvplane.distributed.communicator import Communicator
 from kvplane.distributed.torch_communicator import TorchDistributedCommunicator
-from kvplane.ops import reference_ops
+from kvplane.ops import reference_ops, steps
 from kvplane.plugins.host import profile_host_memory
 from kvplane.plugins.markers import hookimpl
 from kvplane.plugins.types import (
@@ -99,6 +99,8 @@ def kvplane_copy_blocks(request: BlockCopyRequest) -> bool:
     src = torch.tensor(request.src_block_ids, dtype=torch.long).to(device, non_blocking=True)
     dst = torch.tensor(request.dst_block_ids, dtype=torch.long).to(device, non_blocking=True)
     for kv_cache in request.kv_caches:  # [2, num_blocks, block_size, kv_heads, head_size]
-        # index_select copies every source before index_copy_ writes a destination.
-        kv_cache.index_copy_(1, dst, kv_cache.index_select(1, src))
+        # index_select copies every source before index_copy_ writes a destination. An
+        # FP8 cache is copied as bytes (torch has no float8 index_copy_ on the CPU).
+        kv_bytes = steps.byte_view(kv_cache)
+        kv_bytes.index_copy_(1, dst, kv_bytes.index_select(1, src))
     return True

@@ -19,17 +19,22 @@ from typing import Any
 
 import torch
 
+from kvplane.attention.backend import AttentionBackend, fp8_kv_cache_refusal
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.plugins.platform import Platform
 from kvplane.plugins.types import AttentionSpec
 from kvplane.testing import KIT_DTYPES
 
 __all__ = [
+    "FP8_KV_DTYPE",
     "KIT_DTYPES",
     "MATMUL_TOLERANCES",
     "OP_TOLERANCES",
     "PagedBatch",
     "assert_close",
     "batch_to",
+    "fp8_kv_cache_backend",
+    "fp8_reference",
     "make_attention_spec",
     "make_paged_batch",
     "make_paged_batch_for",
@@ -54,6 +59,26 @@ MATMUL_TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (1e-2, 1e-2),
     torch.bfloat16: (3e-2, 3e-2),
 }
+
+
+#: The KV-cache dtype of ``kv_cache_dtype="fp8"``.
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def fp8_kv_cache_backend(platform: Platform, spec: AttentionSpec) -> AttentionBackend:
+    """The backend ``platform`` selects for ``spec``'s model dtype, if it also reads
+    ``spec``'s FP8 cache; otherwise skips the calling test with the backend's reason
+    (the engine would fall back to the reference there, which the kit need not test)."""
+    import pytest
+
+    own = platform.attention_backend(dataclasses.replace(spec, kv_cache_dtype=None))
+    reason = fp8_kv_cache_refusal(own, spec) or own.cannot_serve(spec)
+    if reason is not None:
+        pytest.skip(
+            f"platform {platform.name!r}: attention backend {own.name!r} cannot serve an "
+            f"FP8 KV cache: {reason}"
+        )
+    return own
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -140,7 +165,8 @@ def make_paged_batch(
     With ``poison``, every cache slot outside the sequences' contexts (the new tokens'
     slots included, until written) holds NaN, and each block table is padded, one entry
     wider than the longest, with a spare block: a backend that reads anything it should
-    not returns NaN. The cache has ``kv_cache_dtype`` (default ``dtype``).
+    not returns NaN. The cache has ``kv_cache_dtype`` (default ``dtype``); a float8 cache
+    holds the random values as its codes (as if quantized with scale 1).
     """
     if len(context_lens) != len(query_lens):
         raise ValueError("context_lens and query_lens must have one entry per sequence")
@@ -185,11 +211,13 @@ def make_paged_batch(
     key = randn((num_tokens, num_kv_heads, head_size), dtype, generator)
     value = randn((num_tokens, num_kv_heads, head_size), dtype, generator)
     cache_shape = (2, num_blocks, block_size, num_kv_heads, head_size)
-    kv_cache = randn(cache_shape, kv_cache_dtype or dtype, generator)
+    # Drawn and poisoned in float32, then cast: torch cannot mask-fill a float8 tensor.
+    kv_cache = randn(cache_shape, torch.float32, generator)
     if poison:
         is_context = torch.zeros(num_blocks * block_size, dtype=torch.bool)
         is_context[context_slots] = True
         kv_cache.view(2, -1, num_kv_heads, head_size)[:, ~is_context] = float("nan")
+    kv_cache = kv_cache.to(kv_cache_dtype or dtype)
     return PagedBatch(
         query=query,
         key=key,
@@ -278,3 +306,25 @@ def metadata_to(metadata: AttentionMetadata, device: torch.device) -> AttentionM
         query_start_loc_cpu=metadata.query_start_loc_cpu,
         seq_lens_cpu=metadata.seq_lens_cpu,
     )
+
+
+def fp8_reference(
+    spec: AttentionSpec, batch: PagedBatch, k_scale: float, v_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output, cache)`` of a step over ``batch``'s FP8 cache (on the CPU), computed
+    without any FP8 attention code: the new keys and values quantized exactly as the
+    reference write (:func:`kvplane.ops.reference.reshape_and_cache`) stores them, the
+    whole cache dequantized (``stored * scale``) into float32, then the float32 reference
+    attention. ``output`` has the query's dtype; ``cache`` is the FP8 cache written."""
+    from kvplane.attention.reference import ReferenceAttentionImpl
+    from kvplane.ops import reference
+
+    cache = batch.kv_cache.clone()
+    slot_mapping = batch.metadata.slot_mapping
+    reference.reshape_and_cache(batch.key, batch.value, cache, slot_mapping, k_scale, v_scale)
+    float_cache = torch.stack((cache[0].float() * k_scale, cache[1].float() * v_scale))
+    float_spec = dataclasses.replace(spec, dtype=torch.float32, kv_cache_dtype=None)
+    output = ReferenceAttentionImpl(float_spec).attend(
+        batch.query.float(), float_cache, batch.metadata
+    )
+    return output.to(batch.query.dtype), cache

@@ -4,6 +4,8 @@ For each spec the platform's selected backend and
 :class:`kvplane.attention.reference.ReferenceAttentionImpl` run the same random batch
 over copies of the same random paged cache (random non-contiguous block tables); the
 outputs must agree within the dtype's matmul tolerance and the written caches exactly.
+The FP8 KV-cache cases do the same over a float8_e4m3fn cache with per-layer scales
+where the platform's backend reads one, and are skipped, with its reason, where not.
 """
 
 from __future__ import annotations
@@ -13,14 +15,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvplane.attention.backend import AttentionBackend
+from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.reference import ReferenceAttentionImpl
+from kvplane.ops.steps import byte_view
 from kvplane.plugins import Platform
 from kvplane.plugins.types import AttentionSpec
 from kvplane.testing.helpers import (
+    FP8_KV_DTYPE,
     MATMUL_TOLERANCES,
     PagedBatch,
     assert_close,
+    fp8_kv_cache_backend,
     make_paged_batch_for,
     metadata_to,
 )
@@ -44,6 +49,10 @@ BATCHES = {
     "mixed": [(0, 19), (33, 1), (16, 12), (70, 1), (5, 30), (0, 1), (32, 2)],
 }
 
+#: ``(k_scale, v_scale)`` of the FP8 cases: not 1.0, so a backend that ignores or swaps
+#: them fails; powers of two, so dividing and multiplying by the reciprocal round alike.
+FP8_KV_SCALES = (0.25, 2.0)
+
 
 def _spec(spec_id: str, dtype: torch.dtype) -> AttentionSpec:
     num_heads, num_kv_heads, head_size, block_size, window, softcap = SPECS[spec_id]
@@ -65,6 +74,12 @@ def _selected_backend(platform: Platform, spec: AttentionSpec) -> AttentionBacke
     return backend
 
 
+def _with_scales(impl: AttentionImpl, kv_scales: tuple[float, float] | None) -> AttentionImpl:
+    if kv_scales is not None:
+        impl.k_scale, impl.v_scale = kv_scales
+    return impl
+
+
 def _run_and_compare(
     platform: Platform,
     device: torch.device,
@@ -72,22 +87,25 @@ def _run_and_compare(
     batch: PagedBatch,
     platform_cache: torch.Tensor,  # on device, written in place
     reference_cache: torch.Tensor,  # on the CPU, written in place
+    backend: AttentionBackend | None = None,  # None: the platform's selection
+    kv_scales: tuple[float, float] | None = None,  # an FP8 cache's (k_scale, v_scale)
 ) -> None:
-    backend = _selected_backend(platform, spec)
-    output = backend.make_impl(spec).forward(
+    backend = backend or _selected_backend(platform, spec)
+    output = _with_scales(backend.make_impl(spec), kv_scales).forward(
         batch.query.to(device, copy=True),
         batch.key.to(device, copy=True),
         batch.value.to(device, copy=True),
         platform_cache,
         metadata_to(batch.metadata, device),
     )
-    expected = ReferenceAttentionImpl(spec).forward(
+    expected = _with_scales(ReferenceAttentionImpl(spec), kv_scales).forward(
         batch.query, batch.key, batch.value, reference_cache, batch.metadata
     )
     assert output.shape == batch.query.shape and output.dtype == batch.query.dtype
     lens = list(zip(batch.context_lens, batch.query_lens, strict=True))
     where = f"backend {backend.name!r}, spec {spec}, (cached, new) tokens per sequence {lens}"
-    assert torch.equal(platform_cache.cpu(), reference_cache), (
+    # Bytes: torch compares no float8 tensors on the CPU.
+    assert torch.equal(byte_view(platform_cache.cpu()), byte_view(reference_cache)), (
         f"KV cache differs from the reference ({where}): new tokens must be written at "
         "their slots and nothing else touched"
     )
@@ -114,6 +132,34 @@ def test_attention_matches_reference(
         batch,
         batch.kv_cache.to(kvplane_device, copy=True),
         batch.kv_cache.clone(),
+    )
+
+
+@pytest.mark.parametrize("batch_id", ["decode", "mixed"])
+@pytest.mark.parametrize("spec_id", ["gqa4-d128-b16", "window40-softcap-d64-b32"])
+def test_fp8_kv_cache_matches_reference(
+    kvplane_platform: Platform,
+    kvplane_device: torch.device,
+    kvplane_dtype: torch.dtype,
+    kvplane_generator: torch.Generator,
+    spec_id: str,
+    batch_id: str,
+) -> None:
+    """A float8_e4m3fn cache: the new keys and values are written as the reference
+    quantizes them (``x / scale``, saturated, nearest even) and read dequantized."""
+    spec = replace(_spec(spec_id, kvplane_dtype), kv_cache_dtype=FP8_KV_DTYPE)
+    backend = fp8_kv_cache_backend(kvplane_platform, spec)
+    context_lens, query_lens = zip(*BATCHES[batch_id], strict=True)
+    batch = make_paged_batch_for(spec, context_lens, query_lens, kvplane_generator, poison=False)
+    _run_and_compare(
+        kvplane_platform,
+        kvplane_device,
+        spec,
+        batch,
+        batch.kv_cache.to(kvplane_device, copy=True),
+        batch.kv_cache.clone(),
+        backend,
+        FP8_KV_SCALES,
     )
 
 

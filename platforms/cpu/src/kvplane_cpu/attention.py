@@ -14,8 +14,10 @@ them); the speed comes from three things:
 
 ``logit_softcap`` cannot be expressed through SDPA, so it takes an explicit masked
 softmax (queries chunked to bound the score matrix). Everything computes in float32,
-like the reference, and returns the query dtype. Padded positions read a valid slot of
-their own sequence, so uninitialised cache memory (``torch.empty``) never leaks in.
+like the reference, and returns the query dtype; an FP8 cache's gathered keys and values
+are dequantized (``stored * scale``) as they are converted to float32. Padded positions
+read a valid slot of their own sequence, so uninitialised cache memory (``torch.empty``)
+never leaks in.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from kvplane.attention.backend import AttentionBackend, AttentionImpl
 from kvplane.attention.metadata import AttentionMetadata
+from kvplane.ops import steps
 from kvplane.plugins.types import AttentionSpec
 from kvplane_cpu.ops import reshape_and_cache
 
@@ -37,10 +40,12 @@ SCORE_CHUNK_ELEMENTS = 1 << 24
 
 
 class CpuAttentionBackend(AttentionBackend):
-    """Serves any head size, block size, GQA ratio, sliding window and softcap."""
+    """Serves any head size, block size, GQA ratio, sliding window and softcap, and a
+    float or FP8 (float8_e4m3fn) cache."""
 
     name = "cpu-sdpa"
     priority = 10
+    supports_fp8_kv_cache = True
 
     def __init__(self) -> None:
         # Shared by every layer of a spec, so a step is planned once per spec.
@@ -254,8 +259,8 @@ class CpuAttentionImpl(AttentionImpl):
         chunk: DecodeChunk,
     ) -> torch.Tensor:  # [num_seqs, num_heads, head_size]
         shape = (chunk.num_seqs, chunk.kv_len, *flat_cache.shape[-2:])
-        keys = flat_cache[0].index_select(0, chunk.slots).view(shape).float()
-        values = flat_cache[1].index_select(0, chunk.slots).view(shape).float()
+        keys = self._gather(flat_cache, 0, chunk.slots).view(shape)
+        values = self._gather(flat_cache, 1, chunk.slots).view(shape)
         q = query.index_select(0, chunk.token_ids).float().unsqueeze(2)  # [B, H, 1, D]
         # [B, kv_len, kv_heads, D] -> [B, kv_heads, kv_len, D]
         out = self._attend(q, keys.transpose(1, 2), values.transpose(1, 2), chunk.valid)
@@ -268,10 +273,22 @@ class CpuAttentionImpl(AttentionImpl):
         seq: PrefillSequence,
     ) -> torch.Tensor:  # [query_len, num_heads, head_size]
         q = query[seq.start : seq.end].float().transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
-        keys = flat_cache[0].index_select(0, seq.slots).float().transpose(0, 1).unsqueeze(0)
-        values = flat_cache[1].index_select(0, seq.slots).float().transpose(0, 1).unsqueeze(0)
+        keys = self._gather(flat_cache, 0, seq.slots).transpose(0, 1).unsqueeze(0)
+        values = self._gather(flat_cache, 1, seq.slots).transpose(0, 1).unsqueeze(0)
         out = self._attend(q, keys, values, seq.mask, is_causal=seq.mask is None)
         return out.squeeze(0).transpose(0, 1).to(query.dtype)
+
+    def _gather(
+        self,
+        flat_cache: torch.Tensor,  # [2, num_slots, num_kv_heads, head_size]
+        kv: int,  # 0 keys, 1 values
+        slots: torch.Tensor,  # [num_positions] int64
+    ) -> torch.Tensor:  # [num_positions, num_kv_heads, head_size] float32
+        """The keys or values at ``slots`` in float32, dequantized from an FP8 cache."""
+        rows = flat_cache[kv].index_select(0, slots)
+        if not self.quantizes_kv_cache:
+            return rows.float()
+        return steps.dequantize_kv(rows, self.k_scale if kv == 0 else self.v_scale)
 
     def _attend(
         self,

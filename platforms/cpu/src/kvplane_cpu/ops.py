@@ -150,10 +150,14 @@ def reshape_and_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; slot = block * block_size + offset
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write each token's key and value at its slot with ``index_copy_``, in place.
 
-    Slots < 0 are skipped; the common batch without any is copied without masking.
+    Slots < 0 are skipped; the common batch without any is copied without masking. An
+    FP8 cache gets ``x / scale`` saturated (:func:`kvplane.ops.steps.quantize_kv`),
+    copied as bytes; a float cache ignores the scales.
     """
     flat_cache = steps.slot_view(kv_cache)  # [2, num_slots, num_kv_heads, head_size]
     if slot_mapping.numel() == 0:
@@ -161,8 +165,13 @@ def reshape_and_cache(
     if bool((slot_mapping < 0).any()):
         valid = slot_mapping >= 0
         key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
-    flat_cache[0].index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    flat_cache[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    if steps.is_quantized_kv_cache(kv_cache.dtype):
+        key = steps.quantize_kv(key, k_scale, kv_cache.dtype)
+        value = steps.quantize_kv(value, v_scale, kv_cache.dtype)
+    else:
+        key, value = key.to(kv_cache.dtype), value.to(kv_cache.dtype)
+    steps.byte_view(flat_cache[0]).index_copy_(0, slot_mapping, steps.byte_view(key))
+    steps.byte_view(flat_cache[1]).index_copy_(0, slot_mapping, steps.byte_view(value))
 
 
 def top_k_top_p_sample(

@@ -11,7 +11,10 @@ Per layer and step: the new keys and values go into the cache with the
 
 The forward reads only device tensors and the host ints ``max_query_len`` and
 ``max_seq_len`` (both may be upper bounds), never ``*_cpu`` metadata, and never syncs:
-it can be captured in a CUDA graph. Sequences with no new token produce nothing; rows of
+it can be captured in a CUDA graph. An FP8 (float8_e4m3fn) cache is written quantized
+and read as stored, its per-layer scales folded into the kernels' float32 arithmetic
+(:mod:`kvplane_cuda.kernels.paged_attention`); it needs e4m3 in Triton, so compute
+capability 8.9 (Ada, Hopper) or newer. Sequences with no new token produce nothing; rows of
 tokens that belong to no sequence are left undefined, as in the reference.
 
 Triton is imported only when a layer is built (:meth:`TritonAttentionBackend.make_impl`),
@@ -21,6 +24,7 @@ so importing this module, as the plugin does, needs torch alone.
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -30,6 +34,10 @@ from kvplane.plugins.types import AttentionSpec
 
 #: Dtypes the kernels load and multiply (``tl.dot`` operands).
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+#: Quantized cache dtypes the kernels read (dequantized with per-layer scales).
+FP8_KV_CACHE_DTYPES = (torch.float8_e4m3fn,)
+#: Triton has e4m3 (``fp8e4nv``) from this compute capability on (Ada, Hopper).
+MIN_FP8_CAPABILITY = (8, 9)
 #: Largest head size: the kernels pad it to a power of two and hold a tile of it per row.
 MAX_HEAD_SIZE = 256
 MIN_BLOCK_SIZE = 16
@@ -37,7 +45,8 @@ MIN_BLOCK_SIZE = 16
 
 class TritonAttentionBackend(AttentionBackend):
     """Any GQA ratio, head size up to 256, power-of-two block sizes from 16, sliding
-    window and logit soft-cap, in float32, float16 and bfloat16.
+    window and logit soft-cap, in float32, float16 and bfloat16, over a cache of those
+    or of float8_e4m3fn (on compute capability 8.9 and newer).
 
     ``fused_reduce=False`` builds layers whose split-KV decode merges its partitions in a
     second launch (benchmarks compare it with the default, merged in the split kernel).
@@ -46,6 +55,7 @@ class TritonAttentionBackend(AttentionBackend):
     name = "cuda-triton"
     priority = 20
     supports_graph_capture = True
+    supports_fp8_kv_cache = True
 
     def __init__(self, fused_reduce: bool = True) -> None:
         self.fused_reduce = fused_reduce
@@ -55,9 +65,17 @@ class TritonAttentionBackend(AttentionBackend):
             return "triton is not installed"
         if (reason := super().cannot_serve(spec)) is not None:
             return reason
-        for what, dtype in (("dtype", spec.dtype), ("kv_cache_dtype", spec.kv_cache_dtype)):
-            if dtype is not None and dtype not in KERNEL_DTYPES:
-                return f"{what} {dtype} is not float32, float16 or bfloat16"
+        if spec.dtype not in KERNEL_DTYPES:
+            return f"dtype {spec.dtype} is not float32, float16 or bfloat16"
+        kv_cache_dtype = spec.kv_cache_dtype
+        if kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+            if (reason := fp8_unsupported_reason()) is not None:
+                return reason
+        elif kv_cache_dtype is not None and kv_cache_dtype not in KERNEL_DTYPES:
+            return (
+                f"kv_cache_dtype {kv_cache_dtype} is not float32, float16, bfloat16 or "
+                "float8_e4m3fn"
+            )
         block_size = spec.block_size
         if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
             return f"block_size {block_size} is not a power of two >= {MIN_BLOCK_SIZE}"
@@ -67,6 +85,21 @@ class TritonAttentionBackend(AttentionBackend):
 
     def make_impl(self, spec: AttentionSpec) -> AttentionImpl:
         return TritonAttentionImpl(spec, fused_reduce=self.fused_reduce)
+
+
+def fp8_unsupported_reason() -> str | None:
+    """Why this process's GPU cannot run the kernels over an FP8 cache, or ``None``
+    (always ``None`` in Triton's interpreter, which has no target)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return None
+    capability = torch.cuda.get_device_capability()
+    if capability < MIN_FP8_CAPABILITY:
+        return (
+            "kv_cache_dtype torch.float8_e4m3fn needs compute capability "
+            f"{MIN_FP8_CAPABILITY[0]}.{MIN_FP8_CAPABILITY[1]} or newer (Triton has no e4m3 "
+            f"before Ada/Hopper); this GPU is {capability[0]}.{capability[1]}"
+        )
+    return None
 
 
 class TritonAttentionImpl(AttentionImpl):
@@ -115,6 +148,8 @@ class TritonAttentionImpl(AttentionImpl):
                 spec.logit_softcap,
                 self.num_splits,
                 fused_reduce=self.fused_reduce,
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
             )
         else:
             self._unified(
@@ -123,5 +158,7 @@ class TritonAttentionImpl(AttentionImpl):
                 spec.scale,
                 spec.sliding_window,
                 spec.logit_softcap,
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
             )
         return output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
@@ -14,7 +16,9 @@ class Attention(torch.nn.Module):
 
     ``kv_cache`` is bound by the model runner after the cache is allocated
     (``[2, num_blocks, block_size, num_kv_heads, head_size]``); until then the layer
-    cannot run.
+    cannot run. A quantized cache (``ctx.kv_cache_dtype`` float8_e4m3fn) holds keys and
+    values divided by this layer's scales: 1.0 unless the checkpoint sets them
+    (:meth:`set_kv_scale`, called while the weights load).
     """
 
     def __init__(
@@ -37,12 +41,29 @@ class Attention(torch.nn.Module):
             scale=scale,
             sliding_window=sliding_window,
             logit_softcap=logit_softcap,
+            kv_cache_dtype=ctx.kv_cache_dtype,
         )
         backend = ctx.platform.attention_backend(self.spec)
         self.backend_name = backend.name
         self.supports_graph_capture = backend.supports_graph_capture
         self.impl = backend.make_impl(self.spec)
         self.kv_cache: torch.Tensor | None = None
+        #: Which of "k" and "v" got their scale from the checkpoint (for the load log).
+        self.checkpoint_kv_scales: set[str] = set()
+
+    def set_kv_scale(self, which: str, scale: float) -> None:
+        """Use ``scale`` for this layer's keys (``which="k"``) or values (``"v"``) in a
+        quantized cache. Called while the weights load, before the first forward (a
+        captured graph keeps the scale it was captured with); a float cache ignores it.
+
+        Raises ``ValueError`` for a scale that is not a positive finite number.
+        """
+        if which not in ("k", "v"):
+            raise ValueError(f"which must be 'k' or 'v', got {which!r}")
+        if not (math.isfinite(scale) and scale > 0.0):
+            raise ValueError(f"{which}_scale must be a positive finite number, got {scale}")
+        setattr(self.impl, f"{which}_scale", float(scale))
+        self.checkpoint_kv_scales.add(which)
 
     def forward(
         self,

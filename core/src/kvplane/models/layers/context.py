@@ -16,7 +16,9 @@ class BuildContext:
 
     ``quantization`` is the method (and its checkpoint options) for linear layers
     (:func:`kvplane.quantization.config.resolve_quant_config`; default: float);
-    ``block_size`` is the KV-cache block size the attention layers are specialised for.
+    ``block_size`` is the KV-cache block size the attention layers are specialised for;
+    ``kv_cache_dtype`` what their caches store (None: ``dtype``; float8_e4m3fn: the FP8
+    KV cache, see :mod:`kvplane.models.kv_scales`).
     """
 
     platform: Platform
@@ -24,3 +26,4 @@ class BuildContext:
     device: torch.device
     block_size: int
     quantization: QuantConfig = field(default_factory=QuantConfig)
+    kv_cache_dtype: torch.dtype | None = None

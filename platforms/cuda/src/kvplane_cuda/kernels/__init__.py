@@ -5,7 +5,7 @@ core's reference (:mod:`kvplane.ops.reference`, :mod:`kvplane.attention.referenc
   launch) and the tile helpers it shares with decode;
 - :mod:`.decode_attention`: split-KV decode, one new token per sequence, the partitions
   merged in the same launch;
-- :mod:`.cache`: ``reshape_and_cache``, the KV-cache write;
+- :mod:`.cache`: ``reshape_and_cache``, the KV-cache write (quantizing into an FP8 cache);
 - :mod:`.norm`: ``rms_norm`` and ``fused_add_rms_norm``;
 - :mod:`.rotary`: ``rotary_embedding``, in place;
 - :mod:`.activation`: ``silu_and_mul`` and ``gelu_and_mul``;

@@ -3,6 +3,12 @@
 One program per (token, chunk of kv heads). A token whose slot is negative (padding)
 masks all its loads and stores, so skipping needs no host sync and no index compaction:
 the launch depends on shapes alone and is CUDA-graph capturable.
+
+An FP8 (float8_e4m3fn) cache stores ``x / scale`` saturated to +-448 and rounded to the
+nearest e4m3 value, ties to even, as :func:`kvplane.ops.steps.quantize_kv` does: a bare
+cast of a larger value would give NaN, and the rounding is spelled out
+(:func:`.fp8_quant.round_to_e4m3_grid`) so the interpreter stores the same codes as the
+GPU. A float cache compiles without any of it (``QUANTIZE`` is a constexpr).
 """
 
 from __future__ import annotations
@@ -11,8 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
+from kvplane.ops import steps
+from kvplane_cuda.kernels.fp8_quant import round_to_e4m3_grid
+
 #: Elements (heads x channels) one program copies per tensor.
 _MAX_ELEMENTS = 2048
+#: Largest finite e4m3 value: FP8 writes saturate to it.
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+@triton.jit
+def _quantize(x, scale, FP8_MAX_VALUE: tl.constexpr):
+    # IEEE division, as torch divides: the GPU's default "/" is approximate.
+    scaled = tl.clamp(tl.div_rn(x.to(tl.float32), scale), -FP8_MAX_VALUE, FP8_MAX_VALUE)
+    return round_to_e4m3_grid(scaled)
 
 
 @triton.jit
@@ -35,8 +53,12 @@ def _reshape_and_cache_kernel(
     num_kv_heads,
     head_size,
     block_size,
+    k_scale,
+    v_scale,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    QUANTIZE: tl.constexpr,
+    FP8_MAX_VALUE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -57,6 +79,9 @@ def _reshape_and_cache_kernel(
         + dims[None, :] * value_stride_dim,
         mask=mask,
     )
+    if QUANTIZE:
+        key = _quantize(key, k_scale, FP8_MAX_VALUE)
+        value = _quantize(value, v_scale, FP8_MAX_VALUE)
     block = slot // block_size
     offset = slot % block_size
     destination = (
@@ -75,11 +100,15 @@ def reshape_and_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; slot = block * block_size + offset
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     """Write each token's key and value at its slot, in place; slots < 0 are skipped.
 
     ``key`` and ``value`` may be strided views (e.g. of a fused qkv output); the cache
-    may have any strides. Slots must be distinct (as the scheduler guarantees).
+    may have any strides. Slots must be distinct (as the scheduler guarantees). An FP8
+    cache gets ``key / k_scale`` and ``value / v_scale`` saturated; a float cache
+    ignores the scales.
     """
     num_tokens = slot_mapping.shape[0]
     if num_tokens == 0:
@@ -88,6 +117,7 @@ def reshape_and_cache(
     block_d = triton.next_power_of_2(head_size)
     block_h = max(1, min(triton.next_power_of_2(num_kv_heads), _MAX_ELEMENTS // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
+    quantize = steps.is_quantized_kv_cache(kv_cache.dtype)
     _reshape_and_cache_kernel[grid](
         key,
         value,
@@ -99,7 +129,11 @@ def reshape_and_cache(
         num_kv_heads,
         head_size,
         block_size,
+        float(k_scale),  # floats, never ints: Triton would specialise an int 1
+        float(v_scale),
         BLOCK_H=block_h,
         BLOCK_D=block_d,
+        QUANTIZE=quantize,
+        FP8_MAX_VALUE=FP8_MAX,
         num_warps=4,
     )

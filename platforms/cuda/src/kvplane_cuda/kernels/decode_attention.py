@@ -39,6 +39,7 @@ from kvplane_cuda.kernels.paged_attention import (
     cache_strides,
     dot_precision,
     gather_kv_tile,
+    kv_scales,
     num_sms,
     on_device,
     padded_head_size,
@@ -130,12 +131,12 @@ def _decode_split_kernel(
     value_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     sm_scale, softcap, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_block, stride_slot, stride_head, stride_table,
+    stride_block, stride_slot, stride_head, stride_table, v_scale,
     GROUP_SIZE: tl.constexpr, GROUP_PAD: tl.constexpr, MERGE_ROWS: tl.constexpr,
     HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLIT_CHUNK: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
@@ -177,6 +178,9 @@ def _decode_split_kernel(
         m_i, l_i, acc = attend_tile(q, k, v, key_valid[None, :], m_i, l_i, acc, sm_scale, softcap,
                                     HAS_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FP8:
+        # The values' dequantization: the merge is linear, so partials may carry it.
+        out = out * v_scale
     if NUM_SPLITS == 1:
         tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask)
@@ -290,6 +294,8 @@ def decode_attention(
     num_splits: int | None = None,  # None: choose_num_splits
     *,
     fused_reduce: bool = True,
+    k_scale: float = 1.0,  # an FP8 cache's key and value scales (ignored otherwise)
+    v_scale: float = 1.0,
     tile: Tile | None = None,  # None: decode_tile (benchmarks sweep others)
 ) -> None:
     """Split-KV attention of each sequence's single new token over its whole context.
@@ -321,18 +327,19 @@ def decode_attention(
         if found is not None:
             counters, fused = found, True
     merge_rows = triton.next_power_of_2(group_size)
+    sm_scale, value_scale, kv_fp8 = kv_scales(kv_cache, scale, k_scale, v_scale)
     with on_device(query.device):
         _decode_split_kernel[(num_kv_heads, num_seqs, num_splits)](
             out, partial_out, partial_lse, counters, query, kv_cache[0], kv_cache[1],
-            block_tables, seq_lens, query_start_loc, scale, logit_softcap or 0.0,
+            block_tables, seq_lens, query_start_loc, sm_scale, logit_softcap or 0.0,
             sliding_window or 0, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            *cache_strides(kv_cache, block_tables),
+            *cache_strides(kv_cache, block_tables), value_scale,
             GROUP_SIZE=group_size, GROUP_PAD=tile.block_m, MERGE_ROWS=merge_rows,
             HEAD_SIZE=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
             BLOCK_N=tile.block_n, NUM_SPLITS=num_splits,
             SPLIT_CHUNK=merge_chunk(merge_rows, head_pad, num_splits), FUSED_REDUCE=fused,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-            PRECISION=dot_precision(query.dtype),
+            PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8,
             num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
         if num_splits > 1 and not fused:

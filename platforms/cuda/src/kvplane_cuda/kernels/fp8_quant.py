@@ -18,18 +18,23 @@ _MAX_BLOCK = 4096
 
 
 @triton.jit
-def _round_to_e4m3_grid(values):
+def round_to_e4m3_grid(values):
     """``values`` (float32, within +-448) rounded half-to-even to the nearest e4m3 value,
     so the cast after it is exact. The hardware cast rounds the same way; the rounding is
     spelled out because Triton's interpreter truncates instead (and drops the carry into
-    the exponent), which would leave the CPU tests unable to check the codes."""
+    the exponent), which would leave the CPU tests unable to check the codes. Shared
+    with the FP8 KV-cache write (:mod:`.cache`)."""
     bits = values.to(tl.int32, bitcast=True)
     exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)  # e4m3 subnormals below 2^-6
     # The grid step 2^(exponent - 3) (3 mantissa bits) and its inverse, built exactly.
     step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inverse_step = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
     magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds to an integer
-    return ((values * inverse_step + magic) - magic) * step
+    magnitude = ((tl.abs(values) * inverse_step + magic) - magic) * step
+    # The sign put back after rounding the magnitude, so a negative value that rounds to
+    # zero gives -0.0 as the cast (and torch) does, not +0.0. A product, because Triton's
+    # negation is 0 - x, which gives +0.0.
+    return tl.where(values < 0, magnitude * -1.0, magnitude)
 
 
 @triton.jit
@@ -60,9 +65,7 @@ def _quantize_rows_kernel(
         # IEEE division, as torch divides: the GPU's default "/" is approximate and
         # would move values that lie at a rounding boundary to the neighbouring code.
         scaled = tl.clamp(tl.div_rn(values, scale), -FP8_MAX_VALUE, FP8_MAX_VALUE)
-        tl.store(
-            out_row + cols, _round_to_e4m3_grid(scaled).to(out_ptr.dtype.element_ty), mask=mask
-        )
+        tl.store(out_row + cols, round_to_e4m3_grid(scaled).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_rows_fp8(

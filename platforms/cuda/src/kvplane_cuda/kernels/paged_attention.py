@@ -26,6 +26,13 @@ Keys are gathered ``block_n`` at a time (several KV blocks per tile) through the
 table. Softmax runs online in float32 in base 2; float32 inputs use exact ``ieee`` dots.
 Masked loads return 0 for every slot a query may not see, so stale or NaN cache content
 outside the sequences is never read into a result.
+
+An FP8 (float8_e4m3fn) cache is read as stored: each tile converts exactly to the query
+dtype for ``tl.dot`` (every e4m3 value is a float16 and a bfloat16 value), and the
+dequantization ``stored * scale`` is folded into the float32 arithmetic: ``k_scale``
+into the softmax scale on the host (``q . (k * s) = (q . k) * s``), ``v_scale`` into the
+output once (``sum p (v * s) = s * sum p v``), under the constexpr ``KV_FP8`` so that a
+float cache compiles exactly as without FP8 support.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from kvplane.ops import steps
 
 LOG2E = tl.constexpr(1.4426950408889634)
 #: Rows of a ``tl.dot``: its M dimension must be at least 16.
@@ -128,11 +137,11 @@ def _unified_kernel(
     block_tables_ptr, seq_lens_ptr, query_start_loc_ptr,
     num_seqs, num_search_steps, sm_scale, softcap, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_block, stride_slot, stride_head, stride_table,
+    stride_block, stride_slot, stride_head, stride_table, v_scale,
     GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     # Last tiles first: a sequence's later tiles see more keys (causal), so starting them
     # early shortens the tail of a long prefill.
@@ -187,6 +196,8 @@ def _unified_kernel(
         m_i, l_i, acc = attend_tile(q, k, v, allowed, m_i, l_i, acc, sm_scale, softcap,
                                      HAS_SOFTCAP, PRECISION)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if KV_FP8:
+        out = out * v_scale  # the values' dequantization, once for the weighted sum
     tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
              + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask)
 
@@ -263,6 +274,17 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def kv_scales(
+    kv_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float
+) -> tuple[float, float, bool]:
+    """``(softmax scale, value scale, KV_FP8)`` of a launch: an FP8 cache folds
+    ``k_scale`` into the softmax scale and has the kernel apply ``v_scale``; a float
+    cache keeps ``scale`` as it is and ignores both."""
+    if steps.is_quantized_kv_cache(kv_cache.dtype):
+        return scale * k_scale, float(v_scale), True
+    return scale, 1.0, False
+
+
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
@@ -280,6 +302,8 @@ def unified_attention(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     *,
+    k_scale: float = 1.0,  # an FP8 cache's key and value scales (ignored otherwise)
+    v_scale: float = 1.0,
     tile: Tile | None = None,  # None: unified_tile (benchmarks sweep others)
 ) -> None:
     """Causal attention of every sequence's new tokens over its cache, one launch."""
@@ -291,16 +315,17 @@ def unified_attention(
         tile = unified_tile(head_size, group_size, max_query_len, query.element_size())
     block_q = tile.block_m // group_size
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    sm_scale, value_scale, kv_fp8 = kv_scales(kv_cache, scale, k_scale, v_scale)
     with on_device(query.device):
         _unified_kernel[grid](
             out, query, kv_cache[0], kv_cache[1], block_tables, seq_lens, query_start_loc,
-            num_seqs, num_seqs.bit_length(), scale, logit_softcap or 0.0, sliding_window or 0,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1),
-            *cache_strides(kv_cache, block_tables),
+            num_seqs, num_seqs.bit_length(), sm_scale, logit_softcap or 0.0,
+            sliding_window or 0, query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+            *cache_strides(kv_cache, block_tables), value_scale,
             GROUP_SIZE=group_size, HEAD_SIZE=head_size,
             HEAD_PAD=padded_head_size(head_size), BLOCK_SIZE=block_size,
             BLOCK_M=tile.block_m, BLOCK_Q=block_q, BLOCK_N=tile.block_n,
             HAS_WINDOW=sliding_window is not None, HAS_SOFTCAP=logit_softcap is not None,
-            PRECISION=dot_precision(query.dtype), num_warps=tile.num_warps,
+            PRECISION=dot_precision(query.dtype), KV_FP8=kv_fp8, num_warps=tile.num_warps,
             num_stages=tile.num_stages,
         )  # fmt: skip
