@@ -119,7 +119,6 @@ def _parse_int4(declared: Mapping[str, Any], method: str) -> QuantConfig:
             )
         # v1 stores each zero point minus one; v2 the zero point itself.
         options.append((OPT_ZEROS_OFFSET, 1 if checkpoint_format == "gptq" else 0))
-        ignored = declared.get("modules_to_not_convert") or ()
     else:
         if str(declared.get("version", "gemm")).lower() != "gemm":
             raise ValueError(
@@ -129,7 +128,7 @@ def _parse_int4(declared: Mapping[str, Any], method: str) -> QuantConfig:
         if declared.get("zero_point") is False:
             raise ValueError("quantization_config.zero_point false: AWQ GEMM has zero points")
         options.append((OPT_ZEROS_OFFSET, 0))
-        ignored = declared.get("modules_to_not_convert") or ()
+    ignored = declared.get("modules_to_not_convert") or ()
     return QuantConfig(method, tuple(options), tuple(ignored))
 
 

@@ -10,7 +10,8 @@ is quantized at load with per-row scales ``max|W[n]| / 448``.
 Per step the activations are quantized to e4m3 (per token from their own maximum, or by
 the static scale) and multiplied with the FP8 weight; :class:`Fp8Method` does the
 product in the activations' dtype (both operands hold exact FP8 values) and scales the
-result. A platform with FP8 matmuls subclasses it and replaces :meth:`Fp8Method.apply`.
+result. A platform with FP8 matmuls subclasses it and replaces
+:meth:`Fp8Method.scaled_matmul` (and :meth:`Fp8Method.quantize_rows` with a kernel).
 """
 
 from __future__ import annotations
@@ -75,7 +76,6 @@ class Fp8Method(QuantMethod):
 
     def create_weights(self, layer: torch.nn.Module, spec: LayerQuantSpec) -> None:
         options = dict(spec.options)
-        layer.fp8_static_input = options.get(OPT_ACTIVATIONS) == "static"  # type: ignore[assignment]
         layer.fp8_shard_sizes = spec.shard_sizes  # type: ignore[assignment]
         if options.get(OPT_CHECKPOINT) is None:
             super().create_weights(layer, spec)  # float weights, quantized after loading
@@ -89,7 +89,7 @@ class Fp8Method(QuantMethod):
         else:
             scale = torch.empty(num_shards, dtype=torch.float32)
             register_param(layer, "weight_scale", scale, ShardLayout(per_shard=True))
-        if layer.fp8_static_input:
+        if options.get(OPT_ACTIVATIONS) == "static":
             input_scale = torch.empty(num_shards, dtype=torch.float32)
             register_param(layer, "input_scale", input_scale, ShardLayout(per_shard=True))
         register_bias(layer, spec)
@@ -138,17 +138,30 @@ class Fp8Method(QuantMethod):
     def apply(
         self,
         layer: torch.nn.Module,
-        x: torch.Tensor,  # [num_tokens, input_size]
-    ) -> torch.Tensor:  # [num_tokens, output_size]
+        x: torch.Tensor,  # [..., input_size]
+    ) -> torch.Tensor:  # [..., output_size]
         weight, weight_scale, bias = fp8_params(layer)
         rows = x.reshape(-1, x.shape[-1])
         x_fp8, x_scale = self.quantize_input(layer, rows)
+        out = self.scaled_matmul(x_fp8, x_scale, weight, weight_scale, bias, x.dtype)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def scaled_matmul(
+        self,
+        x_fp8: torch.Tensor,  # e4m3 [num_tokens, input_size]
+        x_scale: torch.Tensor,  # float32 [num_tokens, 1]
+        weight: torch.Tensor,  # e4m3 [output_size, input_size]
+        weight_scale: torch.Tensor,  # float32 [output_size]
+        bias: torch.Tensor | None,  # [output_size]
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:  # [num_tokens, output_size] out_dtype
+        """``(x_fp8 * x_scale) @ (weight * weight_scale).T + bias``: the step a platform
+        with FP8 matmuls replaces."""
         # e4m3 values are exact in bfloat16 and float32, so this product is the FP8
         # product up to accumulation order (float16 could overflow on 448 * 448 * K).
-        compute_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
+        compute_dtype = torch.float32 if out_dtype == torch.float32 else torch.bfloat16
         out = F.linear(x_fp8.to(compute_dtype), weight.to(compute_dtype)).float()
-        out = (out * x_scale * weight_scale).to(x.dtype)  # [num_tokens, output_size]
-        out = out.view(*x.shape[:-1], out.shape[-1])
+        out = (out * x_scale * weight_scale).to(out_dtype)
         return out if bias is None else out + bias
 
 

@@ -15,7 +15,7 @@ import torch
 
 from kvplane.plugins.types import LayerQuantSpec
 from kvplane.quantization.base import QuantMethod
-from kvplane.quantization.fp8 import Fp8Method, fp8_params
+from kvplane.quantization.fp8 import Fp8Method
 from kvplane.quantization.gguf import GgufMethod
 from kvplane.quantization.gguf_blocks import GGUFBlockFormat, dequantize_rows
 
@@ -53,23 +53,23 @@ class ScaledMmFp8Method(Fp8Method):
 
         return quantize_rows_fp8(x.contiguous())
 
-    def apply(
+    def scaled_matmul(
         self,
-        layer: torch.nn.Module,
-        x: torch.Tensor,  # [num_tokens, input_size]
-    ) -> torch.Tensor:  # [num_tokens, output_size]
-        weight, weight_scale, bias = fp8_params(layer)
-        rows = x.reshape(-1, x.shape[-1])
-        x_fp8, x_scale = self.quantize_input(layer, rows)
-        out = torch._scaled_mm(
+        x_fp8: torch.Tensor,  # e4m3 [num_tokens, input_size]
+        x_scale: torch.Tensor,  # float32 [num_tokens, 1]
+        weight: torch.Tensor,  # e4m3 [output_size, input_size]
+        weight_scale: torch.Tensor,  # float32 [output_size]
+        bias: torch.Tensor | None,  # [output_size]
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:  # [num_tokens, output_size] out_dtype
+        return torch._scaled_mm(
             x_fp8,
             weight.t(),  # [input_size, output_size], column-major as the kernel wants
-            scale_a=x_scale.contiguous(),  # [num_tokens, 1]
-            scale_b=weight_scale.view(1, -1),  # [1, output_size]
+            scale_a=x_scale.contiguous(),
+            scale_b=weight_scale.view(1, -1),
             bias=bias,
-            out_dtype=x.dtype,
+            out_dtype=out_dtype,
         )
-        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class TritonGgufMethod(GgufMethod):

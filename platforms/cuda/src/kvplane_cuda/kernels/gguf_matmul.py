@@ -13,17 +13,12 @@ per weight. The format is a ``constexpr``: one specialisation per format and til
 Half-precision fields are assembled from two byte loads, so no load needs 2-byte
 alignment (a Q4_1 block is 20 bytes, Q6_K's ``d`` sits at byte 208 of 210).
 
-Verified on the CPU under the Triton interpreter (small shapes) and, once, compiled on
-an H100 (Triton 3.6, torch 2.11+cu130): all formats, float32/float16/bfloat16 and
-model-sized shapes match the reference. Only a GPU can verify compilation and rounding
-(the compiler may fuse ``a * b - c`` into one FMA: a last-bit float32 difference before
-the weights are rounded to ``x.dtype``) and speed, which is untuned: on that H100, a
-bfloat16 ``[1, 4096] x [4096, 4096]`` took 77-172 us by format (dense bfloat16: 23 us)
-and ``[2048, 4096] x [4096, 4096]`` 1.0-1.9 ms (dense: 94 us; dequantize + cuBLAS:
-0.3-1.0 ms). Per-element byte gathers and short K steps (32 or 64 weights) bound it. A
-sweep found no uniformly better tile (k-fastest tiles spanning several blocks: Q4_K
-prefill 25 % faster, Q4_0 prefill 70 % slower); split-K for decode and vectorised code
-loads are the next steps.
+Verified on the CPU under the Triton interpreter (small shapes) and compiled on an H100
+(all formats, float32/float16/bfloat16, model-sized shapes match the reference). Only a
+GPU can verify compilation and rounding (the compiler may fuse ``a * b - c`` into one
+FMA: a last-bit float32 difference before the weights are rounded to ``x.dtype``) and
+speed. The kernel is untuned (per-element byte gathers and short K steps bound it;
+timings in ``docs/performance.md``), so callers use it for small steps only.
 """
 
 from __future__ import annotations
