@@ -90,14 +90,13 @@ def read_requests(path: Path) -> dict[str, list[Request]]:
 # -- workers (one engine, one process) ----------------------------------------------------
 
 
-def run_worker(
-    engine: str, model_dir: str, requests_path: Path, device: str, kvplane_options: str
-) -> None:
-    """Build ``engine`` once, warm it up, time each workload; print one RESULT line each."""
+def run_worker(engine: str, model_dir: str, requests_path: Path, device: str, options: str) -> None:
+    """Build ``engine`` once (``options``: its further ``LLM(...)`` arguments, JSON), warm
+    it up, time each workload; print one RESULT line each."""
     if engine == "vllm":
-        generate = _vllm_generate(model_dir)
+        generate = _vllm_generate(model_dir, json.loads(options))
     else:
-        generate = _kvplane_generate(model_dir, device, json.loads(kvplane_options))
+        generate = _kvplane_generate(model_dir, device, json.loads(options))
     workloads = read_requests(requests_path)
     generate(workloads.pop("warm-up"))
     for name, requests in workloads.items():
@@ -109,11 +108,11 @@ def run_worker(
         print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-def _vllm_generate(model_dir: str) -> Any:
+def _vllm_generate(model_dir: str, options: dict[str, Any]) -> Any:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model_dir, load_format="dummy", max_model_len=MAX_MODEL_LEN)
+    llm = LLM(model_dir, load_format="dummy", max_model_len=MAX_MODEL_LEN, **options)
 
     def generate(requests: list[tuple[list[int], int, float]]) -> int:
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids, _, _ in requests]
@@ -169,7 +168,8 @@ def run_round(
     log = Path(args.out) / f"offline_{engine}_{index}.log"
     command = [sys.executable, __file__, "--worker", engine, "--model-dir", args.model_dir]
     command += ["--requests", str(requests_path), "--kvplane-device", args.kvplane_device]
-    command += ["--kvplane-options", args.kvplane_options]
+    options = args.vllm_options if engine == "vllm" else args.kvplane_options
+    command += ["--worker-options", options]
     started = time.perf_counter()
     with log.open("w") as handle:
         try:
@@ -224,14 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kvplane-options", default="{}", help="more kvplane LLM(...) options, as JSON"
     )
+    parser.add_argument(
+        "--vllm-options",
+        default="{}",
+        help='more vLLM LLM(...) options, e.g. {"quantization": "fp8"}',
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(
-            args.worker, args.model_dir, args.requests, args.kvplane_device, args.kvplane_options
+            args.worker, args.model_dir, args.requests, args.kvplane_device, args.worker_options
         )
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -246,7 +252,10 @@ def main(argv: list[str] | None = None) -> int:
 def run_rounds(args: argparse.Namespace, requests_path: Path) -> dict[str, Any]:
     """``args.rounds`` rounds, the engines taking turns as the first of a round."""
     runs: list[dict[str, Any]] = []
-    report: dict[str, Any] = {"kvplane_options": json.loads(args.kvplane_options)}
+    report: dict[str, Any] = {
+        "kvplane_options": json.loads(args.kvplane_options),
+        "vllm_options": json.loads(args.vllm_options),
+    }
     for index in range(args.rounds):
         order = args.engines if index % 2 == 0 else list(reversed(args.engines))
         for engine in order:

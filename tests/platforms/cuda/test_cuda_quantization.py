@@ -1,4 +1,4 @@
-"""The CUDA platform's FP8 and GGUF methods against the core's torch references."""
+"""The CUDA platform's FP8, GGUF and W4A16 methods against the core's torch references."""
 
 from __future__ import annotations
 
@@ -7,10 +7,26 @@ import torch
 
 from kvplane.plugins.types import LayerQuantSpec
 from kvplane.quantization import fp8 as reference
-from kvplane.quantization.config import OPT_ACTIVATIONS, OPT_CHECKPOINT, OPT_WEIGHT_STRATEGY
+from kvplane.quantization.config import (
+    OPT_ACTIVATIONS,
+    OPT_CHECKPOINT,
+    OPT_GROUP_SIZE,
+    OPT_WEIGHT_STRATEGY,
+    OPT_ZEROS_OFFSET,
+)
 from kvplane.quantization.gguf import GgufMethod
 from kvplane.quantization.gguf_blocks import gguf_block_format
-from kvplane_cuda.quantization import GGUF_KERNEL_MAX_TOKENS, ScaledMmFp8Method, TritonGgufMethod
+from kvplane.quantization.int4_rtn import quantize_gptq_rtn
+from kvplane.quantization.w4a16 import AwqMethod, GptqMethod, Int4Method
+from kvplane.testing.helpers import MATMUL_TOLERANCES, assert_close
+from kvplane_cuda.quantization import (
+    GGUF_KERNEL_MAX_TOKENS,
+    W4A16_KERNEL_MAX_TOKENS,
+    ScaledMmFp8Method,
+    TritonAwqMethod,
+    TritonGgufMethod,
+    TritonGptqMethod,
+)
 from tests.core.quantization.gguf_cases import random_gguf_bytes
 from tests.platforms.cuda.devices import DEVICES
 
@@ -113,3 +129,71 @@ def test_gguf_method_matches_the_reference(
     actual = TritonGgufMethod().apply(layers[0], x)
     expected = GgufMethod().apply(layers[1], x)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def _int4_layer(method: Int4Method, spec: LayerQuantSpec, weight: torch.Tensor) -> torch.nn.Module:
+    """A layer of ``method`` quantized at load from the float ``weight``."""
+    layer = torch.nn.Module()
+    method.create_weights(layer, spec)
+    layer.weight.data.copy_(weight)
+    method.process_weights_after_loading(layer)
+    return layer
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_tokens", [3, W4A16_KERNEL_MAX_TOKENS + 1])
+@pytest.mark.parametrize(
+    ("triton_method", "torch_method"),
+    [(TritonGptqMethod(), GptqMethod()), (TritonAwqMethod(), AwqMethod())],
+    ids=["gptq", "awq"],
+)
+def test_w4a16_method_matches_the_reference(
+    device: str,
+    num_tokens: int,
+    triton_method: Int4Method,
+    torch_method: Int4Method,
+    generator: torch.Generator,
+) -> None:
+    # Both sides of the kernel / dequantize-then-cuBLAS split, against the core's method.
+    sizes = (32, 64)
+    options = ((OPT_CHECKPOINT, None), (OPT_GROUP_SIZE, 32))
+    spec = LayerQuantSpec(
+        triton_method.name, 128, sum(sizes), torch.float32, options=options, output_sizes=sizes
+    )
+    assert triton_method.can_implement(spec) == (True, "")
+    weight = torch.randn(sum(sizes), 128, generator=generator) * 0.05
+    layer = _int4_layer(triton_method, spec, weight).to(device)
+    reference_layer = _int4_layer(torch_method, spec, weight).to(device)
+    x = torch.randn(num_tokens, 128, generator=generator).to(device)
+    actual = triton_method.apply(layer, x)
+    expected = torch_method.apply(reference_layer, x)
+    assert_close(actual, expected, MATMUL_TOLERANCES)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_tokens", [3, W4A16_KERNEL_MAX_TOKENS + 1])
+def test_w4a16_method_runs_act_order_checkpoints(
+    device: str, num_tokens: int, generator: torch.Generator
+) -> None:
+    # A GPTQ checkpoint with act-order keeps its g_idx, on both sides of the split.
+    group_size, input_size, output_size = 32, 128, 64
+    options = ((OPT_CHECKPOINT, "gptq"), (OPT_GROUP_SIZE, group_size), (OPT_ZEROS_OFFSET, 1))
+    spec = LayerQuantSpec("gptq", input_size, output_size, torch.float32, options=options)
+    order = torch.randperm(input_size, generator=generator)
+    g_idx = torch.empty(input_size, dtype=torch.int32)
+    g_idx[order] = (torch.arange(input_size) // group_size).to(torch.int32)
+    weight = torch.randn(output_size, input_size, generator=generator) * 0.05
+    packed = quantize_gptq_rtn(weight, group_size, sym=False, g_idx=g_idx)
+    layers = []
+    for method in (TritonGptqMethod(), GptqMethod()):
+        layer = torch.nn.Module()
+        method.create_weights(layer, spec)
+        for name, tensor in packed.items():
+            getattr(layer, name).data.copy_(tensor)
+        method.process_weights_after_loading(layer)
+        assert layer.g_idx is not None
+        layers.append(layer.to(device))
+    x = torch.randn(num_tokens, input_size, generator=generator).to(device)
+    actual = TritonGptqMethod().apply(layers[0], x)
+    expected = GptqMethod().apply(layers[1], x)
+    assert_close(actual, expected, MATMUL_TOLERANCES)

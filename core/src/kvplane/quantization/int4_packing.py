@@ -321,3 +321,28 @@ def w4a16_linear_reference(
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], shape.output_size)
+
+
+def dequantize_int4(
+    layout: str,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor | None,
+    *,
+    group_size: int,
+    zeros_offset: int,
+) -> torch.Tensor:  # [N, K] float32
+    """The float32 weight of a packed layer whose shapes were checked at load.
+
+    Unlike :func:`dequantize_gptq` it reads no tensor values on the host (no ``g_idx``
+    range check), so a device may run it inside a captured graph. ``g_idx`` ``None``
+    means ``k // group_size``; ``group_size`` ``-1`` means one group.
+    """
+    input_size = qweight.shape[0] * PACK_FACTOR if layout == "gptq" else qweight.shape[0]
+    size = input_size if group_size == -1 else group_size
+    if layout == "awq":
+        return _dequantize_awq(qweight, qzeros, scales, size)
+    if g_idx is None:
+        g_idx = sequential_g_idx(input_size, size, qweight.device)
+    return _dequantize_gptq(qweight, qzeros, scales, g_idx, zeros_offset)

@@ -1,5 +1,5 @@
-"""Quantized linear layers on CUDA: FP8 W8A8 through ``torch._scaled_mm``, GGUF blocks
-through a Triton matmul that dequantizes them in its K loop.
+"""Quantized linear layers on CUDA: FP8 W8A8 through ``torch._scaled_mm``; GGUF blocks and
+int4 GPTQ/AWQ weights through Triton matmuls that dequantize them in their K loop.
 
 Storage and loading are the core's (:mod:`kvplane.quantization.fp8`,
 :mod:`kvplane.quantization.gguf`); only the per-step product differs. FP8: activations
@@ -7,6 +7,8 @@ are quantized per token by one Triton kernel and multiplied with the FP8 weight 
 tensor cores, the per-token and per-row scales applied in the matmul's epilogue. GGUF:
 up to :data:`GGUF_KERNEL_MAX_TOKENS` tokens the kernel reads the blocks directly (it beats
 dequantizing first there); larger steps dequantize one part of the weight and use cuBLAS.
+W4A16: up to :data:`W4A16_KERNEL_MAX_TOKENS` tokens the Triton kernel reads the packed
+words; larger steps dequantize the whole weight to the activation dtype and use cuBLAS.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from kvplane.quantization.base import QuantMethod
 from kvplane.quantization.fp8 import Fp8Method
 from kvplane.quantization.gguf import GgufMethod
 from kvplane.quantization.gguf_blocks import GGUFBlockFormat, dequantize_rows
+from kvplane.quantization.int4_packing import dequantize_int4
+from kvplane.quantization.w4a16 import AwqMethod, GptqMethod, Int4Method, int4_params
 
 #: ``torch._scaled_mm`` needs both matrix dimensions of the weight in multiples of this.
 SCALED_MM_ALIGNMENT = 16
 #: Largest step whose GGUF products read the blocks in the kernel; larger steps
 #: dequantize and use cuBLAS, which is faster for them.
 GGUF_KERNEL_MAX_TOKENS = 64
+#: Largest step whose int4 products run in the W4A16 kernel; larger steps dequantize
+#: the weight and use cuBLAS, which is faster for them.
+W4A16_KERNEL_MAX_TOKENS = 256
 
 
 class ScaledMmFp8Method(Fp8Method):
@@ -92,6 +99,54 @@ class TritonGgufMethod(GgufMethod):
         return gguf_matmul(x.contiguous(), raw, fmt)
 
 
+class TritonInt4Method(Int4Method):
+    """``matmul`` of :class:`~kvplane.quantization.w4a16.Int4Method` by
+    :func:`kvplane_cuda.kernels.w4a16_matmul.w4a16_matmul`."""
+
+    priority = 10
+
+    def matmul(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,  # [num_tokens, input_size]
+    ) -> torch.Tensor:  # [num_tokens, output_size]
+        qweight, qzeros, scales, g_idx = int4_params(layer)
+        group_size = int(layer.int4_group_size)  # type: ignore[arg-type]
+        zeros_offset = int(layer.int4_zeros_offset)  # type: ignore[arg-type]
+        if x.shape[0] > W4A16_KERNEL_MAX_TOKENS:
+            weight = dequantize_int4(
+                self.layout,
+                qweight,
+                qzeros,
+                scales,
+                g_idx,
+                group_size=group_size,
+                zeros_offset=zeros_offset,
+            )  # [output_size, input_size] float32
+            return torch.nn.functional.linear(x, weight.to(x.dtype))
+        # Imported here: plugin discovery must not need Triton.
+        from kvplane_cuda.kernels.w4a16_matmul import w4a16_matmul
+
+        return w4a16_matmul(
+            x,
+            qweight,
+            qzeros,
+            scales,
+            g_idx,
+            layout=self.layout,
+            group_size=group_size,
+            zeros_offset=zeros_offset,
+        )
+
+
+class TritonGptqMethod(TritonInt4Method, GptqMethod):
+    """``gptq`` with the Triton W4A16 kernel."""
+
+
+class TritonAwqMethod(TritonInt4Method, AwqMethod):
+    """``awq`` with the Triton W4A16 kernel."""
+
+
 def cuda_quant_methods() -> list[QuantMethod]:
     """The methods the CUDA platform implements itself."""
-    return [ScaledMmFp8Method(), TritonGgufMethod()]
+    return [ScaledMmFp8Method(), TritonGgufMethod(), TritonGptqMethod(), TritonAwqMethod()]
