@@ -11,9 +11,10 @@ driver to a file both engines' workers read; ``ignore_eos``):
 
 A worker process builds its engine (``load_format="dummy"``, bf16, ``max_model_len``
 4096, the engine's other defaults), runs one small warm-up ``generate`` (both engines the
-same one), then each workload once, timing ``generate`` alone. The engines take turns as
-the first of a round. vLLM runs from ``--vllm-site`` (``setup_on_gpu.sh`` unpacks it to
-``/tmp/site``), kvplane from the ``PYTHONPATH`` this script is started with.
+same one), then each workload ``--repeats`` times (default once), timing ``generate``
+alone. The engines take turns as the first of a round. vLLM runs from ``--vllm-site``
+(``setup_on_gpu.sh`` unpacks it to ``/tmp/site``), kvplane from the ``PYTHONPATH`` this
+script is started with.
 
 Usage on the GPU machine (after ``.vl3/setup_on_gpu.sh``)::
 
@@ -90,22 +91,25 @@ def read_requests(path: Path) -> dict[str, list[Request]]:
 # -- workers (one engine, one process) ----------------------------------------------------
 
 
-def run_worker(engine: str, model_dir: str, requests_path: Path, device: str, options: str) -> None:
+def run_worker(
+    engine: str, model_dir: str, requests_path: Path, device: str, options: str, repeats: int
+) -> None:
     """Build ``engine`` once (``options``: its further ``LLM(...)`` arguments, JSON), warm
-    it up, time each workload; print one RESULT line each."""
+    it up, time each workload ``repeats`` times; print one RESULT line each time."""
     if engine == "vllm":
         generate = _vllm_generate(model_dir, json.loads(options))
     else:
         generate = _kvplane_generate(model_dir, device, json.loads(options))
     workloads = read_requests(requests_path)
     generate(workloads.pop("warm-up"))
-    for name, requests in workloads.items():
-        started = time.perf_counter()
-        num_out = generate(requests)
-        seconds = time.perf_counter() - started
-        result = {"engine": engine, "workload": name, "seconds": seconds, "out_tokens": num_out}
-        result["out_tok_s"] = num_out / seconds
-        print(RESULT_PREFIX + json.dumps(result), flush=True)
+    for repeat in range(repeats):
+        for name, requests in workloads.items():
+            started = time.perf_counter()
+            num_out = generate(requests)
+            seconds = time.perf_counter() - started
+            result = {"engine": engine, "workload": name, "seconds": seconds, "repeat": repeat}
+            result.update(out_tokens=num_out, out_tok_s=num_out / seconds)
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 def _vllm_generate(model_dir: str, options: dict[str, Any]) -> Any:
@@ -169,7 +173,7 @@ def run_round(
     command = [sys.executable, __file__, "--worker", engine, "--model-dir", args.model_dir]
     command += ["--requests", str(requests_path), "--kvplane-device", args.kvplane_device]
     options = args.vllm_options if engine == "vllm" else args.kvplane_options
-    command += ["--worker-options", options]
+    command += ["--worker-options", options, "--repeats", str(args.repeats)]
     started = time.perf_counter()
     with log.open("w") as handle:
         try:
@@ -229,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         default="{}",
         help='more vLLM LLM(...) options, e.g. {"quantization": "fp8"}',
     )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs of each workload per worker process"
+    )
     parser.add_argument("--timeout", type=float, default=240.0, help="seconds per worker")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
@@ -237,7 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         run_worker(
-            args.worker, args.model_dir, args.requests, args.kvplane_device, args.worker_options
+            args.worker,
+            args.model_dir,
+            args.requests,
+            args.kvplane_device,
+            args.worker_options,
+            args.repeats,
         )
         return 0
     Path(args.out).mkdir(parents=True, exist_ok=True)
