@@ -27,7 +27,7 @@ from kvplane_acme.attention import AcmeAttentionBackend
 from kvplane_acme.ops import acme_ops
 
 #: The plugin API this module was written for; kvplane refuses another major version.
-KVPLANE_PLUGIN_API = "1.5"
+KVPLANE_PLUGIN_API = "1.6"
 
 
 @hookimpl

@@ -223,3 +223,8 @@ def test_json_lists_quantization_methods_with_their_reasons(
     gguf = report[("gguf", False)]
     assert gguf["can_implement"] is False and "GGUF" in gguf["reason"]
     assert report[("none", False)]["can_implement"] is True
+    # Mixture-of-experts experts: the torch methods run them, gguf says why it cannot.
+    for name in ("fp8", "int8", "gptq", "awq"):
+        assert report[(name, False)]["can_implement_experts"] is True, name
+    assert gguf["can_implement_experts"] is False
+    assert "no mixture-of-experts implementation" in gguf["experts_reason"]

@@ -117,17 +117,20 @@ def platform_infos(statuses: list[PlatformStatus]) -> dict[str, dict[str, Any]]:
 
 
 #: The layer every offered quantization method is asked about: a 4096 x 4096 projection
-#: of a float checkpoint (quantized at load).
+#: of a float checkpoint (quantized at load), and experts of that hidden size.
 _PROBE_LAYER_SIZE = 4096
+_PROBE_NUM_EXPERTS = 8
+_PROBE_EXPERT_INTERMEDIATE_SIZE = 1024
 
 
 def quant_method_report(manager: Any, supported_dtypes: tuple[str, ...]) -> list[dict[str, Any]]:
     """Every quantization method ``manager``'s platform offers (its own and the core's
     reference fallbacks), with ``can_implement``'s answer for a bfloat16 (else the
-    first supported dtype) projection of a float checkpoint, highest priority first."""
+    first supported dtype) projection of a float checkpoint and
+    ``can_implement_experts``'s for mixture-of-experts experts, highest priority first."""
     import torch
 
-    from kvplane.plugins.types import LayerQuantSpec
+    from kvplane.plugins.types import ExpertQuantSpec, LayerQuantSpec
 
     dtype_name = "bfloat16" if "bfloat16" in supported_dtypes else supported_dtypes[0]
     dtype = getattr(torch, dtype_name)
@@ -137,6 +140,10 @@ def quant_method_report(manager: Any, supported_dtypes: tuple[str, ...]) -> list
     report = []
     for method in sorted(methods, key=lambda m: (m.name, -m.priority)):
         ok, reason = method.can_implement(LayerQuantSpec(method.name, size, size, dtype))
+        experts = ExpertQuantSpec(
+            method.name, _PROBE_NUM_EXPERTS, size, _PROBE_EXPERT_INTERMEDIATE_SIZE, dtype
+        )
+        experts_ok, experts_reason = method.can_implement_experts(experts)
         report.append(
             {
                 "name": method.name,
@@ -145,6 +152,8 @@ def quant_method_report(manager: Any, supported_dtypes: tuple[str, ...]) -> list
                 "dtype": dtype_name,
                 "can_implement": ok,
                 "reason": reason,
+                "can_implement_experts": experts_ok,
+                "experts_reason": experts_reason,
             }
         )
     return report

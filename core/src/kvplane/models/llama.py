@@ -292,6 +292,11 @@ class LlamaForCausalLM(CausalLM):
     def make_mlp(self, config: Any, layer_index: int, ctx: BuildContext) -> torch.nn.Module:
         return LlamaMLP(config, ctx)
 
+    def layer_prefix(self, layer_index: int) -> str:
+        """The checkpoint name of decoder layer ``layer_index``, for layers that name
+        themselves in errors or match a checkpoint's ignore list."""
+        return f"model.layers.{layer_index}"
+
     def make_layer(self, config: Any, layer_index: int, ctx: BuildContext) -> torch.nn.Module:
         return LlamaDecoderLayer(
             config,

@@ -13,6 +13,7 @@ from kvplane.models.checkpoint import checkpoint_files, iterate_weights
 from kvplane.models.kv_scales import describe_kv_scales
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.layers.linear import Linear
+from kvplane.models.layers.moe import FusedMoE
 from kvplane.models.registry import architecture_of, model_class
 from kvplane.models.source import ModelSource
 from kvplane.models.weights import check_all_loaded
@@ -46,7 +47,7 @@ def build_model(
     if (kv_scales := describe_kv_scales(model)) is not None:
         logger.info("%s", kv_scales)
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, (Linear, FusedMoE)):
             module.process_weights_after_loading()
     model.eval()
     num_bytes = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -30,9 +30,14 @@ class MixtralForCausalLM(MistralForCausalLM):
             hidden_act=config.hidden_act,
             renormalize=True,
             ctx=ctx,
+            prefix=f"{self.layer_prefix(layer_index)}.block_sparse_moe",
+            expert_names=MIXTRAL_EXPERT_NAMES,
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # Experts are matched by their checkpoint names (errors name those); the router
+        # moves to the decoder layer's ``mlp``.
         experts = ExpertWeightLoader(self, MIXTRAL_EXPERT_NAMES)
-        renamed = ((name.replace(".block_sparse_moe.", ".mlp."), t) for name, t in weights)
-        return super().load_weights(experts.intercept(renamed)) | experts.loaded_names()
+        rest = experts.intercept(weights)
+        renamed = ((name.replace(".block_sparse_moe.", ".mlp."), t) for name, t in rest)
+        return super().load_weights(renamed) | experts.loaded_names()

@@ -42,6 +42,8 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
             hidden_act=config.hidden_act,
             renormalize=bool(config.norm_topk_prob),
             ctx=ctx,
+            prefix=f"{self.layer_prefix(layer_index)}.mlp",
+            expert_names=QWEN_EXPERT_NAMES,
         )
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -154,7 +154,20 @@ def top_k_top_p_sample(
 
 
 #: Activations ``fused_moe`` accepts (SwiGLU, exact GeGLU, tanh-approximated GeGLU).
-_MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+MOE_ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+
+
+def gated_activation(
+    gate_up: torch.Tensor,  # [num_tokens, 2 * intermediate_size]: gate, then up
+    activation: str,
+) -> torch.Tensor:  # [num_tokens, intermediate_size]
+    """``act(gate) * up`` for one of :data:`MOE_ACTIVATIONS`: :func:`silu_and_mul` or
+    :func:`gelu_and_mul` (exact, or tanh-approximated for "gelu_tanh")."""
+    if activation == "silu":
+        return silu_and_mul(gate_up)
+    if activation in ("gelu", "gelu_tanh"):
+        return gelu_and_mul(gate_up, "tanh" if activation == "gelu_tanh" else "none")
+    raise ValueError(f"unknown fused_moe activation {activation!r}; use one of {MOE_ACTIVATIONS}")
 
 
 def fused_moe(
@@ -175,41 +188,17 @@ def fused_moe(
     in id order (deterministic on every device), and rounds once.
     Routing (softmax, top-k, renormalisation) is the caller's. Never mutates its inputs.
 
-    Tokens are grouped by expert (one stable sort) and each expert with tokens runs one
-    matmul pair over its rows, so the work is ``num_tokens * top_k`` rows, never a dense
-    ``[num_tokens, num_experts, ...]`` product. Reading the per-expert counts syncs with
-    the device once.
+    Tokens are grouped by expert and each expert with tokens runs one matmul pair over its
+    rows (:func:`kvplane.ops.steps.sum_over_experts`). Reading the per-expert counts syncs
+    with the device once.
     """
-    if activation not in _MOE_ACTIVATIONS:
+    if activation not in MOE_ACTIVATIONS:
         raise ValueError(
-            f"unknown fused_moe activation {activation!r}; use one of {_MOE_ACTIVATIONS}"
+            f"unknown fused_moe activation {activation!r}; use one of {MOE_ACTIVATIONS}"
         )
-    num_tokens, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
-    out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
-    if num_tokens == 0:
-        return out.to(hidden.dtype)
-    flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k]
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # raises on ids < 0
-    if len(counts) > num_experts:
-        raise ValueError(f"fused_moe: topk_ids has expert ids >= num_experts ({num_experts})")
-    order = flat_ids.argsort(stable=True)  # assignments grouped by expert
-    token_ids = order // top_k  # [num_tokens * top_k]: the token of each sorted assignment
-    weights = topk_weights.reshape(-1).float()[order]  # [num_tokens * top_k]
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        rows = token_ids[start : start + count]  # [count]
-        gate_up = F.linear(hidden.index_select(0, rows), w13[expert])  # [count, 2 * I]
-        if activation == "silu":
-            activated = silu_and_mul(gate_up)
-        else:
-            approximate = "tanh" if activation == "gelu_tanh" else "none"
-            activated = gelu_and_mul(gate_up, approximate)
-        expert_out = F.linear(activated, w2[expert])  # [count, hidden_size]
-        # Rows are distinct within one expert; index_put_ adds deterministically (and,
-        # unlike index_add_, without a parallel region per row on the CPU).
-        out.index_put_((rows,), expert_out.float() * weights[start : start + count, None], True)
-        start += count
-    return out.to(hidden.dtype)
+
+    def expert_mlp(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate_up = F.linear(rows, w13[expert])  # [count, 2 * I]
+        return F.linear(gated_activation(gate_up, activation), w2[expert])
+
+    return steps.sum_over_experts(hidden, topk_weights, topk_ids, w13.shape[0], expert_mlp)

@@ -1,7 +1,7 @@
 """Steps the reference ops are built from, public so that platform implementations reuse
 them instead of copying them: the layouts (the cos/sin table's halves, the rotary
-channel pairs, the cache's slot rows), the residual sum, the sampling thresholds and
-the FP8 KV cache's quantization.
+channel pairs, the cache's slot rows), the residual sum, the sampling thresholds, the
+FP8 KV cache's quantization and the mixture-of-experts sum over each expert's tokens.
 
 Each step computes what :mod:`kvplane.ops.reference` defines, in the same float32
 arithmetic, so an implementation built from them rounds exactly as the reference does.
@@ -9,6 +9,8 @@ None mutates its inputs; several return views of them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -132,3 +134,47 @@ def exponential_race(
     """``argmax(weights / noise)`` per row: a draw from the row's weights renormalised,
     decided by the caller's noise alone (first index on ties)."""
     return (weights / exponential_noise).argmax(dim=-1)
+
+
+# -- mixture of experts ------------------------------------------------------------------
+
+
+def sum_over_experts(
+    hidden: torch.Tensor,  # [num_tokens, hidden_size]
+    topk_weights: torch.Tensor,  # [num_tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [num_tokens, top_k] int64, each in [0, num_experts)
+    num_experts: int,
+    expert_mlp: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:  # [num_tokens, hidden_size], hidden.dtype
+    """``sum_j topk_weights[t, j] * expert_mlp(topk_ids[t, j], hidden[t])``.
+
+    Tokens are grouped by expert (one stable sort) and ``expert_mlp(e, rows)`` runs once
+    per expert with tokens, on all of its rows (``[count, hidden_size]`` ->
+    ``[count, hidden_size]``), so the work is ``num_tokens * top_k`` rows, never a dense
+    ``[num_tokens, num_experts, ...]`` product. The weighted sum accumulates in float32,
+    expert by expert in id order (deterministic on every device), and rounds once.
+    Reading the per-expert counts syncs with the device once. Raises ValueError for
+    expert ids ``>= num_experts`` (torch raises for negative ones).
+    """
+    num_tokens, top_k = topk_ids.shape
+    out = torch.zeros(num_tokens, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+    if num_tokens == 0:
+        return out.to(hidden.dtype)
+    flat_ids = topk_ids.reshape(-1)  # [num_tokens * top_k]
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # raises on ids < 0
+    if len(counts) > num_experts:
+        raise ValueError(f"topk_ids has expert ids >= num_experts ({num_experts})")
+    order = flat_ids.argsort(stable=True)  # assignments grouped by expert
+    token_ids = order // top_k  # [num_tokens * top_k]: the token of each sorted assignment
+    weights = topk_weights.reshape(-1).float()[order]  # [num_tokens * top_k]
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = token_ids[start : start + count]  # [count]
+        expert_out = expert_mlp(expert, hidden.index_select(0, rows))  # [count, hidden_size]
+        # Rows are distinct within one expert; index_put_ adds deterministically (and,
+        # unlike index_add_, without a parallel region per row on the CPU).
+        out.index_put_((rows,), expert_out.float() * weights[start : start + count, None], True)
+        start += count
+    return out.to(hidden.dtype)

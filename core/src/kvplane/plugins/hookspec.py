@@ -1,7 +1,7 @@
 """Hook specifications: the contract between kvplane's core and platform plugins.
 
 A platform is a Python module registered in the entry-point group ``kvplane.platforms``.
-It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.5"`` and
+It declares the plugin API it was built for as ``KVPLANE_PLUGIN_API = "1.6"`` and
 implements some of the hooks below with ``@kvplane.plugins.hookimpl``. Each platform gets
 its own :class:`pluggy.PluginManager`; the core's reference implementations
 (:mod:`kvplane.plugins.reference`) are registered in it as a built-in plugin with
@@ -57,6 +57,15 @@ Plugin API version history:
   cache writer
   (``reshape_and_cache``) takes ``k_scale`` and ``v_scale``. A 1.4 plugin still loads:
   its backends decline FP8 caches, which the reference serves.
+- **1.6**: quantized mixture-of-experts experts. :func:`kvplane_quant_methods` is also
+  called once per mixture-of-experts layer, with ``spec`` describing one expert's gate/up
+  matrix (:attr:`~kvplane.plugins.types.ExpertQuantSpec.gate_up`); the core then asks
+  each candidate's ``can_implement_experts`` (:class:`~kvplane.quantization.base.QuantMethod`
+  gains the ``*_experts`` hooks, with defaults). The core's ``fp8``, ``int8``, ``gptq``
+  and ``awq`` run experts as per-expert linear layers through their own ``apply``, so a
+  platform subclass that replaces a product (``scaled_matmul``, ``matmul``) runs it for
+  experts too. A 1.5 plugin still loads: methods that subclass the core's inherit expert
+  support, others refuse experts (an error naming the layer, at start-up).
 """
 
 from __future__ import annotations
@@ -229,9 +238,12 @@ def kvplane_attention_backends(spec: types.AttentionSpec) -> Sequence[AttentionB
 def kvplane_quant_methods(spec: types.LayerQuantSpec) -> Sequence[QuantMethod]:
     """Offer quantization methods for a linear layer.
 
-    Called once per linear layer while the model is built. The core keeps candidates
-    whose ``name`` equals ``spec.method`` and whose ``can_implement(spec)`` is true, and
-    uses the highest priority; if none is left, start-up fails listing every reason.
+    Called once per linear layer while the model is built, and once per
+    mixture-of-experts layer whose experts are quantized, with ``spec`` describing one
+    expert's gate/up matrix (``ExpertQuantSpec.gate_up``). The core keeps candidates
+    whose ``name`` equals ``spec.method`` and whose ``can_implement(spec)`` (for experts:
+    ``can_implement_experts(expert_spec)``) is true, and uses the highest priority; if
+    none is left, start-up fails listing every reason (for experts, naming the layer).
     A method must read every layout ``spec.options`` can name
     (:mod:`kvplane.quantization.config`: a float checkpoint quantized at load, or the
     checkpoint's own tensors) or refuse it in ``can_implement``.
@@ -250,6 +262,7 @@ def kvplane_quant_methods(spec: types.LayerQuantSpec) -> Sequence[QuantMethod]:
     .. versionadded:: 1.0
     .. versionchanged:: 1.5 ``spec.output_sizes`` and checkpoint layout options; the
         reference offers ``fp8`` and ``int8``.
+    .. versionchanged:: 1.6 also called for the experts of mixture-of-experts layers.
     """
 
 

@@ -21,6 +21,7 @@ from kvplane.plugins.types import (
     BlockCopyRequest,
     DeviceQuery,
     Emulation,
+    ExpertQuantSpec,
     GraphCaptureRequest,
     GroupInfo,
     KVCacheSpec,
@@ -143,26 +144,43 @@ class Platform:
 
     def quant_method(self, spec: LayerQuantSpec) -> QuantMethod:
         """The highest-priority method named ``spec.method`` that can implement ``spec``."""
+        return self._pick_quant_method(spec, spec.method, lambda m: m.can_implement(spec), spec)
+
+    def expert_quant_method(self, spec: ExpertQuantSpec) -> QuantMethod:
+        """The highest-priority method named ``spec.method`` whose
+        ``can_implement_experts`` accepts the experts of ``spec``. The candidates are the
+        methods offered for one expert's gate/up matrix (``spec.gate_up``)."""
+        return self._pick_quant_method(
+            spec.gate_up, spec.method, lambda m: m.can_implement_experts(spec), spec
+        )
+
+    def _pick_quant_method(
+        self,
+        offered_for: LayerQuantSpec,
+        name: str,
+        can_implement: Callable[[QuantMethod], tuple[bool, str]],
+        described: object,
+    ) -> QuantMethod:
         candidates = [
             method
-            for methods in self._manager.hook.kvplane_quant_methods(spec=spec)
+            for methods in self._manager.hook.kvplane_quant_methods(spec=offered_for)
             for method in methods
-            if method.name == spec.method
+            if method.name == name
         ]
         reasons: list[str] = []
         for method in sorted(candidates, key=lambda m: m.priority, reverse=True):
-            ok, reason = method.can_implement(spec)
+            ok, reason = can_implement(method)
             if ok:
                 self._note_reference_quant_method(method)
                 return method
             reasons.append(f"{method.name}: {reason}")
         if not candidates:
-            known = sorted(self.quant_method_names(spec))
+            known = sorted(self.quant_method_names(offered_for))
             raise ValueError(
-                f"quantization method {spec.method!r} is not offered by platform "
+                f"quantization method {name!r} is not offered by platform "
                 f"{self.name!r}; available: {known}"
             )
-        raise ValueError(f"no {spec.method!r} method can implement {spec}: {reasons}")
+        raise ValueError(f"no {name!r} method can implement {described}: {reasons}")
 
     def _note_reference_quant_method(self, method: QuantMethod) -> None:
         """Log once per method name that the platform runs it through the reference."""

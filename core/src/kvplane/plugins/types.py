@@ -218,6 +218,47 @@ class LayerQuantSpec:
         return self.output_sizes or (self.output_size,)
 
 
+@dataclass(frozen=True, slots=True)
+class ExpertQuantSpec:
+    """The experts of a mixture-of-experts layer to be quantized (since 1.6):
+    ``num_experts`` gated MLPs ``down(act(gate(x)) * up(x))``, each with a gate and an up
+    matrix ``[intermediate_size, hidden_size]`` and a down matrix ``[hidden_size,
+    intermediate_size]``, without biases. ``method`` and ``options`` as in
+    :class:`LayerQuantSpec`; the router is never part of it (it stays in float)."""
+
+    method: str
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+    params_dtype: "torch.dtype"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def gate_up(self) -> LayerQuantSpec:
+        """One expert's gate and up matrices as one stacked linear layer (``output_sizes``
+        ``(intermediate_size, intermediate_size)``: gate rows, then up rows)."""
+        sizes = (self.intermediate_size, self.intermediate_size)
+        return LayerQuantSpec(
+            self.method,
+            self.hidden_size,
+            sum(sizes),
+            self.params_dtype,
+            options=self.options,
+            output_sizes=sizes,
+        )
+
+    @property
+    def down(self) -> LayerQuantSpec:
+        """One expert's down matrix as a linear layer."""
+        return LayerQuantSpec(
+            self.method,
+            self.intermediate_size,
+            self.hidden_size,
+            self.params_dtype,
+            options=self.options,
+        )
+
+
 # --------------------------------------------------------------------------------------
 # Communication
 # --------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ the static scale) and multiplied with the FP8 weight; :class:`Fp8Method` does th
 product in the activations' dtype (both operands hold exact FP8 values) and scales the
 result. A platform with FP8 matmuls subclasses it and replaces
 :meth:`Fp8Method.scaled_matmul` (and :meth:`Fp8Method.quantize_rows` with a kernel).
+Mixture-of-experts experts are linear layers of this method, one gate/up and one down per
+expert (:mod:`kvplane.quantization.experts`), so they load and multiply the same way.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Fp8Method(QuantMethod):
 
     name = "fp8"
     priority = 0
+    experts_as_linear_layers = True
 
     def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
         if spec.params_dtype not in (torch.float32, torch.bfloat16, torch.float16):

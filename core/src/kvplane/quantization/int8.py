@@ -64,6 +64,7 @@ class Int8Method(QuantMethod):
 
     name = "int8"
     priority = 0
+    experts_as_linear_layers = True
 
     def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
         if not spec.params_dtype.is_floating_point:

@@ -12,7 +12,7 @@ from kvplane.quantization.base import QuantMethod
 if TYPE_CHECKING:
     # Annotation only: importing kvplane.plugins here would be circular, since the
     # plugin package imports this module.
-    from kvplane.plugins.types import LayerQuantSpec
+    from kvplane.plugins.types import ExpertQuantSpec, LayerQuantSpec
 
 
 class UnquantizedMethod(QuantMethod):
@@ -23,6 +23,9 @@ class UnquantizedMethod(QuantMethod):
 
     def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
         return True, ""
+
+    def can_implement_experts(self, spec: ExpertQuantSpec) -> tuple[bool, str]:
+        return False, "float experts run through the platform's fused_moe op"
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         weight, bias = layer.weight, layer.bias

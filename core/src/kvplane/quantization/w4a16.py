@@ -12,7 +12,8 @@ A float checkpoint with ``quantization="gptq"`` or ``"awq"`` is quantized at loa
 round-to-nearest (:mod:`kvplane.quantization.int4_rtn`, group size 128 unless the option
 says otherwise). :meth:`Int4Method.apply` dequantizes in slices and multiplies; a
 platform with a dequantizing matmul kernel subclasses the method and replaces
-:meth:`Int4Method.matmul`.
+:meth:`Int4Method.matmul`. Mixture-of-experts experts are linear layers of the method, one
+gate/up and one down per expert (:mod:`kvplane.quantization.experts`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class Int4Method(QuantMethod):
     layout = "gptq"
     #: Added to every stored zero point (GPTQ's v1 checkpoints store zero - 1).
     default_zeros_offset = 1
+    experts_as_linear_layers = True
 
     def can_implement(self, spec: LayerQuantSpec) -> tuple[bool, str]:
         if spec.params_dtype not in (torch.float32, torch.bfloat16, torch.float16):

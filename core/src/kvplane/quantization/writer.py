@@ -2,9 +2,12 @@
 the layouts kvplane's loaders (and vLLM's) read, with no calibration data.
 
 Which tensors are quantized: the 2-D ``*_proj.weight`` matrices of the decoder layers
-(attention and MLP projections). Embeddings, norms, ``lm_head``, mixture-of-experts
-routers and experts stay in the checkpoint's float format, and the written
-``quantization_config`` lists the float modules in its ``ignore`` list.
+(attention and MLP projections) and the mixture-of-experts experts' matrices, each
+expert's on its own as the tools write them (``experts.{e}.w1.weight`` ->
+``experts.{e}.w1.weight`` + ``weight_scale``, or ``qweight`` / ``qzeros`` / ``scales``
+(/ ``g_idx``)). Embeddings, norms, ``lm_head`` and the mixture-of-experts routers stay in
+the checkpoint's float format, and the written ``quantization_config`` lists the float
+modules in its ``ignore`` list.
 
 Formats (``method``): ``fp8`` and ``int8`` write compressed-tensors W8A8 (per-channel
 symmetric weight scales ``[output_size, 1]``, dynamic per-token activations); ``gptq``
@@ -28,13 +31,15 @@ from kvplane.quantization.fp8 import quantize_rows_fp8
 from kvplane.quantization.int4_rtn import quantize_awq_rtn, quantize_gptq_rtn
 
 METHODS = ("fp8", "int8", "gptq", "awq")
-#: Modules kept in float, as compressed-tensors ``ignore`` patterns.
-_FLOAT_MODULES = ["lm_head", "re:.*mlp.gate$", "re:.*experts.*", "re:.*router.*"]
-#: Tensors quantized: a decoder layer's projection matrices.
-_QUANTIZED_NAME = re.compile(r".*\.layers\.\d+\..*_proj\.weight$")
-#: Projections kept in float although their names match: mixture-of-experts experts and
-#: routers, which kvplane's fused MoE layer reads in float.
-_FLOAT_NAME = re.compile(r".*\.(experts|router|gate)\..*|.*\.mlp\.gate\.weight$")
+#: Modules kept in float, as compressed-tensors ``ignore`` patterns (the routers:
+#: Qwen-MoE's ``mlp.gate``, Mixtral's ``block_sparse_moe.gate``).
+_FLOAT_MODULES = ["lm_head", "re:.*mlp.gate$", "re:.*block_sparse_moe.gate$", "re:.*router.*"]
+#: Tensors quantized: a decoder layer's projection matrices (Qwen-MoE's experts'
+#: included), and Mixtral's expert matrices ``experts.{e}.w1`` / ``w2`` / ``w3``.
+_QUANTIZED_NAME = re.compile(r".*\.layers\.\d+\.(.*_proj|.*\.experts\.\d+\.w[123])\.weight$")
+#: Matrices kept in float although their names match: mixture-of-experts routers, which
+#: decide which experts run and are tiny.
+_FLOAT_NAME = re.compile(r".*\.(router|gate)\..*")
 #: Largest safetensors file written.
 _SHARD_BYTES = 2 * 2**30
 

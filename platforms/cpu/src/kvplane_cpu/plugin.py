@@ -26,7 +26,7 @@ from kvplane_cpu.communication import GlooCommunicator
 from kvplane_cpu.ops import cpu_ops
 from kvplane_cpu.quantization import cpu_quant_methods
 
-KVPLANE_PLUGIN_API = "1.5"
+KVPLANE_PLUGIN_API = "1.6"
 
 
 @hookimpl

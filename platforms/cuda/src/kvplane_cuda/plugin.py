@@ -33,7 +33,7 @@ from kvplane_cuda.graphs import CudaGraphRunner
 from kvplane_cuda.ops import cuda_ops
 from kvplane_cuda.quantization import cuda_quant_methods
 
-KVPLANE_PLUGIN_API = "1.5"
+KVPLANE_PLUGIN_API = "1.6"
 
 
 @hookimpl
