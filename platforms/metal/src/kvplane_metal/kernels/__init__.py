@@ -1,0 +1,1 @@
+"""Metal kernels, compiled at run time through ``torch.mps.compile_shader``."""
