@@ -28,6 +28,7 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 LONG_FILES = (
     "tests/platforms/cuda/test_cuda_graph_engine.py",
     "tests/core/engine/test_greedy_matches_transformers.py",
+    "tests/core/spec_decode/test_smollm2.py",
     "tests/platforms/cuda/test_cuda_decode_attention.py",
     "tests/core/server/test_chat_forced_calls.py",
     "tests/core/server/test_chat.py",

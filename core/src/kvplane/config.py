@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from kvplane.spec_decode.config import SpeculativeConfig
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -108,6 +111,11 @@ class EngineConfig:
     #: Seconds between the server engine loop's stats lines (throughput, queue, KV-cache
     #: usage, where the loop's time goes; see :mod:`kvplane.engine.loop_stats`); 0: none.
     log_stats_interval: float = 10.0
+    #: Speculative decoding, as vLLM spells it: ``{"method": "ngram",
+    #: "num_speculative_tokens": 4, "prompt_lookup_max": 4}`` or ``{"method":
+    #: "draft_model", "model": PATH, "num_speculative_tokens": 4}`` (None: off). See
+    #: :mod:`kvplane.spec_decode.config` and docs/speculative-decoding.md.
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.emulate is not None and self.device is not None:
@@ -152,6 +160,7 @@ class EngineConfig:
         if self.usage not in ("offline", "online"):
             raise ValueError(f"usage must be 'offline' or 'online', got {self.usage!r}")
         self._check_generation_config()
+        self.resolved_speculative_config()  # a malformed one fails here, before any loading
 
     def batch_limits(self) -> BatchLimits:
         """The batch limits, once the engine has filled in the device's defaults."""
@@ -162,6 +171,14 @@ class EngineConfig:
     def resolved_kv_cache_dtype(self) -> torch.dtype | None:
         """The KV cache's dtype, or ``None`` for ``"auto"`` (the model's dtype)."""
         return KV_CACHE_DTYPES.get(self.kv_cache_dtype)
+
+    def resolved_speculative_config(self) -> SpeculativeConfig | None:
+        """``speculative_config`` validated (``ValueError`` naming the key at fault)."""
+        if self.speculative_config is None:
+            return None
+        from kvplane.spec_decode.config import parse_speculative_config
+
+        return parse_speculative_config(self.speculative_config)
 
     def _check_generation_config(self) -> None:
         # A bad path or key fails here, before the weights load, not at engine start.

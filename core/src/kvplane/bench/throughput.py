@@ -33,12 +33,17 @@ def run_kvplane(
     (``step_ms_<phase>``, see :mod:`kvplane.engine.step_timer`) and ``num_steps``, and
     the same over the decode steps of at least 256 sequences (``decode256_*``: ``steps``,
     ``ms_<phase>``, ``ms_step`` the period, ``ms_host`` schedule + prepare + update,
-    ``host_share`` host / period).
+    ``host_share`` host / period). With speculative decoding, ``spec_decode_*``: the
+    method, drafts, draft and accepted tokens, ``spec_decode_acceptance_rate`` and
+    ``spec_decode_mean_accepted_length`` of the timed run.
     """
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = throughput_params(requests, temperature)
     if warmup:
         llm.generate(prompts[:1], throughput_params(requests[:1], temperature)[0].clone())
+    spec_decoder = llm.engine.spec_decoder
+    if spec_decoder is not None:
+        spec_decoder.metrics.reset()  # count the timed run only
     timer = llm.engine.runner.timer
     timer.reset()
     timer.enabled = True
@@ -50,6 +55,8 @@ def run_kvplane(
         timer.enabled = False
     num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = throughput_result(requests, elapsed, num_output)
+    if spec_decoder is not None:
+        result.update(spec_decoder.stats().as_dict())
     phases = timer.summary()
     result["num_steps"] = phases.pop("steps")
     result.update({f"step_ms_{name}": value for name, value in phases.items()})

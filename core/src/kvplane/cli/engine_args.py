@@ -59,6 +59,10 @@ _HELP = {
     "none (default: 10)",
     "override_generation_config": "JSON object of generation_config.json sampling keys that "
     "win over --generation-config's, e.g. '{\"temperature\": 0.5}' (default: none)",
+    "speculative_config": "speculative decoding as a JSON object, vLLM's keys: "
+    '\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
+    'or \'{"method": "draft_model", "model": PATH, "num_speculative_tokens": 4}\'; '
+    "also disable_by_batch_size (default: off; see docs/speculative-decoding.md)",
 }
 
 
@@ -71,6 +75,7 @@ _METAVARS = {
     "generation_config": "auto|kvplane|PATH",
     "kv_cache_dtype": "auto|fp8",
     "override_generation_config": "JSON",
+    "speculative_config": "JSON",
 }
 
 

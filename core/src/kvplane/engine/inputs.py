@@ -10,14 +10,15 @@ input tokens that are still on the device (overlapped steps).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kvplane.attention.metadata import AttentionMetadata
 from kvplane.engine.transfer import DeviceTransfer
-from kvplane.scheduler.output import SchedulerOutput
+from kvplane.scheduler.output import ScheduledRequest, SchedulerOutput
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +48,13 @@ class HostStepInputs:
     max_query_len: int
     logits_indices: np.ndarray  # [num_logit_rows] int64, token index of each row
     # request ids sampled this step, and the logits row each samples from
-    # (forked children reuse their parent's row).
+    # (forked children reuse their parent's row). A request with draft tokens has
+    # 1 + len(drafts) consecutive entries: its last known token's row, then each draft's.
     sample_request_ids: tuple[str, ...]
     sample_rows: tuple[int, ...]
     prompt_logprobs: tuple[PromptLogprobsSlice, ...]
+    # The draft tokens (speculative decoding) of the requests that have some.
+    draft_token_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -132,15 +136,7 @@ def build_host_inputs(
         positions = np.concatenate(
             [np.arange(s.start_position, s.start_position + s.num_new_tokens) for s in scheduled]
         ).astype(np.int64)
-        token_ids = np.concatenate(
-            [
-                np.asarray(
-                    s.request.all_token_ids[s.start_position : s.start_position + s.num_new_tokens],
-                    dtype=np.int64,
-                )
-                for s in scheduled
-            ]
-        )
+        token_ids = np.concatenate([_input_token_ids(s) for s in scheduled])
     slot_mapping = _slot_mapping(block_tables, query_lens, positions, block_size)
 
     logits_indices: list[int] = []
@@ -148,6 +144,7 @@ def build_host_inputs(
     sample_rows: list[int] = []
     row_of_parent: dict[str, int] = {}
     prompt_slices: list[PromptLogprobsSlice] = []
+    draft_token_ids: dict[str, tuple[int, ...]] = {}
     for index, item in enumerate(scheduled):
         request = item.request
         start, end = item.start_position, item.start_position + item.num_new_tokens
@@ -167,9 +164,13 @@ def build_host_inputs(
                 )
         if item.is_sampling:
             row_of_parent[request.request_id] = len(logits_indices)
-            sample_request_ids.append(request.request_id)
-            sample_rows.append(len(logits_indices))
-            logits_indices.append(token_base + item.num_new_tokens - 1)
+            num_drafts = len(item.spec_token_ids)
+            if num_drafts:
+                draft_token_ids[request.request_id] = item.spec_token_ids
+            for token_index in range(item.num_new_tokens - 1 - num_drafts, item.num_new_tokens):
+                sample_request_ids.append(request.request_id)
+                sample_rows.append(len(logits_indices))
+                logits_indices.append(token_base + token_index)
 
     for forked in output.forked:
         sample_request_ids.append(forked.child.request_id)
@@ -187,7 +188,18 @@ def build_host_inputs(
         sample_request_ids=tuple(sample_request_ids),
         sample_rows=tuple(sample_rows),
         prompt_logprobs=tuple(prompt_slices),
+        draft_token_ids=draft_token_ids,
     )
+
+
+def _input_token_ids(scheduled: ScheduledRequest) -> np.ndarray:  # [num_new_tokens] int64
+    """The request's tokens from ``start_position`` on, then its draft tokens."""
+    start, num_new = scheduled.start_position, scheduled.num_new_tokens
+    num_known = num_new - len(scheduled.spec_token_ids)
+    known = scheduled.request.all_token_ids[start : start + num_known]
+    if scheduled.spec_token_ids:
+        return np.asarray([*known, *scheduled.spec_token_ids], dtype=np.int64)
+    return np.asarray(known, dtype=np.int64)
 
 
 def largest_step_inputs(

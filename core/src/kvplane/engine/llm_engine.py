@@ -6,6 +6,7 @@ process of its own for the server (or on a thread of the caller's).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -15,25 +16,20 @@ import torch
 from kvplane.config import EngineConfig
 from kvplane.engine.batch_limits import with_batch_limits
 from kvplane.engine.fault_isolation import FaultIsolation, request_id_of
+from kvplane.engine.graph_capture import capture_step_graphs
 from kvplane.engine.kv_sizing import num_kv_blocks
 from kvplane.engine.model_runner import ModelRunner, PendingStep, StepResult
 from kvplane.engine.output_processor import OutputProcessor
 from kvplane.engine.outputs import RequestOutput
 from kvplane.engine.prompts import PromptType, tokenize_prompt, validate_prompt
-from kvplane.engine.step_graphs import (
-    StepGraphs,
-    graph_families,
-    layers_that_cannot_be_captured,
-)
 from kvplane.kv_cache.block_manager import BlockManager
-from kvplane.models.base import CausalLM
 from kvplane.models.config import load_engine_tokenizer, resolve_model_config
 from kvplane.models.layers.context import BuildContext
 from kvplane.models.loader import build_model
 from kvplane.plugins import capabilities
 from kvplane.plugins.selection import select_platform
-from kvplane.plugins.types import GraphCaptureRequest
 from kvplane.quantization.config import resolve_quant_config
+from kvplane.quantization.gguf import is_default_for_gguf_files
 from kvplane.sampling.params import SamplingParams
 from kvplane.sampling.sampler import (
     AllowedMaskFn,
@@ -45,6 +41,7 @@ from kvplane.scheduler.config import SchedulerConfig
 from kvplane.scheduler.output import SchedulerOutput
 from kvplane.scheduler.request import PLACEHOLDER_TOKEN_ID, Request, RequestStatus
 from kvplane.scheduler.scheduler import Scheduler, SchedulerStats
+from kvplane.spec_decode.proposers import build_spec_decoder
 from kvplane.structured.compiler import StructuredOutputCompiler
 
 logger = logging.getLogger(__name__)
@@ -82,6 +79,7 @@ class LLMEngine:
                 config.quantization,
                 self.model_config.hf_config,
                 is_gguf=self.model_config.source.is_gguf,
+                gguf_by_default=self._gguf_by_default(config),
             ),
             kv_cache_dtype=config.resolved_kv_cache_dtype(),
         )
@@ -89,6 +87,8 @@ class LLMEngine:
             self.model_config.hf_config, ctx, self.model_config.source, config.load_format
         )
         vocab_size = self.model_config.hf_config.vocab_size
+        # Speculative decoding (None: off); a draft model loads here, before KV sizing.
+        self.spec_decoder = build_spec_decoder(config, self.model_config, ctx)
         self.runner = ModelRunner(
             model,
             self.platform,
@@ -99,8 +99,10 @@ class LLMEngine:
         )
         max_model_len = self.model_config.max_model_len
         num_blocks = num_kv_blocks(config, max_model_len, self.platform, self.runner)
+        if self.spec_decoder is not None:  # a draft model's KV cache takes its share
+            num_blocks = self.spec_decoder.share_kv_blocks(num_blocks, self.runner)
         self.runner.initialize_kv_cache(num_blocks)
-        self._capture_graphs(model)
+        capture_step_graphs(self.runner, model, config, self.model_config.max_model_len)
         logger.info(
             "KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB, %s)",
             num_blocks,
@@ -126,7 +128,8 @@ class LLMEngine:
         # Overlapped steps: the launched step whose tokens are not processed yet, and the
         # live sequences whose sampling reads their own tokens on the host (penalties,
         # grammars), which need every token back before their next step (no overlap).
-        self._overlap = (
+        # Drafts are proposed from tokens on the host: speculation runs step by step.
+        self._overlap = self.spec_decoder is None and (
             config.async_scheduling
             if config.async_scheduling is not None
             else self.platform.has_capability(capabilities.ASYNC_EXECUTION)
@@ -141,38 +144,23 @@ class LLMEngine:
         #: Tokens computed since the engine started (prompt and output, every step's).
         self.num_scheduled_tokens = 0
 
-    # -- graphs ---------------------------------------------------------------------------
-
-    def _capture_graphs(self, model: CausalLM) -> None:
-        """Capture decode steps and small mixed steps when the platform can and the user
-        did not forbid it."""
-        config = self.config
-        if config.enforce_eager or not self.platform.has_capability(capabilities.GRAPH_CAPTURE):
-            return
-        eager_layers = layers_that_cannot_be_captured(model)
-        if eager_layers:
-            logger.info("no graphs: %s cannot be captured", ", ".join(eager_layers))
-            return
-        step_graphs: list[StepGraphs] = []
-        for graphs_class, sizes in graph_families(config):
-            request = GraphCaptureRequest(self.device, sizes, step_kind=graphs_class.step_kind)
-            graph_runner = self.platform.graph_runner(request)
-            if graph_runner is None or not any(graph_runner.can_run(size) for size in sizes):
-                continue  # the platform does not capture this family: its steps run eagerly
-            step_graphs.append(
-                graphs_class(
-                    model,
-                    graph_runner,
-                    self.runner.transfer,
-                    config.block_size,
-                    self.model_config.max_model_len,
-                    sizes,
-                    config.batch_limits().max_num_seqs,
-                )
-            )
-        self.runner.use_step_graphs(tuple(step_graphs))
-
     # -- requests ------------------------------------------------------------------------
+
+    def _gguf_by_default(self, config: EngineConfig) -> bool:
+        """A GGUF file keeps its blocks unless the user names a method, where the
+        platform's ``gguf`` product is about as fast as the float path (logged)."""
+        source = self.model_config.source
+        if not source.is_gguf or config.quantization is not None or config.load_format != "auto":
+            return False
+        native = is_default_for_gguf_files(self.platform, self.model_config.dtype)
+        logger.info(
+            "GGUF file: %s (--quantization %s for the other)",
+            "projections kept in their blocks (quantization 'gguf')"
+            if native
+            else "dequantized at load (quantization 'none')",
+            "none" if native else "gguf",
+        )
+        return native
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return ``(prompt text or None, prompt token ids)`` for any accepted form."""
@@ -277,9 +265,14 @@ class LLMEngine:
         self.scheduler.finish_request(sequence_id, status)
         self._sampling_states.pop(sequence_id, None)
         self._host_token_request_ids.discard(sequence_id)
+        if self.spec_decoder is not None:
+            self.spec_decoder.remove_request(sequence_id)
 
     def stats(self) -> SchedulerStats:
-        return self.scheduler.stats()
+        stats = self.scheduler.stats()
+        if self.spec_decoder is None:
+            return stats
+        return dataclasses.replace(stats, spec_decode=self.spec_decoder.stats())
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -299,6 +292,9 @@ class LLMEngine:
             previous, self._in_flight = self._in_flight, None
             outputs = self._process_in_flight(previous)
         timer = self.runner.timer
+        if self.spec_decoder is not None:
+            with timer.phase("propose"):
+                self.spec_decoder.propose(self.scheduler, self._sampling_states)
         output = self._schedule()
         if output.is_empty:
             return outputs
@@ -309,7 +305,10 @@ class LLMEngine:
         except Exception as error:
             return outputs + self._recover(error, output)
         with timer.phase("update"):
-            self.scheduler.update_from_output(output, result.sampled_token_ids)
+            accepted = result.accepted_token_ids()
+            self.scheduler.update_from_output(output, result.sampled_token_ids, accepted)
+            if self.spec_decoder is not None:
+                self.spec_decoder.record(result.verified)
             self._isolation.step_succeeded(output)
             return outputs + self._process_result(result)
 
@@ -393,10 +392,18 @@ class LLMEngine:
             request = self.scheduler.get_request(request_id)
             if request is None:
                 continue
+            logprobs = result.logprobs.get(request_id)
+            verified = result.verified.get(request_id)
             try:
-                status = self.output_processor.process_token(
-                    request, token_id, result.logprobs.get(request_id)
-                )
+                if verified is None:
+                    status = self.output_processor.process_token(request, token_id, logprobs)
+                else:  # speculative decoding: the accepted drafts precede the token
+                    self.num_generated_tokens += len(verified.accepted_token_ids)
+                    status = self.output_processor.process_tokens(
+                        request,
+                        [*verified.accepted_token_ids, token_id],
+                        [*verified.accepted_logprobs, logprobs],
+                    )
             except Exception as error:  # its own tokens or text: it fails alone
                 self.fail_request(request_id_of(request), error)
                 continue

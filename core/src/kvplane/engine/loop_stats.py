@@ -65,11 +65,18 @@ class LoopStats:
         phases = engine.runner.timer.summary()
         num_timed_steps = phases.pop("steps", 0.0)
         step = ", ".join(f"{name} {ms:.2f}" for name, ms in phases.items())
+        spec = stats.spec_decode
+        speculation = (
+            ""
+            if spec is None
+            else f"; {spec.method} drafts accepted {100.0 * spec.acceptance_rate:.0f}% "
+            f"(mean accepted length {spec.mean_accepted_length:.2f}, since start)"
+        )
         return (
             f"{self._loop_timer.num_steps / elapsed:.1f} steps/s, {num_scheduled / elapsed:,.0f} "
             f"scheduled and {num_generated / elapsed:,.0f} generated tokens/s; running "
             f"{stats.num_running}, waiting {stats.num_waiting}, KV cache "
-            f"{100.0 * stats.kv_cache_usage:.0f}%; loop: {loop}; ms per step "
+            f"{100.0 * stats.kv_cache_usage:.0f}%{speculation}; loop: {loop}; ms per step "
             f"({num_timed_steps:.0f} steps): {step}"
         )
 

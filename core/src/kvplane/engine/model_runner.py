@@ -36,6 +36,7 @@ from kvplane.sampling.sampler import (
 )
 from kvplane.scheduler.output import SchedulerOutput
 from kvplane.scheduler.request import PLACEHOLDER_TOKEN_ID
+from kvplane.spec_decode.verification import DraftVerification, VerifiedDrafts
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,13 @@ class StepResult:
     logprobs: dict[str, SampleLogprobs | None] = field(default_factory=dict)
     # Per request: (position of the first prompt token scored, logprobs per position).
     prompt_logprobs: dict[str, tuple[int, list[SampleLogprobs]]] = field(default_factory=dict)
+    # Requests that had draft tokens: the drafts they kept, which precede their sampled
+    # token (see :mod:`kvplane.spec_decode.verification`).
+    verified: dict[str, VerifiedDrafts] = field(default_factory=dict)
+
+    def accepted_token_ids(self) -> dict[str, tuple[int, ...]]:
+        """Each request's accepted drafts, for ``Scheduler.update_from_output``."""
+        return {rid: v.accepted_token_ids for rid, v in self.verified.items()}
 
 
 class ModelRunner:
@@ -214,6 +222,10 @@ class ModelRunner:
                 compute_prompt_logprobs(piece_logits, piece.target_token_ids, num_top),
             )
         with self.timer.phase("sample"):
+            if host.draft_token_ids:  # before the sampler draws any noise
+                pending.verification = DraftVerification(
+                    host.draft_token_ids, states, self.sampler.vocab_size
+                )
             pending.samples = self._launch_sampling(host, logits, states)
         if pending.samples is not None:
             rows = {request_id: row for row, request_id in enumerate(host.sample_request_ids)}
@@ -276,12 +288,30 @@ class PendingStep:
         self.host = host
         self.samples: PendingSamples | None = None
         self.prompt_logprobs: dict[str, tuple[int, list[SampleLogprobs]]] = {}
+        self.verification: DraftVerification | None = None
+        self._result: StepResult | None = None
 
     def result(self) -> StepResult:
+        """The step's tokens by request (waits for the device the first time)."""
+        if self._result is None:
+            self._result = self._collect()
+        return self._result
+
+    def _collect(self) -> StepResult:
         result = StepResult(prompt_logprobs=self.prompt_logprobs)
         if self.samples is None:
             return result
         sampled = self.samples.result()
+        if self.verification is not None:
+            rows = self.verification.split(
+                self.host.sample_request_ids, sampled.sampled_token_ids, sampled.logprobs
+            )
+            for request_id, token_id, logprobs, verified in rows:
+                result.sampled_token_ids[request_id] = token_id
+                result.logprobs[request_id] = logprobs
+                if verified is not None:
+                    result.verified[request_id] = verified
+            return result
         for index, request_id in enumerate(self.host.sample_request_ids):
             result.sampled_token_ids[request_id] = sampled.sampled_token_ids[index]
             result.logprobs[request_id] = sampled.logprobs[index]

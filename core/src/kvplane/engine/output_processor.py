@@ -168,10 +168,15 @@ class OutputProcessor:
         state.prompt_logprobs.extend(entries)
 
     def process_token(
-        self, request: Request, token_id: int, logprobs: SampleLogprobs | None
+        self,
+        request: Request,
+        token_id: int,
+        logprobs: SampleLogprobs | None,
+        num_output_tokens: int | None = None,
     ) -> RequestStatus | None:
-        """Account for ``token_id``, just appended to ``request``; return the status to
-        finish it with, or ``None`` while it goes on."""
+        """Account for ``token_id``, just appended to ``request`` (its output token
+        ``num_output_tokens - 1``; default: its last); return the status to finish it
+        with, or ``None`` while it goes on."""
         state, sequence = self._sequences[request.request_id]
         state.changed = True
         if state.first_token_time is None:
@@ -183,10 +188,13 @@ class OutputProcessor:
             sequence.logprobs.append(logprobs)
             assert sequence.cumulative_logprob is not None
             sequence.cumulative_logprob += logprobs[token_id].logprob
+        output_token_ids = request.output_token_ids
+        if num_output_tokens is not None:
+            output_token_ids = output_token_ids[:num_output_tokens]
         result = check_stop(
             state.params,
             self.eos_token_ids,
-            request.output_token_ids,
+            output_token_ids,
             request.num_prompt_tokens,
             self.max_model_len,
             sequence.text,
@@ -204,6 +212,23 @@ class OutputProcessor:
         if result.finish_reason == FINISH_LENGTH:
             return RequestStatus.FINISHED_LENGTH
         return RequestStatus.FINISHED_STOPPED
+
+    def process_tokens(
+        self,
+        request: Request,
+        token_ids: Sequence[int],
+        logprobs: Sequence[SampleLogprobs | None],
+    ) -> RequestStatus | None:
+        """:meth:`process_token` for several tokens of one step, all just appended to
+        ``request`` (speculative decoding). A token that stops the request drops those
+        after it from the request: they were never emitted."""
+        num_before = request.num_output_tokens - len(token_ids)
+        for index, (token_id, entry) in enumerate(zip(token_ids, logprobs, strict=True)):
+            status = self.process_token(request, token_id, entry, num_before + index + 1)
+            if status is not None:
+                request.truncate_output(num_before + index + 1)
+                return status
+        return None
 
     def collect_outputs(self, stats: SchedulerStats | None = None) -> list[RequestOutput]:
         """Outputs of every request that changed since the last call (``FINAL_ONLY``

@@ -223,6 +223,24 @@ class BlockManager:
         self._num_hashed_blocks.pop(rid, None)
         self._token_hashes.pop(rid, None)
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Release the blocks of ``request``'s table past those that hold ``num_tokens``
+        tokens: the blocks only its rejected draft tokens (speculative decoding) used.
+
+        Such blocks hold no cached content (only computed tokens are hashed), and the
+        scheduler allocates again when the request grows into them.
+        """
+        rid = request.request_id
+        table = self._tables.get(rid)
+        num_kept = self.num_blocks_for(num_tokens)
+        if table is None or num_kept >= len(table):
+            return
+        assert self._num_hashed_blocks[rid] <= num_kept, f"{rid!r}: trimming a cached block"
+        for block_id in reversed(table[num_kept:]):
+            self.pool.release(block_id)
+        del table[num_kept:]
+        self.table_array.write(rid, num_kept, [])
+
     def fork(self, parent: Request, child: Request) -> None:
         """Give ``child`` the same block table as ``parent``, sharing every block.
 

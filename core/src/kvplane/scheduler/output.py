@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvplane.scheduler.request import Request
+
+if TYPE_CHECKING:
+    from kvplane.spec_decode.metrics import SpecDecodeStats
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,7 +22,10 @@ class ScheduledRequest:
     entries are its blocks: token ``i`` at slot
     ``table[i // block_size] * block_size + i % block_size``.
     ``is_sampling``: the step computes the request's last known token, so the engine
-    samples the next one from that position's logits.
+    samples the next one from that position's logits. ``spec_token_ids``: draft tokens
+    (speculative decoding) computed after it, the last ``len(spec_token_ids)`` of the
+    ``num_new_tokens``; the engine samples at each of them too and keeps the drafts its
+    samples agree with (then ``is_sampling`` is always true).
     """
 
     request: Request
@@ -27,6 +34,7 @@ class ScheduledRequest:
     num_blocks: int  # the length of the request's block table
     is_sampling: bool
     block_table_row: int
+    spec_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +77,9 @@ class SchedulerOutput:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerStats:
-    """A snapshot for metrics; token counts for the prefix cache."""
+    """A snapshot for metrics; token counts for the prefix cache. ``spec_decode``: the
+    engine's speculative-decoding counters (None without speculation; the engine adds
+    them, the scheduler leaves them out)."""
 
     num_running: int
     num_waiting: int
@@ -77,6 +87,7 @@ class SchedulerStats:
     prefix_cache_queries: int
     prefix_cache_hits: int
     num_preemptions_total: int
+    spec_decode: SpecDecodeStats | None = None
 
     @property
     def prefix_cache_hit_rate(self) -> float:

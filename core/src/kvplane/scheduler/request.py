@@ -71,6 +71,9 @@ class Request:
     # The request finishes by length at this many output tokens (None: only max_model_len);
     # the scheduler does not schedule a request that has them all, counting placeholders.
     max_output_tokens: int | None = None
+    # Draft tokens a proposer made for the next step (speculative decoding); the scheduler
+    # takes them into that step's ScheduledRequest and clears them.
+    spec_token_ids: list[int] = field(default_factory=list)
     _all_token_ids: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +118,14 @@ class Request:
             raise ValueError(f"request {self.request_id!r} has no placeholder token")
         self.output_token_ids[-1] = token_id
         self._all_token_ids[-1] = token_id
+
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Keep the first ``num_output_tokens`` outputs: a step that emits several tokens
+        (speculative decoding) drops those after the one that stopped the request."""
+        num_dropped = len(self.output_token_ids) - num_output_tokens
+        if num_dropped > 0:
+            del self.output_token_ids[num_output_tokens:]
+            del self._all_token_ids[len(self._all_token_ids) - num_dropped :]
 
     def drop_placeholders(self) -> None:
         """Remove the trailing placeholders: their step was dropped (a failed step), so

@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Callable, Mapping, Sequence
 
 from kvplane.kv_cache.block_manager import BlockManager
+from kvplane.scheduler.checks import check_children, check_new
 from kvplane.scheduler.config import SchedulerConfig
 from kvplane.scheduler.output import (
     ForkedRequest,
@@ -87,7 +88,7 @@ class Scheduler:
         (which also bounds it to the KV cache capacity), a duplicate request id, a family
         larger than ``max_num_seqs`` or a request that is not fresh.
         """
-        self._check_new(request)
+        check_new(request, self._requests)
         if not request.prompt_token_ids:
             raise ValueError(f"request {request.request_id!r} has an empty prompt")
         if request.num_tokens > self.config.max_model_len:
@@ -96,7 +97,7 @@ class Scheduler:
                 f"max_model_len={self.config.max_model_len}"
             )
         if children:
-            self._check_children(request, children)
+            check_children(request, children, self._requests, self.config.max_num_seqs)
         self._enqueue_new(request)
         if children:
             for child in children:
@@ -151,7 +152,9 @@ class Scheduler:
                 continue  # preempted earlier in this step
             if is_eligible is not None and not is_eligible(request):
                 continue
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            # Draft tokens (speculative decoding) ride along where the budget allows.
+            num_pending = request.num_tokens - request.num_computed_tokens
+            num_new = min(num_pending + len(request.spec_token_ids), budget)
             if num_new == 0:
                 continue  # waiting for a sampled token
             limit = request.max_output_tokens
@@ -192,12 +195,18 @@ class Scheduler:
         )
 
     def update_from_output(
-        self, output: SchedulerOutput, sampled_token_ids: Mapping[str, int]
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Mapping[str, int],
+        accepted_token_ids: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
         """Advance the scheduled requests after the model ran ``output``.
 
         ``sampled_token_ids`` maps request id to the token sampled for it: for scheduled
-        requests with ``is_sampling`` and for forked children. Requests finished since
+        requests with ``is_sampling`` and for forked children. ``accepted_token_ids``
+        holds, for requests that had draft tokens, the leading drafts the engine kept
+        (appended before the sampled token); the rejected ones are not computed tokens,
+        and the blocks only they used are released. Requests finished since
         :meth:`schedule` are skipped. Newly full blocks enter the prefix cache. Stop
         conditions are the engine's job (it calls :meth:`finish_request` afterwards).
         Raises ValueError, changing nothing, for a stale output or a token for a request
@@ -215,10 +224,16 @@ class Scheduler:
                 )
             if not scheduled.is_sampling and request.request_id in sampled_token_ids:
                 raise ValueError(f"request {request.request_id!r} was not sampling this step")
-        self.commit(output)
+        accepted = accepted_token_ids or {}
+        self.commit(output, accepted)
         for scheduled in output.scheduled:
-            if scheduled.request.status is RequestStatus.RUNNING:
-                self._append_sampled(scheduled.request, sampled_token_ids)
+            request = scheduled.request
+            if request.status is RequestStatus.RUNNING:
+                for token_id in accepted.get(request.request_id, ()):
+                    request.append_output_token(token_id)
+                self._append_sampled(request, sampled_token_ids)
+                if scheduled.spec_token_ids:
+                    self.block_manager.trim(request, request.num_tokens)
         for forked in output.forked:
             if forked.child.status is RequestStatus.RUNNING:
                 self._append_sampled(forked.child, sampled_token_ids)
@@ -231,17 +246,22 @@ class Scheduler:
         if request is not None and request.status is RequestStatus.RUNNING:
             self._preempt(request, _Step())
 
-    def commit(self, output: SchedulerOutput) -> None:
-        """Advance the scheduled requests' computed tokens.
+    def commit(
+        self, output: SchedulerOutput, accepted_token_ids: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
+        """Advance the scheduled requests' computed tokens (of draft tokens, only the
+        accepted ones).
 
         Part of :meth:`update_from_output`; with overlapped steps the engine calls it alone
         as soon as the step is launched (the next step is scheduled before this one's
         tokens are back), appends placeholders, and calls :meth:`cache_blocks` once the
-        tokens are known."""
+        tokens are known (such steps carry no draft tokens)."""
         for scheduled in output.scheduled:
             request = scheduled.request
             if request.status is RequestStatus.RUNNING:
-                request.num_computed_tokens += scheduled.num_new_tokens
+                accepted = (accepted_token_ids or {}).get(request.request_id, ())
+                num_rejected = len(scheduled.spec_token_ids) - len(accepted)
+                request.num_computed_tokens += scheduled.num_new_tokens - num_rejected
 
     def cache_blocks(self, output: SchedulerOutput) -> None:
         """Enter the newly full blocks of ``output``'s requests (and forked children) into
@@ -302,6 +322,7 @@ class Scheduler:
         self.block_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids.clear()
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self._waiting.insert(self._waiting_key(request), request)
@@ -312,12 +333,15 @@ class Scheduler:
     def _schedule(self, request: Request, num_new: int, step: _Step) -> None:
         """Record a request whose blocks are allocated; fork its children if it samples."""
         start = request.num_computed_tokens
-        is_sampling = start + num_new == request.num_tokens
+        num_spec = max(0, start + num_new - request.num_tokens)
+        spec_token_ids = tuple(request.spec_token_ids[:num_spec])
+        request.spec_token_ids.clear()  # taken: the next step gets fresh drafts
+        is_sampling = start + num_new - num_spec == request.num_tokens
         manager = self.block_manager
         num_blocks = manager.num_table_blocks(request.request_id)
         row = manager.table_array.row_of(request.request_id)
         step.scheduled.append(
-            ScheduledRequest(request, num_new, start, num_blocks, is_sampling, row)
+            ScheduledRequest(request, num_new, start, num_blocks, is_sampling, row, spec_token_ids)
         )
         if is_sampling:
             for child in self._children.pop(request.request_id, ()):
@@ -364,36 +388,6 @@ class Scheduler:
         siblings[:] = [child for child in siblings if child is not request]
         if not siblings:
             del self._children[parent_id]
-
-    def _check_new(self, request: Request) -> None:
-        if request.request_id in self._requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
-        if request.status is not RequestStatus.WAITING or request.num_computed_tokens != 0:
-            raise ValueError(
-                f"request {request.request_id!r} is not fresh (status={request.status.name}, "
-                f"num_computed_tokens={request.num_computed_tokens})"
-            )
-
-    def _check_children(self, parent: Request, children: Sequence[Request]) -> None:
-        if 1 + len(children) > self.config.max_num_seqs:
-            raise ValueError(
-                f"request {parent.request_id!r} asks for {1 + len(children)} sequences, "
-                f"more than max_num_seqs={self.config.max_num_seqs}"
-            )
-        if parent.output_token_ids:
-            raise ValueError(f"request {parent.request_id!r} with children has outputs already")
-        ids = {parent.request_id}
-        for child in children:
-            self._check_new(child)
-            if child.request_id in ids:
-                raise ValueError(f"request id {child.request_id!r} is repeated")
-            ids.add(child.request_id)
-            if child.all_token_ids != parent.prompt_token_ids:
-                raise ValueError(f"child {child.request_id!r} must repeat its parent's prompt")
-            if child.cache_salt != parent.cache_salt:
-                raise ValueError(f"child {child.request_id!r} must share its parent's cache_salt")
-            if child.parent_id not in (None, parent.request_id):
-                raise ValueError(f"child {child.request_id!r} names another parent")
 
 
 class _Step:

@@ -6,9 +6,9 @@ the prefix changed. Three groups of series, all labelled ``model_name``:
 * request-level (tokens, latencies, finish reasons): recorded by
   :class:`~kvplane.server.runner.RequestRun` on the event-loop thread as engine requests
   finish;
-* scheduler (running, waiting, KV-cache usage, prefix cache, preemptions): read at
-  scrape time from the snapshot the engine thread publishes after each step
-  (:class:`SchedulerCollector`);
+* scheduler (running, waiting, KV-cache usage, prefix cache, preemptions; speculative
+  decoding's drafts and acceptance where it is on): read at scrape time from the snapshot
+  the engine thread publishes after each step (:class:`SchedulerCollector`);
 * HTTP (responses by method, route and status; durations; errors): recorded by
   :class:`~kvplane.server.middleware.HttpMetrics` on the event-loop thread.
 
@@ -32,6 +32,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from kvplane.scheduler.output import SchedulerStats
+from kvplane.spec_decode.metrics import SpecDecodeStats
 
 PREFIX = "kvplane:"
 
@@ -211,6 +212,45 @@ class SchedulerCollector:
             counter = CounterMetricFamily(PREFIX + name, help_text, labels=["model_name"])
             counter.add_metric([self.model_name], value)
             yield counter
+        if stats.spec_decode is not None:
+            yield from spec_decode_metrics(self.model_name, stats.spec_decode)
+
+
+def spec_decode_metrics(model_name: str, stats: SpecDecodeStats) -> Iterator[Metric]:
+    """Speculative decoding's series, labelled with its method (vLLM's counters, and the
+    two ratios a dashboard would compute from them)."""
+    labels = ["model_name", "method"]
+    values = [model_name, stats.method]
+    counters = [
+        ("spec_decode_num_drafts", "Steps of a sequence that verified draft tokens.",
+         stats.num_drafts),
+        ("spec_decode_num_draft_tokens", "Draft tokens verified.", stats.num_draft_tokens),
+        ("spec_decode_num_accepted_tokens", "Draft tokens accepted.",
+         stats.num_accepted_tokens),
+    ]  # fmt: skip
+    for name, help_text, value in counters:
+        counter = CounterMetricFamily(PREFIX + name, help_text, labels=labels)
+        counter.add_metric(values, value)
+        yield counter
+    per_position = CounterMetricFamily(
+        PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+        "Draft tokens accepted, by position in the draft (0 first).",
+        labels=[*labels, "position"],
+    )
+    for position, value in enumerate(stats.num_accepted_tokens_per_pos):
+        per_position.add_metric([*values, str(position)], value)
+    yield per_position
+    gauges = [
+        ("spec_decode_acceptance_rate", "Accepted / verified draft tokens (0 to 1).",
+         stats.acceptance_rate),
+        ("spec_decode_mean_accepted_length",
+         "Tokens emitted per step of a sequence with drafts, its sampled one included.",
+         stats.mean_accepted_length),
+    ]  # fmt: skip
+    for name, help_text, ratio in gauges:
+        gauge = GaugeMetricFamily(PREFIX + name, help_text, labels=labels)
+        gauge.add_metric(values, ratio)
+        yield gauge
 
 
 class _WithoutCreatedSamples:
