@@ -68,7 +68,9 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Any:
 
 
 def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.dtype:
-    """``auto`` takes the checkpoint's dtype if the platform supports it, else float32."""
+    """``auto`` takes the checkpoint's dtype if the platform supports it; a checkpoint dtype
+    the platform lacks takes the platform's preferred dtype (the first it lists: float16
+    on Apple GPUs without bfloat16), and a checkpoint that names none float32."""
     if requested != "auto":
         dtype = DTYPES[requested]
         if not platform.supports_dtype(dtype):
@@ -82,9 +84,18 @@ def resolve_dtype(requested: str, hf_config: Any, platform: Platform) -> torch.d
     config_dtype = getattr(hf_config, "dtype", None) or vars(hf_config).get("torch_dtype")
     if isinstance(config_dtype, str):
         config_dtype = DTYPES.get(config_dtype)
-    if isinstance(config_dtype, torch.dtype) and platform.supports_dtype(config_dtype):
+    if not isinstance(config_dtype, torch.dtype):
+        return torch.float32
+    if platform.supports_dtype(config_dtype):
         return config_dtype
-    return torch.float32
+    preferred = platform.info.supported_dtypes[0]
+    logger.info(
+        "platform %r has no %s: running the model in its preferred %s",
+        platform.name,
+        str(config_dtype).removeprefix("torch."),
+        preferred,
+    )
+    return DTYPES[preferred]
 
 
 def resolve_model_config(config: EngineConfig, platform: Platform) -> ModelConfig:

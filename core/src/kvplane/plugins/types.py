@@ -70,6 +70,8 @@ class PlatformInfo:
     name: str
     device_type: str
     device_count: int
+    #: Model dtypes the platform runs, preferred first: ``dtype="auto"`` falls back to
+    #: the first for a checkpoint dtype not listed.
     supported_dtypes: tuple[str, ...] = ("float32",)
     capabilities: frozenset[str] = frozenset()
     distributed_backend: str = "gloo"
