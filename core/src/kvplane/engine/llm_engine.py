@@ -29,7 +29,6 @@ from kvplane.models.loader import build_model
 from kvplane.plugins import capabilities
 from kvplane.plugins.selection import select_platform
 from kvplane.quantization.config import resolve_quant_config
-from kvplane.quantization.gguf import is_default_for_gguf_files
 from kvplane.sampling.params import SamplingParams
 from kvplane.sampling.sampler import (
     AllowedMaskFn,
@@ -79,7 +78,6 @@ class LLMEngine:
                 config.quantization,
                 self.model_config.hf_config,
                 is_gguf=self.model_config.source.is_gguf,
-                gguf_by_default=self._gguf_by_default(config),
             ),
             kv_cache_dtype=config.resolved_kv_cache_dtype(),
         )
@@ -145,22 +143,6 @@ class LLMEngine:
         self.num_scheduled_tokens = 0
 
     # -- requests ------------------------------------------------------------------------
-
-    def _gguf_by_default(self, config: EngineConfig) -> bool:
-        """A GGUF file keeps its blocks unless the user names a method, where the
-        platform's ``gguf`` product is about as fast as the float path (logged)."""
-        source = self.model_config.source
-        if not source.is_gguf or config.quantization is not None or config.load_format != "auto":
-            return False
-        native = is_default_for_gguf_files(self.platform, self.model_config.dtype)
-        logger.info(
-            "GGUF file: %s (--quantization %s for the other)",
-            "projections kept in their blocks (quantization 'gguf')"
-            if native
-            else "dequantized at load (quantization 'none')",
-            "none" if native else "gguf",
-        )
-        return native
 
     def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Return ``(prompt text or None, prompt token ids)`` for any accepted form."""
